@@ -1,0 +1,13 @@
+"""fastgpt: fused causal attention kernels and a GPT that runs on them."""
+
+from fastgpt import ops  # noqa: F401  (registers the fastgpt:: torch.library ops)
+from fastgpt.attention import attention, available_backends
+from fastgpt.reference import reference_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention",
+    "available_backends",
+    "reference_attention",
+]

@@ -1,0 +1,204 @@
+"""fastgpt.attention: validate once, pick the backend once, run it.
+
+Every entry point of fastgpt (the SDPA- and flash-attn-style functions, the nn module, the Hugging
+Face registration, the GPT model) ends here, so this file is the one place that decides which
+kernel runs. Set FASTGPT_DEBUG=1 to log each decision and its reason.
+"""
+
+import functools
+import importlib.util
+import logging
+import numbers
+import os
+
+import torch
+from torch import Tensor
+
+from fastgpt.reference import reference_attention
+
+BACKENDS = ("triton", "cpp", "reference")
+MAX_HEAD_DIM = 256
+_DTYPES = {
+    "triton": (torch.float16, torch.bfloat16, torch.float32),
+    "cpp": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    "reference": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+}
+
+logger = logging.getLogger("fastgpt")
+
+
+def debug(message: str) -> None:
+    """Log a dispatch decision when FASTGPT_DEBUG=1 (silent while torch.compile traces)."""
+    if torch.compiler.is_compiling() or os.environ.get("FASTGPT_DEBUG", "0") in ("", "0"):
+        return
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[fastgpt] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+    logger.debug(message)
+
+
+@functools.cache
+def triton_importable() -> bool:
+    """True when Triton imports here (it may be installed yet unusable, e.g. on macOS)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:  # a broken install must not break fastgpt
+        return False
+    return True
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _cpp_supports(device_type: str) -> bool:
+    from fastgpt import _extension
+
+    return _extension.cpp_available() and _extension.cpp_supports(device_type)
+
+
+def _unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """Why `backend` cannot run on tensors of `device`, or None when it can."""
+    if backend == "triton":
+        if not triton_importable():
+            return "Triton is not installed or does not import"
+        if device.type != "cuda" and not triton_interpreting():
+            return (
+                f"Triton kernels need CUDA tensors, got {device.type} tensors "
+                "(set TRITON_INTERPRET=1 before importing triton to run them interpreted)"
+            )
+    elif backend == "cpp" and not _cpp_supports(device.type):
+        from fastgpt import _extension
+
+        if not _extension.cpp_available():
+            return f"the C++ extension fastgpt._C is not available ({_extension.load_error})"
+        return f"the C++ extension was built without {device.type} kernels"
+    return None
+
+
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """Backends that can run here: on `device` if given, else on CUDA when present, else on CPU."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    return [name for name in BACKENDS if _unavailable_reason(name, device) is None]
+
+
+def select_backend(device: torch.device, requested: str | None = None) -> tuple[str, str]:
+    """The one dispatch decision: (backend name, reason). Raises ValueError if it cannot run."""
+    if requested in (None, "auto"):
+        env = os.environ.get("FASTGPT_BACKEND", "auto") or "auto"
+        if env != "auto":
+            requested, why = env, "FASTGPT_BACKEND"
+        elif device.type == "cuda" and triton_importable():
+            return "triton", "auto: CUDA tensors and Triton imports"
+        elif _cpp_supports(device.type):
+            return "cpp", f"auto: the C++ extension has {device.type} kernels"
+        else:
+            return "reference", f"auto: no compiled kernel for {device.type} tensors here"
+    else:
+        why = "requested"
+    if requested not in BACKENDS:
+        raise ValueError(
+            f"Unknown attention backend {requested!r} ({why}); expected one of "
+            f"{', '.join(BACKENDS)} or 'auto'."
+        )
+    reason = _unavailable_reason(requested, device)
+    if reason is not None:
+        raise ValueError(f"Attention backend {requested!r} ({why}) cannot run here: {reason}.")
+    return requested, why
+
+
+def _validate(q: Tensor, k: Tensor, v: Tensor, backend: str, scale) -> None:
+    """Raise TypeError/ValueError with one sentence naming the problem and the shapes."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"attention expects tensors, got {type(t).__name__} for {name}.")
+    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"attention expects 4-d q (B, H, Tq, D) and k, v (B, Hkv, Tk, D), got {shapes}."
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(
+            f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype} ({shapes})."
+        )
+    if not q.is_floating_point():
+        raise TypeError(f"attention needs floating-point tensors, got {q.dtype} ({shapes}).")
+    if q.dtype not in _DTYPES[backend]:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in _DTYPES[backend])
+        raise TypeError(f"The {backend} backend supports {allowed}, got {q.dtype} ({shapes}).")
+    if not (q.device == k.device == v.device):
+        raise ValueError(
+            f"q, k and v must be on one device, got {q.device}, {k.device} and {v.device}."
+        )
+    (B, H, _, D), (Bk, Hkv, _, Dk) = q.shape, k.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {shapes}.")
+    if Bk != B:
+        raise ValueError(f"q and k/v must have the same batch size, got {shapes}.")
+    if Dk != D:
+        raise ValueError(f"q and k/v must have the same head dim, got {shapes}.")
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(
+            f"The number of query heads ({H}) must be a multiple of the number of key/value "
+            f"heads ({Hkv}), got {shapes}."
+        )
+    if backend != "reference" and not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"The {backend} backend supports head dims 1..{MAX_HEAD_DIM}, got {D} ({shapes})."
+        )
+    if scale is not None and not isinstance(scale, numbers.Real | torch.SymFloat):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}.")
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    # Kernels take every stride but need unit stride along the head dim.
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Fused (causal) scaled dot-product attention with grouped key/value heads.
+
+    Args:
+        q: (B, H, Tq, D) queries; any strides with the last dim contiguous (no copy is made).
+        k: (B, Hkv, Tk, D) keys, H % Hkv == 0 (GQA / MQA without repeating k per head).
+        v: (B, Hkv, Tk, D) values.
+        causal: mask aligned bottom-right: query i sees keys j <= i + (Tk - Tq), as flash-attn
+            >= 2.1 and KV-cache decoding need. A query that sees no key outputs zeros.
+        scale: multiplies q.k; defaults to 1 / sqrt(D).
+        backend: "triton", "cpp", "reference", or None / "auto" (FASTGPT_BACKEND overrides auto).
+
+    Returns:
+        (B, H, Tq, D) tensor in q's dtype; differentiable with respect to q, k and v.
+    """
+    if not isinstance(q, Tensor):
+        raise TypeError(f"attention expects tensors, got {type(q).__name__} for q.")
+    name, why = select_backend(q.device, backend)
+    _validate(q, k, v, name, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if q.numel() == 0 or k.shape[2] == 0:
+        # Empty batch, no queries or no keys: nothing for a kernel to do; the reference gives
+        # the right (empty or zero) result and stays connected to autograd.
+        name, why = "reference", "empty input"
+    debug(
+        f"attention q{tuple(q.shape)} k{tuple(k.shape)} {q.dtype} causal={causal} -> {name} ({why})"
+    )
+    if name == "reference":
+        return reference_attention(q, k, v, causal, scale)
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    from fastgpt import ops
+
+    return ops.forward_op(name)(q, k, v, causal, scale)[0]
