@@ -2,6 +2,8 @@
 
 from fastgpt import ops  # noqa: F401  (registers the fastgpt:: torch.library ops)
 from fastgpt.attention import attention, available_backends
+from fastgpt.dropin import flash_attn_func, scaled_dot_product_attention
+from fastgpt.hf import register_hf_attention
 from fastgpt.reference import reference_attention
 
 __version__ = "0.1.0"
@@ -9,5 +11,8 @@ __version__ = "0.1.0"
 __all__ = [
     "attention",
     "available_backends",
+    "flash_attn_func",
+    "register_hf_attention",
     "reference_attention",
+    "scaled_dot_product_attention",
 ]
