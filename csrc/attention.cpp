@@ -1,0 +1,23 @@
+// Operator schemas of the fastgpt C++ extension, declared once.
+//
+// The CPU implementation lives in cpu/attention_cpu.cpp and the CUDA one in
+// cuda/attention_cuda.cu; each attaches itself with TORCH_LIBRARY_IMPL.
+// fastgpt/ops.py adds the fake (meta) implementations and autograd.
+
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastgpt, m) {
+  // q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D) -> out: (B, H, Tq, D), lse: (B, H, Tq)
+  m.def("cpp_attention_forward(Tensor q, Tensor k, Tensor v, bool causal, float scale)"
+        " -> (Tensor out, Tensor lse)");
+  // -> dq: (B, H, Tq, D), dk, dv: (B, Hkv, Tk, D)
+  m.def("cpp_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out,"
+        " Tensor lse, bool causal, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+}
+
+// `import fastgpt._C` needs a module init function; the module itself is empty
+// because everything is reached through torch.ops.fastgpt.*.
+static struct PyModuleDef fastgpt_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastgpt_c_module); }

@@ -1,0 +1,322 @@
+// Blocked flash-style causal attention on the CPU: forward and backward.
+//
+// Forward: for each (batch, head, query block) an online softmax runs over key
+// blocks; scores exist only as one (BQ, BK) tile per thread, so memory beyond the
+// inputs and outputs is O(T). Causal masking is bottom-right: query i sees keys
+// j <= i + (Tk - Tq); key blocks past the diagonal are never computed, and only
+// tiles that cross it are masked. The row log-sum-exp is saved for the backward.
+//
+// Backward: P = exp(scale * q.k - lse) is recomputed per tile, delta = rowsum(dO * O),
+//   dV += P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dQ += scale dS K,  dK += scale dS^T Q.
+// When the (batch, kv head) pairs split evenly over the threads, one task owns a pair
+// and all its query heads, so dQ, dK and dV accumulate without races in a single pass.
+// Otherwise two passes keep every thread busy: dK/dV over (batch, kv head, key block),
+// then dQ over (batch, head, query block). Both are deterministic.
+//
+// Tile products go through BLAS (blas.h); row operations through at::vec (row_ops.h).
+// fp32 and fp64 run natively; fp16/bf16 inputs are computed in fp32.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "../checks.h"
+#include "blas.h"
+#include "row_ops.h"
+
+namespace fastgpt::cpu {
+namespace {
+
+constexpr int64_t BQ = 64;   // query rows per tile
+constexpr int64_t BK = 256;  // keys per tile
+
+// Raw view of a (B, H, T, D) tensor whose last dim has unit stride.
+template <typename T>
+struct Heads {
+  const T* p;
+  int64_t sb, sh, st;  // strides of B, H, T (st is the BLAS leading dimension)
+  const T* row(int64_t b, int64_t h, int64_t t) const { return p + b * sb + h * sh + t * st; }
+};
+
+template <typename T>
+Heads<T> heads(const at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1), row_stride(t)};
+}
+
+struct Shape {
+  int64_t B, H, Hkv, Tq, Tk, D;
+  bool causal;
+  int64_t group() const { return H / Hkv; }
+  // Number of keys query row i sees (keys 0 .. n-1), bottom-right causal.
+  int64_t visible(int64_t i) const {
+    return causal ? std::clamp<int64_t>(i + (Tk - Tq) + 1, 0, Tk) : Tk;
+  }
+  // First query row that sees key j.
+  int64_t first_query(int64_t j) const {
+    return causal ? std::clamp<int64_t>(j - (Tk - Tq), 0, Tq) : 0;
+  }
+};
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Visits 0..n-1 as 0, n-1, 1, n-2, ...: a contiguous chunk of tasks mixes the light
+// and heavy blocks of a causal mask, so the threads finish together.
+int64_t zigzag(int64_t i, int64_t n) { return (i % 2 == 0) ? i / 2 : n - 1 - i / 2; }
+
+// ---------------------------------------------------------------- forward
+
+// One (batch, head, query block): online softmax over the visible key blocks.
+template <typename T>
+void forward_block(const Shape& s, T scale, const Heads<T>& q, const Heads<T>& k,
+                   const Heads<T>& v, T* out, T* lse, int64_t b, int64_t h, int64_t i0, T* S,
+                   T* acc, T* m, T* l) {
+  const int64_t D = s.D, rows = std::min(BQ, s.Tq - i0);
+  const int64_t hk = h / s.group();
+  const int64_t kend = s.visible(i0 + rows - 1);  // keys needed by the block's last row
+  T* o = out + ((b * s.H + h) * s.Tq + i0) * D;   // (rows, D), contiguous
+  T* lse_r = lse + (b * s.H + h) * s.Tq + i0;     // (rows,)
+
+  std::fill(m, m + rows, -std::numeric_limits<T>::infinity());
+  std::fill(l, l + rows, T(0));
+  std::fill(acc, acc + rows * D, T(0));
+  const T* qp = q.row(b, h, i0);
+  for (int64_t j0 = 0; j0 < kend; j0 += BK) {
+    const int64_t cols = std::min(BK, kend - j0);
+    gemm_nt<T>(rows, cols, D, scale, qp, q.st, k.row(b, hk, j0), k.st, T(0), S, BK);  // S (rows, cols)
+    for (int64_t r = 0; r < rows; ++r) {
+      T* srow = S + r * BK;
+      const int64_t n = std::clamp<int64_t>(s.visible(i0 + r) - j0, 0, cols);
+      if (n > 0) {
+        const T m_new = std::max(m[r], row_max(srow, n));
+        const T sum = exp_shift_sum(srow, n, m_new);  // srow = p
+        if (m_new != m[r]) {
+          const T alpha = std::exp(m[r] - m_new);  // 0 on the row's first visible block
+          l[r] *= alpha;
+          scale_row(acc + r * D, D, alpha);
+          m[r] = m_new;
+        }
+        l[r] += sum;
+      }
+      std::fill(srow + n, srow + cols, T(0));  // masked keys get p = 0
+    }
+    gemm_nn<T>(rows, D, cols, T(1), S, BK, v.row(b, hk, j0), v.st, T(1), acc, D);  // acc += P V
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    if (l[r] == T(0)) {  // no visible key: output 0, lse = +inf
+      std::fill(o + r * D, o + (r + 1) * D, T(0));
+      lse_r[r] = std::numeric_limits<T>::infinity();
+    } else {
+      const T inv = T(1) / l[r];
+      for (int64_t d = 0; d < D; ++d) o[r * D + d] = acc[r * D + d] * inv;
+      lse_r[r] = m[r] + std::log(l[r]);
+    }
+  }
+}
+
+template <typename T>
+void forward_kernel(const Shape& s, T scale, const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse) {
+  const auto qh = heads<T>(q), kh = heads<T>(k), vh = heads<T>(v);
+  T* o = out.data_ptr<T>();
+  T* l = lse.data_ptr<T>();
+  const int64_t nqb = ceil_div(s.Tq, BQ);
+  at::parallel_for(0, s.B * s.H * nqb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf(BQ * BK + BQ * s.D + 2 * BQ);  // S, acc, m, l
+    T* S = buf.data();
+    T* acc = S + BQ * BK;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / nqb, qb = zigzag(t % nqb, nqb);
+      forward_block<T>(s, scale, qh, kh, vh, o, l, bh / s.H, bh % s.H, qb * BQ, S, acc,
+                       acc + BQ * s.D, acc + BQ * s.D + BQ);
+    }
+  });
+}
+
+// ---------------------------------------------------------------- backward
+
+template <typename T>
+struct Grads {
+  Heads<T> q, k, v, dout;
+  const T* lse;    // (B, H, Tq)
+  const T* delta;  // (B, H, Tq), rowsum(dO * O)
+  T *dq, *dk, *dv;  // contiguous: (B, H, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D)
+};
+
+// One (query block, key block) tile of head (b, h). S and dP are (BQ, BK) scratch.
+template <typename T>
+void backward_tile(const Shape& s, T scale, const Grads<T>& g, int64_t b, int64_t h, int64_t i0,
+                   int64_t rows, int64_t j0, int64_t cols, bool want_dkdv, bool want_dq, T* S,
+                   T* dP) {
+  const int64_t D = s.D, hk = h / s.group();
+  const int64_t row0 = (b * s.H + h) * s.Tq + i0;  // index of (b, h, i0) in (B, H, Tq)
+  const T* qp = g.q.row(b, h, i0);
+  const T* dop = g.dout.row(b, h, i0);
+  const T* kp = g.k.row(b, hk, j0);
+  const T* vp = g.v.row(b, hk, j0);
+  T* dk = g.dk + ((b * s.Hkv + hk) * s.Tk + j0) * D;  // (cols, D)
+  T* dv = g.dv + ((b * s.Hkv + hk) * s.Tk + j0) * D;  // (cols, D)
+
+  gemm_nt<T>(rows, cols, D, scale, qp, g.q.st, kp, g.k.st, T(0), S, BK);  // S (rows, cols)
+  for (int64_t r = 0; r < rows; ++r) {
+    T* srow = S + r * BK;
+    const int64_t n = std::clamp<int64_t>(s.visible(i0 + r) - j0, 0, cols);
+    exp_shift(srow, n, g.lse[row0 + r]);  // P = exp(S - lse)
+    std::fill(srow + n, srow + cols, T(0));
+  }
+  if (want_dkdv) gemm_tn<T>(cols, D, rows, T(1), S, BK, dop, g.dout.st, T(1), dv, D);  // dV += P^T dO
+  gemm_nt<T>(rows, cols, D, T(1), dop, g.dout.st, vp, g.v.st, T(0), dP, BK);  // dP = dO V^T
+  for (int64_t r = 0; r < rows; ++r) softmax_grad_row(dP + r * BK, S + r * BK, cols, g.delta[row0 + r]);
+  if (want_dq) gemm_nn<T>(rows, D, cols, scale, dP, BK, kp, g.k.st, T(1), g.dq + row0 * D, D);
+  if (want_dkdv) gemm_tn<T>(cols, D, rows, scale, dP, BK, qp, g.q.st, T(1), dk, D);  // dK += dS^T Q
+}
+
+// delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d]
+template <typename T>
+void compute_delta(const Shape& s, const Heads<T>& dout, const Heads<T>& out, T* delta) {
+  at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / s.H, h = bh % s.H;
+      for (int64_t i = 0; i < s.Tq; ++i)
+        delta[bh * s.Tq + i] = dot_row(dout.row(b, h, i), out.row(b, h, i), s.D);
+    }
+  });
+}
+
+// Single pass: a task owns (b, kv head) with all its query heads.
+template <typename T>
+void backward_fused(const Shape& s, T scale, const Grads<T>& g) {
+  at::parallel_for(0, s.B * s.Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf(2 * BQ * BK);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / s.Hkv, hk = t % s.Hkv;
+      for (int64_t h = hk * s.group(); h < (hk + 1) * s.group(); ++h) {
+        for (int64_t i0 = 0; i0 < s.Tq; i0 += BQ) {
+          const int64_t rows = std::min(BQ, s.Tq - i0), kend = s.visible(i0 + rows - 1);
+          for (int64_t j0 = 0; j0 < kend; j0 += BK) {
+            backward_tile<T>(s, scale, g, b, h, i0, rows, j0, std::min(BK, kend - j0), true, true,
+                             buf.data(), buf.data() + BQ * BK);
+          }
+        }
+      }
+    }
+  });
+}
+
+// Two passes: dK/dV over (b, kv head, key block), then dQ over (b, head, query block).
+template <typename T>
+void backward_split(const Shape& s, T scale, const Grads<T>& g) {
+  const int64_t nkb = ceil_div(s.Tk, BK), nqb = ceil_div(s.Tq, BQ);
+  at::parallel_for(0, s.B * s.Hkv * nkb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf(2 * BQ * BK);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bk = t / nkb, j0 = zigzag(t % nkb, nkb) * BK;
+      const int64_t b = bk / s.Hkv, hk = bk % s.Hkv, cols = std::min(BK, s.Tk - j0);
+      const int64_t qstart = s.first_query(j0) / BQ * BQ;
+      for (int64_t h = hk * s.group(); h < (hk + 1) * s.group(); ++h) {
+        for (int64_t i0 = qstart; i0 < s.Tq; i0 += BQ) {
+          backward_tile<T>(s, scale, g, b, h, i0, std::min(BQ, s.Tq - i0), j0, cols, true, false,
+                           buf.data(), buf.data() + BQ * BK);
+        }
+      }
+    }
+  });
+  at::parallel_for(0, s.B * s.H * nqb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf(2 * BQ * BK);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / nqb, i0 = zigzag(t % nqb, nqb) * BQ;
+      const int64_t rows = std::min(BQ, s.Tq - i0), kend = s.visible(i0 + rows - 1);
+      for (int64_t j0 = 0; j0 < kend; j0 += BK) {
+        backward_tile<T>(s, scale, g, bh / s.H, bh % s.H, i0, rows, j0, std::min(BK, kend - j0),
+                         false, true, buf.data(), buf.data() + BQ * BK);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- ops
+
+Shape shape_of(const at::Tensor& q, const at::Tensor& k, bool causal) {
+  return {q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), causal};
+}
+
+// fp64 stays fp64; everything else is computed in fp32.
+at::ScalarType compute_type(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor prepare(const at::Tensor& t, at::ScalarType ct) { return rows_usable(t.to(ct)); }
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q_, const at::Tensor& k_,
+                                                         const at::Tensor& v_, bool causal,
+                                                         double scale) {
+  check_qkv(q_, k_, v_);
+  const auto ct = compute_type(q_);
+  const auto q = prepare(q_, ct), k = prepare(k_, ct), v = prepare(v_, ct);
+  const Shape s = shape_of(q, k, causal);
+  auto out = at::empty({s.B, s.H, s.Tq, s.D}, q.options());  // (B, H, Tq, D)
+  auto lse = at::empty({s.B, s.H, s.Tq}, q.options());       // (B, H, Tq)
+  if (out.numel() > 0) {
+    if (ct == at::kDouble) {
+      forward_kernel<double>(s, scale, q, k, v, out, lse);
+    } else {
+      forward_kernel<float>(s, static_cast<float>(scale), q, k, v, out, lse);
+    }
+  }
+  return {out.to(q_.scalar_type()), lse};
+}
+
+template <typename T>
+void backward_kernel(const Shape& s, T scale, const at::Tensor& dout, const at::Tensor& q,
+                     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                     const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
+                     const at::Tensor& dv) {
+  auto delta = at::empty({s.B, s.H, s.Tq}, q.options());  // (B, H, Tq)
+  compute_delta<T>(s, heads<T>(dout), heads<T>(out), delta.data_ptr<T>());
+  const Grads<T> g{heads<T>(q),         heads<T>(k),         heads<T>(v),
+                   heads<T>(dout),      lse.data_ptr<T>(),   delta.data_ptr<T>(),
+                   dq.data_ptr<T>(),    dk.data_ptr<T>(),    dv.data_ptr<T>()};
+  const int64_t threads = at::get_num_threads(), units = s.B * s.Hkv;
+  if (units % threads == 0 || units >= 4 * threads) {
+    backward_fused<T>(s, scale, g);
+  } else {
+    backward_split<T>(s, scale, g);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor& grad_out_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const at::Tensor& out_, const at::Tensor& lse_, bool causal, double scale) {
+  check_qkv(q_, k_, v_);
+  check_backward(grad_out_, q_, out_, lse_);
+  const auto ct = compute_type(q_);
+  const auto q = prepare(q_, ct), k = prepare(k_, ct), v = prepare(v_, ct);
+  const auto dout = prepare(grad_out_, ct), out = prepare(out_, ct);
+  const auto lse = lse_.contiguous();
+  const Shape s = shape_of(q, k, causal);
+  auto dq = at::zeros({s.B, s.H, s.Tq, s.D}, q.options());    // (B, H, Tq, D)
+  auto dk = at::zeros({s.B, s.Hkv, s.Tk, s.D}, q.options());  // (B, Hkv, Tk, D)
+  auto dv = at::zeros({s.B, s.Hkv, s.Tk, s.D}, q.options());  // (B, Hkv, Tk, D)
+  if (dq.numel() > 0 && dk.numel() > 0) {
+    if (ct == at::kDouble) {
+      backward_kernel<double>(s, scale, dout, q, k, v, out, lse, dq, dk, dv);
+    } else {
+      backward_kernel<float>(s, static_cast<float>(scale), dout, q, k, v, out, lse, dq, dk, dv);
+    }
+  }
+  const auto dt = q_.scalar_type();
+  return {dq.to(dt), dk.to(dt), dv.to(dt)};
+}
+
+}  // namespace
+}  // namespace fastgpt::cpu
+
+TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
+  m.impl("cpp_attention_forward", &fastgpt::cpu::attention_forward_cpu);
+  m.impl("cpp_attention_backward", &fastgpt::cpu::attention_backward_cpu);
+}
