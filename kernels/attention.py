@@ -1,0 +1,201 @@
+"""Host side of the Triton attention: autotune configs, grids and launches.
+
+    attention_forward(q, k, v, causal, scale) -> (out, lse)
+    attention_backward(grad_out, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)
+
+q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D); any strides with a contiguous last dim. Inputs arrive
+validated by fastgpt.attention; these functions trust them. out/dq/dk/dv are contiguous in the
+input dtype; lse is (B, H, Tq) float32, natural log, +inf for a row that sees no key.
+"""
+
+import math
+
+import torch
+import triton
+
+from ._interpreter import patch_scalar_index
+from .configs import (
+    DECODE_CONFIGS,
+    DKDV_CONFIGS,
+    DQ_CONFIGS,
+    FWD_CONFIGS,
+    INTERPRET,
+    prune_decode,
+    prune_dkdv,
+    prune_dq,
+    prune_fwd,
+)
+from .decode import decode_combine_kernel, decode_split_kernel
+from .flash_bwd import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
+from .flash_fwd import LOG2E, attn_fwd_kernel
+
+if INTERPRET:
+    patch_scalar_index()
+
+# Autotune keys: head dim, causal and the lengths rounded up to a power of two (so a new length
+# in the same bucket reuses the tuned config). Tensor dtypes are added by the autotuner itself.
+_KEY = ["HEAD_DIM", "CAUSAL", "TQ_BUCKET", "TK_BUCKET"]
+
+_fwd = triton.autotune(FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": prune_fwd})(
+    attn_fwd_kernel
+)
+_dkdv = triton.autotune(
+    DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": prune_dkdv}
+)(bwd_dkdv_kernel)
+_dq = triton.autotune(DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": prune_dq})(
+    bwd_dq_kernel
+)
+_decode = triton.autotune(
+    DECODE_CONFIGS,
+    key=["HEAD_DIM", "TK_BUCKET"],
+    prune_configs_by={"early_config_prune": prune_decode},
+)(decode_split_kernel)
+
+DECODE_MIN_KEYS = 256  # Tq == 1 with at least this many keys takes the split-K decode kernel
+_DECODE_CHUNK_ALIGN = max(c.kwargs["BLOCK_N"] for c in DECODE_CONFIGS)  # every BLOCK_N divides it
+_DECODE_MIN_CHUNK = 16 if INTERPRET else 512  # keys per split, at least
+
+
+def _bucket(n: int) -> int:
+    return min(triton.next_power_of_2(max(n, 1)), 1 << 16)
+
+
+def _block_d(d: int) -> int:
+    """Head dim padded to a power of two (at least 16, the smallest tl.dot tile)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get true fp32 products (as torch's default matmul), not TF32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused attention forward. Returns out (B, H, Tq, D) in q.dtype and lse (B, H, Tq) fp32."""
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    out = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    if Tk == 0:  # no key anywhere: every row is empty
+        return out.zero_(), lse.fill_(math.inf)
+    if Tq == 1 and Tk >= DECODE_MIN_KEYS:
+        return decode_forward(q, k, v, scale)
+
+    def grid(meta):
+        return (triton.cdiv(Tq, meta["BLOCK_M"]), H, B)
+
+    _fwd[grid](
+        q, k, v, out, lse,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        H, H // Hkv, Tq, Tk, scale * LOG2E,
+        _bucket(Tq), _bucket(Tk),
+        HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=bool(causal),
+        DOT_PRECISION=_dot_precision(q.dtype),
+    )  # fmt: skip
+    return out, lse
+
+
+def decode_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, num_splits: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K forward for one query row: q (B, H, 1, D). Causal or not is the same here.
+
+    num_splits defaults to enough programs to fill the GPU about four times over.
+    """
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    group = H // Hkv
+    if num_splits is None:
+        num_splits = triton.cdiv(4 * _sm_count(q.device), B * Hkv)
+    chunk = max(triton.cdiv(Tk, max(num_splits, 1)), _DECODE_MIN_CHUNK)
+    chunk = triton.cdiv(chunk, _DECODE_CHUNK_ALIGN) * _DECODE_CHUNK_ALIGN
+    splits = triton.cdiv(Tk, chunk)  # every split holds at least one key
+
+    acc = torch.empty((B, H, splits, D), dtype=torch.float32, device=q.device)
+    m = torch.empty((B, H, splits), dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    _decode[(splits, Hkv, B)](
+        q, k, v, acc, m, l,
+        q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3],
+        Hkv, group, Tk, scale * LOG2E, chunk,
+        _bucket(Tk),
+        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_G=max(16, triton.next_power_of_2(group)),
+        DOT_PRECISION=_dot_precision(q.dtype),
+    )  # fmt: skip
+    out = torch.empty((B, H, 1, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, 1), dtype=torch.float32, device=q.device)
+    decode_combine_kernel[(H, B)](
+        acc, m, l, out, lse, out.stride(0), out.stride(1), H, splits,
+        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_S=triton.next_power_of_2(splits),
+    )  # fmt: skip
+    return out, lse
+
+
+def attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused attention backward. Returns dq like q, dk and dv like k, contiguous, input dtype."""
+    grad_out, q, k, v, out = (_last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    dq = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, Hkv, Tk, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, Hkv, Tk, D), dtype=v.dtype, device=v.device)
+    if dq.numel() == 0 or dk.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    lse = lse.to(torch.float32).contiguous()
+    block_d = _block_d(D)
+
+    delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    pre_block_m = 64 if INTERPRET else 128
+    bwd_preprocess_kernel[(triton.cdiv(Tq, pre_block_m), H, B)](
+        out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], H, Tq,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_block_m,
+    )  # fmt: skip
+
+    common = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal))
+    common["DOT_PRECISION"] = _dot_precision(q.dtype)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
+    buckets = (_bucket(Tq), _bucket(Tk))
+
+    def dkdv_grid(meta):
+        return (triton.cdiv(Tk, meta["BLOCK_N"]), Hkv, B)
+
+    _dkdv[dkdv_grid](
+        q, k, v, grad_out, lse, delta, dk, dv,
+        *strides, *dk.stride()[:3], *dv.stride()[:3],
+        H, Hkv, H // Hkv, Tq, Tk, scale * LOG2E, scale, *buckets, **common,
+    )  # fmt: skip
+
+    def dq_grid(meta):
+        return (triton.cdiv(Tq, meta["BLOCK_M"]), H, B)
+
+    _dq[dq_grid](
+        q, k, v, grad_out, lse, delta, dq,
+        *strides, *dq.stride()[:3],
+        H, H // Hkv, Tq, Tk, scale * LOG2E, scale, *buckets, **common,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few splits, enough to exercise the merge

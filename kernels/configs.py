@@ -1,0 +1,151 @@
+"""Autotune configs per GPU family and head dim, and the pruning that keeps them launchable.
+
+Each kernel has a table {family: {BLOCK_D: [(BLOCK_M, BLOCK_N, num_warps, num_stages), ...]}}.
+At autotune time `prune_*` keeps the rows of the running GPU's family for the call's padded head
+dim whose estimated shared memory fits the device (fp32 inputs need twice the bytes of fp16), so a
+config that cannot launch is never tried. tests/test_triton_compile.py compiles every kept config
+for sm_80 and sm_90 and checks the real shared memory against the limits.
+Under TRITON_INTERPRET=1 each kernel has one small config: tuning is meaningless there.
+"""
+
+import os
+
+import torch
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Shared memory per block (opt-in maximum) by compute capability; others are read off the device.
+SMEM_LIMIT = {(8, 0): 166912, (9, 0): 232448}
+
+_D_SMALL = (16, 32, 64)
+
+# Forward: BLOCK_M query rows resident, BLOCK_N keys streamed per step.
+_FWD = {
+    "hopper": {
+        _D_SMALL: [(128, 128, 8, 3), (128, 64, 4, 4), (128, 128, 4, 3), (64, 64, 4, 4)],
+        (128,): [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+        (256,): [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],
+    },
+    "ampere": {
+        _D_SMALL: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+        (128,): [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
+        (256,): [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
+    },
+}
+# dK/dV: BLOCK_N keys resident (k, v, dk, dv), BLOCK_M query rows streamed.
+_DKDV = {
+    "hopper": {
+        _D_SMALL: [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)],
+        (128,): [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)],
+        (256,): [(32, 32, 8, 2), (16, 32, 4, 2), (32, 64, 8, 1)],
+    },
+    "ampere": {
+        _D_SMALL: [(32, 128, 4, 3), (64, 64, 4, 3)],
+        (128,): [(32, 128, 8, 2), (64, 64, 4, 2)],
+        (256,): [(16, 32, 4, 2), (32, 32, 8, 1)],
+    },
+}
+# dQ: BLOCK_M query rows resident (q, dO, dq), BLOCK_N keys streamed.
+_DQ = {
+    "hopper": {
+        _D_SMALL: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
+        (128,): [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)],
+        (256,): [(32, 32, 8, 2), (64, 32, 8, 1), (32, 16, 4, 2)],
+    },
+    "ampere": {
+        _D_SMALL: [(128, 32, 4, 3), (64, 64, 4, 3)],
+        (128,): [(128, 32, 8, 2), (64, 64, 4, 2)],
+        (256,): [(32, 16, 4, 2), (32, 32, 8, 1)],
+    },
+}
+# Decode: BLOCK_N keys per step for one group of query heads (memory-bound: deep pipelines).
+_DECODE_ROWS = {
+    _D_SMALL: [(16, 128, 4, 4), (16, 64, 4, 4)],
+    (128,): [(16, 128, 4, 3), (16, 64, 4, 4)],
+    (256,): [(16, 64, 4, 3), (16, 32, 4, 4)],
+}
+_DECODE = {"hopper": _DECODE_ROWS, "ampere": _DECODE_ROWS}
+
+TABLES = {"fwd": _FWD, "dkdv": _DKDV, "dq": _DQ, "decode": _DECODE}
+_INTERPRET_ROW = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+_INTERPRET_ROW["decode"] = (16, 16, 4, 1)
+
+
+def _config(row: tuple[int, int, int, int]) -> triton.Config:
+    block_m, block_n, warps, stages = row
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, warps, stages)
+
+
+def _decode_config(row: tuple[int, int, int, int]) -> triton.Config:
+    return triton.Config({"BLOCK_N": row[1]}, row[2], row[3])
+
+
+def _all_configs(kind: str) -> list[triton.Config]:
+    make = _decode_config if kind == "decode" else _config
+    if INTERPRET:
+        return [make(_INTERPRET_ROW[kind])]
+    rows = {r for family in TABLES[kind].values() for group in family.values() for r in group}
+    return [make(r) for r in sorted(rows)]
+
+
+FWD_CONFIGS = _all_configs("fwd")
+DKDV_CONFIGS = _all_configs("dkdv")
+DQ_CONFIGS = _all_configs("dq")
+DECODE_CONFIGS = _all_configs("decode")
+
+
+def estimate_smem(kind: str, row: tuple[int, int, int, int], block_d: int, elem: int) -> int:
+    """Bytes of shared memory a config needs, upper estimate (checked by the compile test)."""
+    bm, bn, _, stages = row
+    if kind in ("fwd", "decode"):  # q resident; k, v tiles per pipeline stage
+        return elem * (bm * block_d + 2 * stages * bn * block_d + bm * bn)
+    if kind == "dkdv":  # k, v resident; q, dO tiles per stage; p^T and ds^T staged for the dots
+        return elem * (2 * bn * block_d + 2 * stages * bm * block_d + 2 * bm * bn)
+    # dq: q, dO resident; k, v tiles per stage; ds staged for the dot
+    return elem * (2 * bm * block_d + 2 * stages * bn * block_d + 2 * bm * bn)
+
+
+def family(capability: tuple[int, int]) -> str:
+    return "hopper" if capability[0] >= 9 else "ampere"
+
+
+def select_rows(
+    kind: str, capability: tuple[int, int], block_d: int, elem: int, smem_limit: int
+) -> list[tuple[int, int, int, int]]:
+    """The table rows for one GPU, head dim and element size that fit its shared memory."""
+    table = TABLES[kind][family(capability)]
+    rows = next(group for dims, group in table.items() if block_d in dims)
+    fits = [r for r in rows if estimate_smem(kind, r, block_d, elem) <= smem_limit]
+    if fits:
+        return fits
+    # Nothing fits (fp32 at D=256 on a small-smem GPU): the smallest tile, one stage.
+    block_m, block_n, warps, _ = min(rows, key=lambda r: r[0] * r[1])
+    return [(block_m, block_n, warps, 1)]
+
+
+def _device_limits(t: torch.Tensor) -> tuple[tuple[int, int], int]:
+    capability = torch.cuda.get_device_capability(t.device)
+    limit = SMEM_LIMIT.get(capability)
+    if limit is None:
+        props = torch.cuda.get_device_properties(t.device)
+        limit = getattr(props, "shared_memory_per_block_optin", 101376)
+    return capability, limit
+
+
+def _make_prune(kind: str, tensor_arg: str):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        t = args[tensor_arg]
+        capability, limit = _device_limits(t)
+        rows = select_rows(kind, capability, args["BLOCK_D"], t.element_size(), limit)
+        make = _decode_config if kind == "decode" else _config
+        return [make(r) for r in rows]
+
+    return prune
+
+
+prune_fwd = _make_prune("fwd", "Q")
+prune_dkdv = _make_prune("dkdv", "Q")
+prune_dq = _make_prune("dq", "Q")
+prune_decode = _make_prune("decode", "Q")

@@ -1,0 +1,472 @@
+"""Flash-attention backward: numerics and tiling only (launches live in attention.py).
+
+With s = scale * q . k, p = exp(s - lse) recomputed from the forward's row log-sum-exp:
+
+    dv = p^T dO          dp = dO v^T          ds = p * (dp - delta),  delta = rowsum(dO * O)
+    dk = scale * ds^T q  dq = scale * ds k
+
+Three passes, no atomics (deterministic by construction):
+  1. preprocess: delta per query row;
+  2. dK/dV: one program per key tile of one KV head, looping over the query tiles of every query
+     head of its GQA group (it alone writes its dk/dv rows);
+  3. dQ: one program per query tile, looping over the key tiles it sees.
+Both loops skip tiles the causal mask hides and mask only the diagonal / ragged tiles.
+"""
+
+import triton
+import triton.language as tl
+
+from .flash_fwd import head_base_offset, load_tile
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def bwd_preprocess_kernel(
+    Out,
+    DO,
+    Delta,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    H,
+    Tq,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    # Grid: (cdiv(Tq, BLOCK_M), H, B). Delta: (B, H, Tq) fp32, contiguous.
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    pid_bh = b * H + h
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o_ptrs = Out + head_base_offset(b, h, stride_ob, stride_oh)
+    o_ptrs += offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :]
+    do_ptrs = DO + head_base_offset(b, h, stride_dob, stride_doh)
+    do_ptrs += offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :]
+    o = load_tile(o_ptrs, offs_m, offs_d, Tq, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+    do = load_tile(do_ptrs, offs_m, offs_d, Tq, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
+    tl.store(Delta + pid_bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
+
+
+@triton.jit
+def _dkdv_tiles(
+    dk,
+    dv,
+    k,
+    v,  # (BLOCK_N, BLOCK_D): fp32 accumulators, then this program's K and V tiles
+    q_ptrs,
+    do_ptrs,
+    lse_ptr,
+    delta_ptr,
+    stride_qm,
+    stride_dom,  # pointers at query tile `lo`
+    offs_n,
+    offs_m,
+    offs_d,
+    lo,
+    hi,
+    Tq,
+    HEAD_DIM,
+    causal_shift,
+    qk_scale,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Accumulate the query tiles [lo, hi) into dk, dv, kept transposed (keys x queries)."""
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        q = load_tile(q_ptrs, rows, offs_d, Tq, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
+        do = load_tile(do_ptrs, rows, offs_d, Tq, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
+        if MASKED:
+            lse2 = tl.load(lse_ptr + rows, mask=rows < Tq, other=float("inf")) * LOG2E
+            delta = tl.load(delta_ptr + rows, mask=rows < Tq, other=0.0)
+        else:
+            lse2 = tl.load(lse_ptr + rows) * LOG2E
+            delta = tl.load(delta_ptr + rows)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        # lse = +inf for a row that sees no key: p is exactly 0 there.
+        p_t = tl.exp2(s_t - lse2[None, :])
+        if MASKED:
+            visible = rows[None, :] < Tq
+            if CAUSAL:
+                visible = visible & (offs_n[:, None] <= rows[None, :] + causal_shift)
+            p_t = tl.where(visible, p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        q_ptrs += BLOCK_M * stride_qm
+        do_ptrs += BLOCK_M * stride_dom
+    return dk, dv, q_ptrs, do_ptrs
+
+
+@triton.jit
+def bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    Lse,
+    Delta,
+    DK,
+    DV,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dkb,
+    stride_dkh,
+    stride_dkn,
+    stride_dvb,
+    stride_dvh,
+    stride_dvn,
+    H,
+    H_KV,
+    GROUP,
+    Tq,
+    Tk,
+    qk_scale,
+    scale,
+    TQ_BUCKET,
+    TK_BUCKET,  # autotune keys only
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Grid: (cdiv(Tk, BLOCK_N), H_KV, B). Early key tiles see the most queries under the causal
+    # mask, so they are launched first.
+    pid_n = tl.program_id(0)
+    h_kv = tl.program_id(1)
+    b = tl.program_id(2)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    k_ptrs = K + head_base_offset(b, h_kv, stride_kb, stride_kh)
+    k_ptrs += offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
+    v_ptrs = V + head_base_offset(b, h_kv, stride_vb, stride_vh)
+    v_ptrs += offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
+    k = load_tile(k_ptrs, offs_n, offs_d, Tk, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+    v = load_tile(v_ptrs, offs_n, offs_d, Tk, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+
+    # Query range: [m_lo, m_full) on the diagonal (masked), [m_full, m_tail) unmasked,
+    # [m_tail, Tq) the ragged last query tile (masked). A ragged key tile masks everything: its
+    # padded keys must get p = 0 rather than exp(0 - lse).
+    causal_shift = Tk - Tq
+    m_tail = Tq // BLOCK_M * BLOCK_M
+    if CAUSAL:
+        # Query i sees key j iff i >= j - shift: the first row to see this tile, and the first
+        # row from which every key of the tile is seen.
+        first_row = tl.minimum(tl.maximum(start_n - causal_shift, 0), Tq)
+        m_lo = first_row // BLOCK_M * BLOCK_M
+        all_seen = tl.maximum(start_n + BLOCK_N - 1 - causal_shift, 0)
+        m_full = tl.minimum(tl.cdiv(all_seen, BLOCK_M) * BLOCK_M, Tq)
+    else:
+        m_lo = start_n * 0
+        m_full = start_n * 0
+    m_full = tl.where(start_n + BLOCK_N > Tk, Tq, m_full)
+    m_tail = tl.maximum(m_tail, m_full)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(0, GROUP):
+        # Every query head of the group in a fixed order: deterministic, no atomics.
+        h = h_kv * GROUP + g
+        bh = b * H + h
+        q_ptrs = Q + head_base_offset(b, h, stride_qb, stride_qh)
+        q_ptrs += m_lo.to(tl.int64) * stride_qm + offs_m[:, None] * stride_qm + offs_d[None, :]
+        do_ptrs = DO + head_base_offset(b, h, stride_dob, stride_doh)
+        do_ptrs += m_lo.to(tl.int64) * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :]
+        lse_ptr = Lse + bh.to(tl.int64) * Tq
+        delta_ptr = Delta + bh.to(tl.int64) * Tq
+        dk, dv, q_ptrs, do_ptrs = _dkdv_tiles(
+            dk,
+            dv,
+            k,
+            v,
+            q_ptrs,
+            do_ptrs,
+            lse_ptr,
+            delta_ptr,
+            stride_qm,
+            stride_dom,
+            offs_n,
+            offs_m,
+            offs_d,
+            m_lo,
+            m_full,
+            Tq,
+            HEAD_DIM,
+            causal_shift,
+            qk_scale,
+            True,
+            CAUSAL,
+            BLOCK_M,
+            BLOCK_D,
+            DOT_PRECISION,
+        )
+        dk, dv, q_ptrs, do_ptrs = _dkdv_tiles(
+            dk,
+            dv,
+            k,
+            v,
+            q_ptrs,
+            do_ptrs,
+            lse_ptr,
+            delta_ptr,
+            stride_qm,
+            stride_dom,
+            offs_n,
+            offs_m,
+            offs_d,
+            m_full,
+            m_tail,
+            Tq,
+            HEAD_DIM,
+            causal_shift,
+            qk_scale,
+            False,
+            CAUSAL,
+            BLOCK_M,
+            BLOCK_D,
+            DOT_PRECISION,
+        )
+        dk, dv, q_ptrs, do_ptrs = _dkdv_tiles(
+            dk,
+            dv,
+            k,
+            v,
+            q_ptrs,
+            do_ptrs,
+            lse_ptr,
+            delta_ptr,
+            stride_qm,
+            stride_dom,
+            offs_n,
+            offs_m,
+            offs_d,
+            m_tail,
+            Tq,
+            Tq,
+            HEAD_DIM,
+            causal_shift,
+            qk_scale,
+            True,
+            CAUSAL,
+            BLOCK_M,
+            BLOCK_D,
+            DOT_PRECISION,
+        )
+
+    dk *= scale
+    mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
+    dk_ptrs = DK + head_base_offset(b, h_kv, stride_dkb, stride_dkh)
+    dk_ptrs += offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :]
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask)
+    dv_ptrs = DV + head_base_offset(b, h_kv, stride_dvb, stride_dvh)
+    dv_ptrs += offs_n[:, None].to(tl.int64) * stride_dvn + offs_d[None, :]
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dq_tiles(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,  # (BLOCK_M, BLOCK_D) fp32 acc, q, dO tiles; (BLOCK_M,) fp32 x2
+    k_ptrs,
+    v_ptrs,
+    stride_kn,
+    stride_vn,  # (BLOCK_N, BLOCK_D) pointers at key tile `lo`
+    offs_m,
+    offs_n,
+    offs_d,
+    lo,
+    hi,
+    Tk,
+    HEAD_DIM,
+    causal_shift,
+    qk_scale,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Accumulate the key tiles [lo, hi) into dq (unscaled)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = load_tile(k_ptrs, cols, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
+        v = load_tile(v_ptrs, cols, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        p = tl.exp2(s - lse2[:, None])
+        if MASKED:
+            visible = cols[None, :] < Tk
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + causal_shift)
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return dq, k_ptrs, v_ptrs
+
+
+@triton.jit
+def bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    Lse,
+    Delta,
+    DQ,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
+    H,
+    GROUP,
+    Tq,
+    Tk,
+    qk_scale,
+    scale,
+    TQ_BUCKET,
+    TK_BUCKET,  # autotune keys only
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Grid: (cdiv(Tq, BLOCK_M), H, B), diagonal-heavy (late) query tiles first under causal.
+    n_m_blocks = tl.cdiv(Tq, BLOCK_M)
+    pid_m = n_m_blocks - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    pid_bh = b * H + h
+    h_kv = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q_ptrs = Q + head_base_offset(b, h, stride_qb, stride_qh)
+    q_ptrs += offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :]
+    do_ptrs = DO + head_base_offset(b, h, stride_dob, stride_doh)
+    do_ptrs += offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :]
+    q = load_tile(q_ptrs, offs_m, offs_d, Tq, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+    do = load_tile(do_ptrs, offs_m, offs_d, Tq, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+    row_ptr = pid_bh.to(tl.int64) * Tq + offs_m
+    lse2 = tl.load(Lse + row_ptr, mask=offs_m < Tq, other=float("inf")) * LOG2E
+    delta = tl.load(Delta + row_ptr, mask=offs_m < Tq, other=0.0)
+
+    # Same key ranges as the forward: [0, n_full) unmasked, [n_full, n_end) masked.
+    causal_shift = Tk - Tq
+    n_tiles_full = Tk // BLOCK_N * BLOCK_N
+    if CAUSAL:
+        seen_by_all = tl.maximum(start_m + causal_shift + 1, 0)
+        n_full = tl.minimum(seen_by_all // BLOCK_N * BLOCK_N, n_tiles_full)
+        n_end = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_shift, 0), Tk)
+    else:
+        n_full = n_tiles_full
+        n_end = Tk
+    n_full = tl.minimum(n_full, n_end)
+
+    k_ptrs = K + head_base_offset(b, h_kv, stride_kb, stride_kh)
+    k_ptrs += offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V + head_base_offset(b, h_kv, stride_vb, stride_vh)
+    v_ptrs += offs_n[:, None] * stride_vn + offs_d[None, :]
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq, k_ptrs, v_ptrs = _dq_tiles(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        k_ptrs,
+        v_ptrs,
+        stride_kn,
+        stride_vn,
+        offs_m,
+        offs_n,
+        offs_d,
+        0,
+        n_full,
+        Tk,
+        HEAD_DIM,
+        causal_shift,
+        qk_scale,
+        False,
+        CAUSAL,
+        BLOCK_N,
+        BLOCK_D,
+        DOT_PRECISION,
+    )
+    dq, k_ptrs, v_ptrs = _dq_tiles(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        k_ptrs,
+        v_ptrs,
+        stride_kn,
+        stride_vn,
+        offs_m,
+        offs_n,
+        offs_d,
+        n_full,
+        n_end,
+        Tk,
+        HEAD_DIM,
+        causal_shift,
+        qk_scale,
+        True,
+        CAUSAL,
+        BLOCK_N,
+        BLOCK_D,
+        DOT_PRECISION,
+    )
+
+    dq *= scale
+    dq_ptrs = DQ + head_base_offset(b, h, stride_dqb, stride_dqh)
+    dq_ptrs += offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :]
+    mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)

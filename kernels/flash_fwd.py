@@ -1,0 +1,229 @@
+"""Flash-attention forward: numerics and tiling only (launches live in attention.py).
+
+One program owns BLOCK_M query rows of one (batch, head) and streams the visible keys in tiles of
+BLOCK_N through an online softmax kept in base 2:
+
+    s2 = (q . k) * scale * log2(e)          (the scale folded into one multiply)
+    m  = running row max of s2,  l = running sum of 2^(s2 - m),  acc = running sum of 2^(s2 - m) v
+    out = acc / l,   lse = (m + log2(l)) * ln(2)   (natural log, what the backward and callers read)
+
+Causal (bottom-right: query i sees key j <= i + Tk - Tq) splits the key range of a program in two:
+tiles every row of the program sees in full run without a mask, the tiles on the diagonal (and a
+ragged last tile) run with one. Tiles no row sees are never visited.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # 1 / ln(2), host side: qk_scale = scale * LOG2E
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def head_base_offset(b, h, stride_b, stride_h):
+    """Element offset of the (b, h) slice in int64: B * H * T * D may pass 2**31."""
+    return b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def load_tile(ptrs, rows, cols, n_rows, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load a 2-D tile, masking only the dimensions the caller says can run past the end."""
+    if CHECK_ROWS and CHECK_COLS:
+        return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+    elif CHECK_ROWS:
+        return tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    elif CHECK_COLS:
+        return tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _fwd_tiles(
+    acc,
+    m_i,
+    l_i,
+    q,  # (BLOCK_M, BLOCK_D) fp32, (BLOCK_M,) fp32 x2, (BLOCK_M, BLOCK_D) input dtype
+    k_ptrs,
+    v_ptrs,
+    stride_kn,
+    stride_vn,  # (BLOCK_N, BLOCK_D) pointers at key tile `lo`
+    offs_m,
+    offs_n,
+    offs_d,
+    lo,
+    hi,
+    Tk,
+    HEAD_DIM,
+    causal_shift,
+    qk_scale,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Fold key tiles [lo, hi) into the running (acc, m_i, l_i). MASKED adds causal + length masks.
+
+    Returns the pointers advanced past `hi`, so the masked pass continues where the unmasked ended.
+    """
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = load_tile(k_ptrs, cols, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
+        v = load_tile(v_ptrs, cols, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            visible = cols[None, :] < Tk
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + causal_shift)
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row with nothing visible yet keeps m = -inf; shift by 0 so no inf - inf appears.
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_shift = m_new
+        p = tl.exp2(s - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return acc, m_i, l_i, k_ptrs, v_ptrs
+
+
+@triton.jit
+def attn_fwd_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    H,
+    GROUP,
+    Tq,
+    Tk,
+    qk_scale,
+    TQ_BUCKET,
+    TK_BUCKET,  # autotune keys only (lengths rounded up to a power of two)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Grid: (cdiv(Tq, BLOCK_M), H, B). Diagonal-heavy query blocks first, so the longest programs
+    # start early and the short ones fill the tail; programs of one head run together (K/V in L2).
+    n_m_blocks = tl.cdiv(Tq, BLOCK_M)
+    pid_m = n_m_blocks - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    pid_bh = b * H + h
+    h_kv = h // GROUP  # GQA: index mapping, never a copy of K/V
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q_base = Q + head_base_offset(b, h, stride_qb, stride_qh)
+    k_base = K + head_base_offset(b, h_kv, stride_kb, stride_kh)
+    v_base = V + head_base_offset(b, h_kv, stride_vb, stride_vh)
+    q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :]
+    q = load_tile(q_ptrs, offs_m, offs_d, Tq, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Key range of this program: [0, n_full) needs no mask, [n_full, n_end) does.
+    causal_shift = Tk - Tq
+    n_tiles_full = Tk // BLOCK_N * BLOCK_N
+    if CAUSAL:
+        # The first row (start_m) sees keys <= start_m + shift: every row sees those.
+        seen_by_all = tl.maximum(start_m + causal_shift + 1, 0)
+        n_full = tl.minimum(seen_by_all // BLOCK_N * BLOCK_N, n_tiles_full)
+        # The last row sees keys < start_m + BLOCK_M + shift; nothing past that is visited.
+        n_end = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_shift, 0), Tk)
+    else:
+        n_full = n_tiles_full
+        n_end = Tk
+    n_full = tl.minimum(n_full, n_end)
+
+    k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]  # (BLOCK_N, BLOCK_D) at key 0
+    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
+    acc, m_i, l_i, k_ptrs, v_ptrs = _fwd_tiles(
+        acc,
+        m_i,
+        l_i,
+        q,
+        k_ptrs,
+        v_ptrs,
+        stride_kn,
+        stride_vn,
+        offs_m,
+        offs_n,
+        offs_d,
+        0,
+        n_full,
+        Tk,
+        HEAD_DIM,
+        causal_shift,
+        qk_scale,
+        False,
+        CAUSAL,
+        BLOCK_N,
+        BLOCK_D,
+        DOT_PRECISION,
+    )
+    acc, m_i, l_i, k_ptrs, v_ptrs = _fwd_tiles(
+        acc,
+        m_i,
+        l_i,
+        q,
+        k_ptrs,
+        v_ptrs,
+        stride_kn,
+        stride_vn,
+        offs_m,
+        offs_n,
+        offs_d,
+        n_full,
+        n_end,
+        Tk,
+        HEAD_DIM,
+        causal_shift,
+        qk_scale,
+        True,
+        CAUSAL,
+        BLOCK_N,
+        BLOCK_D,
+        DOT_PRECISION,
+    )
+
+    # A row that saw no key has l = 0 and acc = 0: output 0 and lse = +inf (never NaN).
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
+
+    o_base = Out + head_base_offset(b, h, stride_ob, stride_oh)
+    o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :]
+    mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask)
+    lse_ptrs = Lse + pid_bh.to(tl.int64) * Tq + offs_m
+    tl.store(lse_ptrs, lse, mask=offs_m < Tq)
