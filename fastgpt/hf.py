@@ -53,6 +53,7 @@ def fastgpt_attention_forward(
     # mask are causal with torch's top-left alignment (an empty cache, static slots past Tq).
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = is_causal and query.shape[2] > 1
+    _log_path("hf_attention", "fastgpt", f"causal={causal}")
     out = scaled_dot_product_attention(
         query, key, value, is_causal=causal, scale=scaling, enable_gqa=True
     )  # (B, H, Tq, D)

@@ -1,0 +1,172 @@
+"""fastgpt inside Hugging Face transformers: tiny GPT-2 and Llama (GQA) models built with
+from_config (nothing downloaded), run with attn_implementation="eager" and "fastgpt" on the same
+weights. Logits and gradients are compared in float64, generate() tokens in float32.
+"""
+
+import logging
+import sys
+
+import pytest
+import torch
+
+import fastgpt
+
+pytest.importorskip("transformers")
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig  # noqa: E402
+
+NAME = fastgpt.register_hf_attention()
+VOCAB = 64
+TOKENS = dict(bos_token_id=0, eos_token_id=VOCAB - 1, pad_token_id=VOCAB - 1)
+CONFIGS = {
+    "gpt2": lambda: GPT2Config(
+        vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, **TOKENS
+    ),
+    # 4 query heads sharing 2 key/value heads: Llama-style GQA.
+    "llama": lambda: LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **TOKENS,
+    ),
+}
+F64 = dict(atol=1e-10, rtol=1e-10)
+
+
+@pytest.fixture
+def paths(caplog, monkeypatch):
+    """The paths fastgpt's HF attention took while a test runs, read from FASTGPT_DEBUG's log."""
+    monkeypatch.setenv("FASTGPT_DEBUG", "1")
+    caplog.set_level(logging.DEBUG, logger="fastgpt")
+
+    def taken() -> list[str]:
+        messages = [r.getMessage() for r in caplog.records]
+        return [m.split("-> ")[1] for m in messages if m.startswith("hf_attention")]
+
+    return taken
+
+
+def build(arch: str, implementation: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A tiny model with the weights of seed 0 under `implementation`, in eval mode."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[arch](), attn_implementation=implementation)
+    assert model.config._attn_implementation == implementation
+    return model.to(dtype).eval()
+
+
+def model_pair(arch: str, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The same weights under "eager" and under fastgpt."""
+    return build(arch, "eager", dtype), build(arch, NAME, dtype)
+
+
+def token_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(
+        2, VOCAB - 1, (batch, length), generator=torch.Generator().manual_seed(seed)
+    )
+
+
+# Llama's eager attention takes its softmax in float32 whatever the model's dtype, so it agrees
+# with float64 attention only to float32 precision; GPT-2's eager and torch's sdpa stay in float64.
+EAGER_TOLERANCE = {"gpt2": F64, "llama": dict(atol=1e-5, rtol=1.3e-6)}  # float32 defaults
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_prefill_logits_and_gradients_match_eager(arch, paths):
+    ids = token_ids(2, 11)
+    results = {}
+    for implementation in ("eager", "sdpa", NAME):
+        model = build(arch, implementation, torch.float64)
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        grads = [p.grad for p in model.parameters()]
+        assert all(g is not None for g in grads)
+        results[implementation] = [out.logits.detach(), *grads]
+    for reference, tol in [("sdpa", F64), ("eager", EAGER_TOLERANCE[arch])]:
+        pairs = zip(results[NAME], results[reference], strict=True)
+        for i, (got, want) in enumerate(pairs):
+            torch.testing.assert_close(
+                got, want, **tol, msg=lambda m, i=i, r=reference: f"vs {r}, tensor {i}: {m}"
+            )
+    assert paths() and all(p.startswith("fastgpt") for p in paths()), paths()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_generate_tokens_match_eager(arch, paths):
+    """Greedy decoding: a causal prefill, then one-token steps against the KV cache."""
+    eager, fast = model_pair(arch, torch.float32)
+    ids = token_ids(2, 7, seed=1)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    want = eager.generate(ids, **kwargs)
+    got = fast.generate(ids, **kwargs)
+    assert got.shape == (2, 15)
+    assert torch.equal(got, want), f"fastgpt {got.tolist()} != eager {want.tolist()}"
+    taken = paths()
+    assert "fastgpt (causal=True)" in taken, taken  # prefill
+    assert "fastgpt (causal=False)" in taken, taken  # one query against the whole cache
+    assert all(p.startswith("fastgpt") for p in taken), taken
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_padding_mask_falls_back_and_matches_eager(arch, paths):
+    """Left padding needs a mask: fastgpt hands those calls to transformers' sdpa function.
+
+    In float32: Llama's eager attention turns a float64 padding mask into NaN rows (its softmax
+    runs in float32), so float64 has no eager baseline here.
+    """
+    ids = token_ids(2, 9, seed=2)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # the first sequence is 3 tokens shorter, padded on the left
+    ids[0, :3] = TOKENS["pad_token_id"]
+    real = mask.bool()  # padded positions attend to nothing real; only real tokens are compared
+    models = {impl: build(arch, impl, torch.float32) for impl in ("eager", "sdpa", NAME)}
+    logits = {impl: m(ids, attention_mask=mask).logits[real] for impl, m in models.items()}
+    torch.testing.assert_close(logits[NAME], logits["sdpa"], atol=0, rtol=0)  # the same calls
+    torch.testing.assert_close(logits[NAME], logits["eager"])  # float32 tolerances
+    assert paths() and all(p.startswith("transformers sdpa") for p in paths()), paths()
+
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
+    got, want = models[NAME].generate(ids, **kwargs), models["eager"].generate(ids, **kwargs)
+    assert torch.equal(got, want), f"fastgpt {got.tolist()} != eager {want.tolist()}"
+
+
+def test_set_attn_implementation_switches_a_loaded_model(paths):
+    model = build("gpt2", "eager", torch.float64)  # GPT-2's eager is exact in float64
+    ids = token_ids(1, 6)
+    want = model(ids).logits
+    assert not paths()
+    model.set_attn_implementation(NAME)
+    assert model.config._attn_implementation == NAME
+    torch.testing.assert_close(model(ids).logits, want, **F64)
+    assert paths() and all(p.startswith("fastgpt") for p in paths())
+
+
+def test_register_returns_name_and_rejects_hub_style_names():
+    assert fastgpt.register_hf_attention("fastgpt_other") == "fastgpt_other"
+    from transformers import AttentionInterface
+
+    assert "fastgpt_other" in AttentionInterface()
+    for bad in ["org/kernel", "a:b", ""]:
+        with pytest.raises(ValueError, match="plain name"):
+            fastgpt.register_hf_attention(bad)
+
+
+def test_register_without_transformers_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
+    with pytest.raises(ImportError, match=r"fastgpt\[hf\]"):
+        fastgpt.register_hf_attention("fastgpt_missing")
+
+
+def test_hf_model_runs_cpp_ops_in_profiler(monkeypatch):
+    if "cpp" not in fastgpt.available_backends("cpu"):
+        pytest.skip("the C++ extension is not built")
+    monkeypatch.setenv("FASTGPT_BACKEND", "cpp")
+    _, fast = model_pair("llama", torch.float32)
+    ids = token_ids(1, 6)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fast(ids, labels=ids).loss.backward()
+    ops = {e.name for e in prof.events()}
+    assert "fastgpt::cpp_attention_forward" in ops, sorted(ops)
+    assert "fastgpt::cpp_attention_backward" in ops, sorted(ops)
