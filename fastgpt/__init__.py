@@ -1,17 +1,21 @@
 """fastgpt: fused causal attention kernels and a GPT that runs on them."""
 
-from fastgpt import ops  # noqa: F401  (registers the fastgpt:: torch.library ops)
+from fastgpt import nn, ops  # noqa: F401  (ops registers the fastgpt:: torch.library ops)
 from fastgpt.attention import attention, available_backends
 from fastgpt.dropin import flash_attn_func, scaled_dot_product_attention
 from fastgpt.hf import register_hf_attention
+from fastgpt.model import GPT, GPTConfig
 from fastgpt.reference import reference_attention
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GPT",
+    "GPTConfig",
     "attention",
     "available_backends",
     "flash_attn_func",
+    "nn",
     "register_hf_attention",
     "reference_attention",
     "scaled_dot_product_attention",

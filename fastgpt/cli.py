@@ -1,0 +1,106 @@
+"""The `fastgpt` command: train, sample, bench.
+
+    fastgpt train                      # tiny GPT, embedded corpus, best device; prints a sample
+    fastgpt sample --ckpt out --prompt "mary had a"
+    fastgpt bench ...                  # kernel benchmarks (fastgpt.bench)
+
+Bad input ends with one line `fastgpt: error: ...` and exit status 2; FASTGPT_DEBUG=1 shows the
+traceback instead.
+"""
+
+import argparse
+import os
+import sys
+
+from fastgpt.train import PRESET_TRAINING, TrainConfig
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastgpt", description="Train and sample GPTs on fastgpt's attention kernels."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,bench}")
+
+    t = sub.add_parser("train", help="train a GPT (no arguments: tiny preset, embedded corpus)")
+    t.add_argument("--data", help="UTF-8 text file or folder of .txt files (default: embedded)")
+    t.add_argument("--tokenizer", choices=["word", "char", "bpe"], help="default: the preset's")
+    t.add_argument("--bpe-vocab-size", type=_positive_int, default=1024)
+    t.add_argument("--preset", choices=list(PRESET_TRAINING), default="tiny")
+    t.add_argument("--steps", type=_positive_int)
+    t.add_argument("--batch-size", type=_positive_int, help="sequences per process per micro-step")
+    t.add_argument("--block-size", type=_positive_int, help="context length in tokens")
+    t.add_argument("--lr", type=float, help="peak learning rate (warm-up, then cosine to lr/10)")
+    t.add_argument("--warmup", type=int, help="warm-up steps")
+    t.add_argument("--device", help="cuda, mps, cpu (default: the best available)")
+    t.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="autocast dtype")
+    t.add_argument("--backend", choices=["auto", "triton", "cpp", "reference"])
+    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--grad-accum", type=_positive_int, default=1)
+    t.add_argument("--eval-every", type=_positive_int, help="steps between validation/checkpoints")
+    t.add_argument("--out", default="out", help="output folder (default: out)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT's latest checkpoint")
+    t.add_argument("--seed", type=int, default=1337)
+    t.add_argument("--sample-tokens", type=int, default=40, help="tokens sampled at the end")
+
+    s = sub.add_parser("sample", help="sample text from a trained checkpoint")
+    s.add_argument("--ckpt", default="out", help="training output folder or checkpoint folder")
+    s.add_argument("--prompt", default="", help="text to continue (default: a new line)")
+    s.add_argument("--tokens", type=int, default=40)
+    s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    s.add_argument("--top-k", type=_positive_int)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--device")
+
+    sub.add_parser("bench", help="attention benchmarks (fastgpt bench --help)", add_help=False)
+    return parser
+
+
+def _train(args: argparse.Namespace) -> None:
+    from fastgpt.train import train
+
+    options = vars(args)
+    options.pop("command")
+    if options["backend"] == "auto":
+        options["backend"] = None
+    train(TrainConfig(**options))
+
+
+def _sample(args: argparse.Namespace) -> None:
+    from fastgpt.sample import sample
+
+    print(
+        sample(
+            args.ckpt,
+            args.prompt,
+            args.tokens,
+            args.temperature,
+            args.top_k,
+            args.seed,
+            args.device,
+        )
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "bench":  # the benchmark parses its own arguments
+        from fastgpt import bench
+
+        return bench.main(argv[1:]) or 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _train(args) if args.command == "train" else _sample(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        if os.environ.get("FASTGPT_DEBUG", "0") not in ("", "0"):
+            raise
+        print(f"fastgpt: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,211 @@
+"""A GPT (decoder-only transformer) whose attention runs on fastgpt's kernels.
+
+Token + learned position embeddings, pre-LayerNorm blocks (causal self-attention, then a 4x MLP,
+each added to the residual stream), a final LayerNorm and an LM head tied to the token embedding.
+GPT-2 initialisation, with the residual output projections scaled by 1/sqrt(2 * n_layer), so
+the loss at step 0 is close to ln(vocab_size).
+"""
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastgpt.nn import CausalSelfAttention, KVCache
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304  # tokens the model reads and predicts (set from the tokenizer)
+    block_size: int = 1024  # longest context, in tokens (size of the position embedding)
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # query heads per attention layer
+    n_kv_head: int | None = None  # key/value heads (GQA); None means n_head
+    n_embd: int = 768  # model width; head dim is n_embd // n_head
+    dropout: float = 0.0  # on embeddings, attention output and MLP output (training only)
+    bias: bool = True  # biases in the linear layers and LayerNorms, as GPT-2
+    activation: str = "gelu"  # MLP non-linearity: "gelu" or "relu"
+    backend: str | None = None  # fastgpt.attention backend name; None picks automatically
+
+    def __post_init__(self) -> None:
+        if self.activation not in ("gelu", "relu"):
+            raise ValueError(f"activation must be 'gelu' or 'relu', got {self.activation!r}.")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# Architectures only; the vocabulary size comes from the tokenizer at training time.
+PRESETS: dict[str, dict] = {
+    # The seed notebook's model: 2 layers, 2 heads, 32 dims, a 6-word context.
+    "tiny": dict(block_size=6, n_layer=2, n_head=2, n_embd=32),
+    # A character-level Shakespeare-class model (as nanoGPT's shakespeare_char).
+    "small": dict(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
+    # GPT-2 small: 124M parameters with GPT-2's 50257-token vocabulary.
+    "gpt2": dict(block_size=1024, n_layer=12, n_head=12, n_embd=768),
+}
+
+
+def preset_config(name: str, **overrides) -> GPTConfig:
+    """GPTConfig of a preset ("tiny", "small", "gpt2"), with fields overridden by keyword."""
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; expected one of {', '.join(PRESETS)}.")
+    return GPTConfig(**{**PRESETS[name], **overrides})
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.act = nn.GELU() if config.activation == "gelu" else nn.ReLU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(
+            config.n_embd,
+            config.n_head,
+            config.n_kv_head,
+            bias=config.bias,
+            dropout=config.dropout,
+            backend=config.backend,
+        )
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache)  # (B, T, C)
+        return x + self.mlp(self.ln_2(x))  # (B, T, C)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied: one matrix embeds and predicts tokens
+
+        self.apply(self._init_weights)
+        # GPT-2: each residual branch's output projection scaled by 1/sqrt(2 * n_layer), so the
+        # residual stream's variance does not grow with depth.
+        residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=residual_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; by default without the position embedding (as GPT-2 counts)."""
+        n = sum(p.numel() for p in self.parameters())  # the tied head is counted once
+        return n - self.wpe.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), counted as nanoGPT: 6N + 12 L H Q T."""
+        c, T = self.config, seq_len or self.config.block_size
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * T
+
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        kv_caches: list[KVCache] | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """idx, targets: (B, T) token ids -> (logits (B, T, V), mean cross-entropy or None).
+
+        With kv_caches (one per block, from new_kv_caches), idx holds the tokens after the cached
+        ones and positions continue from there.
+        """
+        B, T = idx.shape
+        start = kv_caches[0].length if kv_caches is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"Cannot run {start + T} positions (idx {tuple(idx.shape)}, {start} cached): "
+                f"the model's context is {self.config.block_size} tokens."
+            )
+        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, kv_caches[i] if kv_caches is not None else None)  # (B, T, C)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return logits, loss
+
+    def new_kv_caches(self) -> list[KVCache]:
+        return [KVCache(self.config.block_size) for _ in self.blocks]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> Tensor:
+        """Continue idx (B, T) by max_new_tokens tokens -> (B, T + max_new_tokens).
+
+        temperature 0 picks the most likely token (greedy); top_k keeps the k likeliest.
+        While the text fits the context, a KV cache makes each step cost one position; past
+        block_size the context is cropped to its last block_size tokens and recomputed (learned
+        positions shift with the window), so the tokens are those of use_cache=False.
+        """
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}.")
+        if idx.shape[1] == 0:
+            raise ValueError(f"generate needs at least one token to start from, got {idx.shape}.")
+        block = self.config.block_size
+        caches = None
+        for _ in range(max_new_tokens):
+            if use_cache and idx.shape[1] <= block:
+                if caches is None:
+                    caches = self.new_kv_caches()
+                    logits, _ = self(idx, kv_caches=caches)  # prefill: (B, T, V)
+                else:
+                    logits, _ = self(idx[:, -1:], kv_caches=caches)  # (B, 1, V)
+            else:
+                logits, _ = self(idx[:, -block:])  # (B, min(T, block), V)
+            logits = logits[:, -1, :].float()  # (B, V)
+            if temperature == 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits, dim=-1)
+                next_id = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+            idx = torch.cat([idx, next_id], dim=1)
+        return idx
