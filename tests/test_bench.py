@@ -1,0 +1,209 @@
+"""Smoke tests of the benchmarks: every code path runs on CPU at tiny sizes and writes a
+well-formed results file (so the benchmarks never rot). Timings themselves are not checked."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastgpt
+from fastgpt import bench
+
+ROOT = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _load_script(name: str):
+    """Import bench/<name>.py (a script folder, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Without a GPU, Triton runs interpreted (tests/conftest.py): seconds a call. It and eager
+# FlexAttention get their own, smaller smoke runs below.
+INTERPRETED = not torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["--tiny", "--out", str(out), "--seqlens", "16,33", "--decode-lens", "40"]
+    argv += ["--skip-providers", "flex,fastgpt-triton" if INTERPRETED else "flex"]
+    assert bench.main(argv) == 0
+    (path,) = out.glob("*.json")
+    return path, json.loads(path.read_text())
+
+
+def test_results_file_names_the_machine_and_versions(tiny_run):
+    path, results = tiny_run
+    machine = results["machine"]
+    assert path.name.startswith(bench.slug(bench.cpu_name()))
+    assert path.name.endswith("-tiny.json")  # tiny runs never pass for real results
+    assert machine["device"] == "cpu" and machine["name"]
+    assert machine["torch"] == torch.__version__
+    for key in ("triton", "git_commit", "date", "fastgpt_backends", "threads"):
+        assert key in machine
+    assert results["complete"] and results["skipped"] == []
+    assert results["copy_gbps"] > 0
+
+
+def test_every_provider_mode_and_shape_has_one_record(tiny_run):
+    _, results = tiny_run
+    seen = {}
+    for r in results["kernel"]:
+        key = (r["provider"], r["mode"], r["tq"], r["causal"])
+        assert key not in seen, key
+        seen[key] = r
+    expected = {
+        (p, m, t, c)
+        for p in results["providers"]
+        for m in bench.MODES
+        for t in (16, 33)
+        for c in (True, False)
+    }
+    assert set(seen) == expected
+
+
+def test_records_hold_a_time_or_a_reason(tiny_run):
+    _, results = tiny_run
+    for r in results["kernel"] + results["decode"]:
+        if r["error"] is None:
+            assert r["ms"] > 0 and math.isfinite(r["ms"]), r
+        else:
+            assert r["ms"] is None and isinstance(r["error"], str) and r["error"], r
+    timed = {r["provider"] for r in results["kernel"] if r["ms"] is not None}
+    assert {"reference", "sdpa-flash"} <= timed
+    if "cpp" in results["machine"]["fastgpt_backends"]:
+        assert "fastgpt-cpp" in timed
+
+
+def test_throughput_follows_from_flops_and_time(tiny_run):
+    _, results = tiny_run
+    for r in results["kernel"]:
+        if r["ms"] is not None:
+            flops = bench.attention_flops(r["batch"], r["heads"], r["tq"], r["tk"], r["d"],
+                                          r["causal"], r["mode"])  # fmt: skip
+            assert r["tflops"] == pytest.approx(flops / (r["ms"] * 1e-3) / 1e12)
+    for r in results["decode"]:
+        if r["ms"] is not None:
+            assert r["tq"] == 1 and r["copy_fraction"] == pytest.approx(
+                r["gbps"] / results["copy_gbps"]
+            )
+
+
+def test_forward_outputs_were_checked_against_the_reference(tiny_run):
+    # fp32 everywhere in the tiny run: every provider that ran agrees with the reference.
+    _, results = tiny_run
+    checked = [r for r in results["kernel"] if "rel_err" in r]
+    assert {r["provider"] for r in checked} >= {"reference", "sdpa-flash"}
+    for r in checked:
+        assert r["rel_err"] < 1e-5, r
+
+
+def test_speedups_are_ratios_of_the_recorded_times(tiny_run):
+    _, results = tiny_run
+    ms = {
+        (r["provider"], r["dtype"], r["d"], r["tq"], r["causal"], r["mode"]): r["ms"]
+        for r in results["kernel"]
+    }
+    ours = {n for n in results["providers"] if n.startswith("fastgpt-")}
+    assert all(s["fastgpt"] in ours and s["peer"] not in ours for s in results["speedups"])
+    if ours:
+        assert results["speedups"]
+    for s in results["speedups"]:
+        config = (s["dtype"], s["d"], s["tq"], s["causal"], s["mode"])
+        assert s["speedup"] == pytest.approx(ms[(s["peer"], *config)] / ms[(s["fastgpt"], *config)])
+
+
+def test_plots_are_written_and_redrawn(tiny_run, tmp_path):
+    path, results = tiny_run
+    pngs = [path.with_name(path.stem + s) for s in ("-kernels.png", "-decode.png")]
+    for png in pngs:
+        assert png.read_bytes()[:8] == PNG_MAGIC
+    copy = tmp_path / path.name
+    copy.write_text(json.dumps(results))
+    assert bench.main(["--plot-only", str(copy)]) == 0
+    assert (tmp_path / (path.stem + "-kernels.png")).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_summary_table_has_a_row_per_sequence_length(tiny_run):
+    _, results = tiny_run
+    text = bench.summary(results, full=True)
+    assert "| T |" in text and "| 16 |" in text and "| 33 |" in text and "| Tk |" in text
+
+
+@pytest.mark.parametrize("provider", ["fastgpt-triton", "flex"])
+def test_slow_provider_smoke(provider, tmp_path):
+    # One shape each: interpreted Triton takes seconds a call, eager FlexAttention traces anew
+    # for every shape. (FlexAttention has no CPU backward: that record must carry the reason.)
+    if provider == "fastgpt-triton" and "triton" not in fastgpt.available_backends("cpu"):
+        pytest.skip("Triton cannot run on CPU here")
+    argv = ["--tiny", "--out", str(tmp_path), "--seqlens", "16", "--causal", "true"]
+    argv += ["--modes", "fwd,fwd_bwd", "--no-decode", "--providers", f"{provider},reference"]
+    assert bench.main(argv) == 0
+    (path,) = tmp_path.glob("*.json")
+    records = {(r["provider"], r["mode"]): r for r in json.loads(path.read_text())["kernel"]}
+    assert set(records) == {(p, m) for p in (provider, "reference") for m in ("fwd", "fwd_bwd")}
+    assert records[(provider, "fwd")]["ms"] > 0
+    assert records[(provider, "fwd")]["rel_err"] < 1e-5
+    if provider == "fastgpt-triton":
+        assert records[(provider, "fwd_bwd")]["ms"] > 0
+    else:
+        assert records[(provider, "fwd_bwd")]["ms"] or records[(provider, "fwd_bwd")]["error"]
+
+
+def test_flop_count_matches_flash_attn():
+    assert bench.attention_flops(2, 3, 5, 5, 7, causal=False, mode="fwd") == 4 * 2 * 3 * 5 * 5 * 7
+    full = bench.attention_flops(1, 1, 8, 8, 4, causal=False, mode="fwd")
+    assert bench.attention_flops(1, 1, 8, 8, 4, causal=True, mode="fwd") == full / 2
+    assert bench.attention_flops(1, 1, 8, 8, 4, causal=False, mode="bwd") == 2.5 * full
+    assert bench.attention_flops(1, 1, 8, 8, 4, causal=False, mode="fwd_bwd") == 3.5 * full
+
+
+def test_unknown_provider_is_refused(tmp_path, capsys):
+    assert bench.main(["--tiny", "--out", str(tmp_path), "--providers", "nonesuch"]) == 2
+    assert "nonesuch" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_bad_arguments_name_the_problem(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--tiny", "--dtypes", "fp8"])
+    assert "fp8" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--tiny", "--head-dims", "24"])  # hidden 32 is not a multiple of 24
+    assert "24" in capsys.readouterr().err
+
+
+def test_cpu_attention_providers_agree():
+    q, k, v = (torch.randn(1, 2, 9, 8) for _ in range(3))  # (B, H, T, D)
+    want = bench.cpu_attention("reference")(q, k, v, True)
+    torch.testing.assert_close(bench.cpu_attention("sdpa")(q, k, v, True), want)
+    with pytest.raises(ValueError, match="nonesuch"):
+        bench.cpu_attention("nonesuch")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_peak_memory_sees_the_reference_score_matrix():
+    # reference materialises (B, H, T, T) fp32 scores: 1 * 2 * 1024^2 * 4 bytes = 8 MiB a copy.
+    rise = bench.peak_rss_rise_mib("reference", 1, 2, 1024, 16)
+    assert 8 <= rise < 1024
+
+
+def test_training_benchmark_runs_tiny(tmp_path):
+    train = _load_script("train")
+    attention = ["reference", "sdpa"] + (["cpp"] if "cpp" in fastgpt.available_backends() else [])
+    assert train.main(["--tiny", "--out", str(tmp_path), "--attention", ",".join(attention)]) == 0
+    (path,) = tmp_path.glob("*-train-tiny.json")
+    results = json.loads(path.read_text())
+    runs = {r["attention"]: r for r in results["runs"]}
+    assert "sdpa" in runs and "reference" in runs
+    for r in runs.values():
+        if r["error"] is None:
+            assert r["tokens_per_s"] > 0 and r["mfu"] > 0 and math.isfinite(r["loss"])
+    assert results["flops_per_token"] > 0 and results["peak_tflops"] > 0
