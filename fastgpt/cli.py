@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=_positive_int)
     t.add_argument("--batch-size", type=_positive_int, help="sequences per process per micro-step")
     t.add_argument("--block-size", type=_positive_int, help="context length in tokens")
+    t.add_argument("--dropout", type=float, help="dropout probability (default: the preset's)")
     t.add_argument("--lr", type=float, help="peak learning rate (warm-up, then cosine to lr/10)")
     t.add_argument("--warmup", type=int, help="warm-up steps")
     t.add_argument("--device", help="cuda, mps, cpu (default: the best available)")
@@ -91,9 +92,9 @@ def _sample(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "bench":  # the benchmark parses its own arguments
-        from fastgpt import bench
+        from fastgpt.bench import main as bench_main
 
-        return bench.main(argv[1:]) or 0
+        return bench_main(argv[1:]) or 0
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -37,7 +37,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 PEAK_FLOPS = {"H100 SXM": 989e12, "H100 NVL": 835e12, "H100": 756e12, "H200": 989e12,
               "GH200": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12,
               "4090": 165e12, "3090": 71e12, "V100": 125e12}  # fmt: skip
-# Options a resumed run may change; the rest is taken from the checkpoint so the run continues.
+# Below this many FLOPs per step a CPU step runs on one thread (the tiny preset: ~3e7).
+SMALL_STEP_FLOPS = 1e9
+# Options a resumed run takes from its own arguments; the rest come from the checkpoint, so the
+# run continues as it was (steps too, unless given).
 RESUME_OVERRIDES = ("steps", "device", "out", "compile", "stop_after", "progress", "sample_tokens")
 
 
@@ -50,6 +53,7 @@ class TrainConfig:
     steps: int | None = None  # optimizer steps; None = the preset's
     batch_size: int | None = None  # sequences per process per micro-step; None = the preset's
     block_size: int | None = None  # context length; None = the preset's
+    dropout: float | None = None  # dropout probability; None = the preset's
     lr: float | None = None  # peak learning rate (cosine decay to lr/10 after warm-up)
     warmup: int | None = None  # linear warm-up steps; None = the preset's (at most steps/10)
     weight_decay: float = 0.1  # AdamW decay of matrices (not of biases, norms)
@@ -63,7 +67,7 @@ class TrainConfig:
     resume: bool = False  # continue from OUT's latest checkpoint
     seed: int = 1337
     eval_every: int | None = None  # steps between validation (and checkpoints); None = steps/10
-    eval_batches: int = 4  # batches per validation estimate
+    eval_batches: int = 4  # global batches per validation estimate
     stop_after: int | None = None  # stop (with a checkpoint) after this step, as if interrupted
     sample_tokens: int = 40  # tokens sampled at the end (0 = none)
     progress: bool = True  # tqdm progress bar and printed summary (rank 0)
@@ -152,14 +156,16 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
 
 
 @torch.no_grad()
-def estimate_loss(model, ids, cfg: TrainConfig, device, autocast) -> float:
-    """Mean loss over eval_batches fixed batches of ids (the same windows at every evaluation)."""
+def estimate_loss(model, ids, cfg: TrainConfig, global_batch: int, device, autocast) -> float:
+    """Mean loss over eval_batches global batches of windows of ids, the same at every evaluation
+    and for any split of the global batch into processes and micro-steps."""
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed)
+    n = cfg.eval_batches * global_batch
+    offsets = torch.randint(len(ids) - cfg.block_size, (n,), generator=gen)
     losses = []
-    for _ in range(cfg.eval_batches):
-        offsets = torch.randint(len(ids) - cfg.block_size, (cfg.batch_size,), generator=gen)
-        x, y = data.get_batch(ids, offsets, cfg.block_size, device)
+    for chunk in offsets.split(cfg.batch_size):  # equal chunks: their mean is the overall mean
+        x, y = data.get_batch(ids, chunk, cfg.block_size, device)
         with autocast:
             losses.append(model(x, y)[1].float())
     model.train()
@@ -186,9 +192,11 @@ def train(cfg: TrainConfig) -> dict:
     device = pick_device(cfg.device, local_rank)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    threads = torch.get_num_threads()
     try:
         return _train(cfg, rank, world, device)
     finally:
+        torch.set_num_threads(threads)
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -201,7 +209,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
         if ckpt is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {out} to resume from.")
         saved = checkpoint.read_config(ckpt)
-        overrides = {k: getattr(cfg, k) for k in RESUME_OVERRIDES if getattr(cfg, k) is not None}
+        overrides = {k: getattr(cfg, k) for k in RESUME_OVERRIDES}
+        if cfg.steps is None:  # keep the run's length (and so its learning-rate schedule)
+            del overrides["steps"]
         cfg = replace(TrainConfig(**saved["train"]), **overrides)
         state = checkpoint.load_state(ckpt)
     cfg = resolved(cfg)
@@ -229,8 +239,13 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
 
     # Model: identical initial weights on every rank; then a per-rank RNG for dropout.
     torch.manual_seed(cfg.seed)
+    overrides = {"dropout": cfg.dropout} if cfg.dropout is not None else {}
     model_cfg = preset_config(
-        cfg.preset, vocab_size=tok.vocab_size, block_size=cfg.block_size, backend=cfg.backend
+        cfg.preset,
+        vocab_size=tok.vocab_size,
+        block_size=cfg.block_size,
+        backend=cfg.backend,
+        **overrides,
     )
     raw_model = GPT(model_cfg)
     if ckpt is not None:
@@ -264,9 +279,13 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
         history, start = state["history"], state["step"]
 
     n_params = raw_model.num_params()
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
+    global_batch = cfg.batch_size * cfg.grad_accum * world  # sequences per optimizer step
+    tokens_per_step = global_batch * cfg.block_size
     flops_per_token = raw_model.flops_per_token(cfg.block_size)
     peak = peak_flops(device)
+    if device.type == "cpu" and tokens_per_step * flops_per_token < SMALL_STEP_FLOPS:
+        # A step this small runs slower on several threads than on one (sync overhead).
+        torch.set_num_threads(1)
     log(
         f"fastgpt train: preset {cfg.preset} ({n_params / 1e6:.2f}M params), {cfg.tokenizer} "
         f"tokenizer (vocab {tok.vocab_size}), {len(train_ids):,} train / {len(val_ids):,} val "
@@ -351,7 +370,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
             pending, t_flush = [], now
         if evaluate:
             if main:
-                val = estimate_loss(raw_model, val_ids, cfg, device, autocast)
+                val = estimate_loss(raw_model, val_ids, cfg, global_batch, device, autocast)
                 history["val"].append([done, val])
                 note(f"step {done}: train loss {history['losses'][-1]:.4f}, val loss {val:.4f}")
             save(done)

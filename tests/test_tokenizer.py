@@ -1,0 +1,128 @@
+"""Tokenizers (word, char, byte-level BPE) and the data layer (corpus files, splits, memmaps)."""
+
+import numpy as np
+import pytest
+import torch
+
+from fastgpt import data
+from fastgpt.tokenizer import END, build_tokenizer, load_tokenizer, save_tokenizer
+
+CORPUS = data.DEFAULT_CORPUS
+
+
+def test_embedded_corpus_is_the_nursery_rhyme():
+    lines = CORPUS.splitlines()
+    assert len(lines) == 16 and lines[0] == "Mary had a little lamb,"
+
+
+def test_word_tokenizer_lowercases_and_closes_lines():
+    tok = build_tokenizer("word", CORPUS)
+    ids = tok.encode("Mary had a little lamb,\nIts fleece was white as snow;\n")
+    words = [tok.vocab[i] for i in ids]
+    assert " ".join(words) == "mary had a little lamb <END> its fleece was white as snow <END>"
+    assert tok.decode(ids) == "mary had a little lamb\nits fleece was white as snow\n"
+    assert tok.vocab[0] == END and tok.start_id() == 0
+    assert tok.vocab_size == len(set(tok.vocab)) == 58
+    # A prompt leaves its last line open, so the model continues it.
+    prompt = tok.encode("Mary had a", close_lines=False)
+    assert [tok.vocab[i] for i in prompt] == ["mary", "had", "a"]
+
+
+def test_word_tokenizer_unknown_words_are_a_clear_error():
+    tok = build_tokenizer("word", CORPUS)
+    with pytest.raises(ValueError, match=r"Unknown words 'dog', 'zebra'.* has only the 58 words"):
+        tok.encode("mary had a zebra and a dog")
+    with pytest.raises(ValueError, match="no words"):
+        build_tokenizer("word", "!!! ...\n")
+
+
+def test_char_tokenizer_round_trip_and_unknown_character():
+    tok = build_tokenizer("char", CORPUS)
+    assert tok.decode(tok.encode(CORPUS)) == CORPUS
+    assert tok.vocab_size == len(set(CORPUS))
+    with pytest.raises(ValueError, match=r"Unknown characters \['Z', 'x'\]"):
+        tok.encode("Zx")
+
+
+def test_bpe_tokenizer_trains_locally_and_round_trips_any_text():
+    tok = build_tokenizer("bpe", CORPUS * 3, vocab_size=300)
+    assert 256 < tok.vocab_size <= 300  # every byte, plus merges learned from the corpus
+    ids = tok.encode(CORPUS)
+    assert len(ids) < 0.7 * len(CORPUS.encode())  # 44 merges already compress their corpus
+    assert tok.decode(ids) == CORPUS
+    unseen = "Zebras, naïve café 😀\n"
+    assert tok.decode(tok.encode(unseen)) == unseen  # byte-level: nothing is unknown
+
+
+@pytest.mark.parametrize("kind", ["word", "char", "bpe"])
+def test_save_and_load(tmp_path, kind):
+    tok = build_tokenizer(kind, CORPUS, vocab_size=300)
+    save_tokenizer(tok, tmp_path / "tokenizer.json")
+    loaded = load_tokenizer(tmp_path / "tokenizer.json")
+    assert loaded.kind == kind and loaded.vocab_size == tok.vocab_size
+    assert loaded.encode(CORPUS) == tok.encode(CORPUS)
+    assert loaded.decode(tok.encode(CORPUS)) == tok.decode(tok.encode(CORPUS))
+
+
+def test_unknown_tokenizer_kind():
+    with pytest.raises(ValueError, match="Unknown tokenizer 'sentencepiece'"):
+        build_tokenizer("sentencepiece", CORPUS)
+
+
+def test_read_text_file_and_folder(tmp_path):
+    (tmp_path / "b.txt").write_text("second file")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.txt").write_text("first\n")
+    (tmp_path / "skip.md").write_text("not a .txt file")
+    assert data.read_text(tmp_path / "b.txt") == "second file\n"
+    assert data.read_text(tmp_path) == "second file\nfirst\n"  # sorted by path: b.txt < sub/a.txt
+
+
+def test_read_text_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No file or folder at"):
+        data.read_text(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("  \n\n")
+    with pytest.raises(ValueError, match="holds no text"):
+        data.read_text(tmp_path / "empty.txt")
+    (tmp_path / "model.bin").write_bytes(b"\x7fELF\x00\x01\x02")
+    with pytest.raises(ValueError, match="looks binary"):
+        data.read_text(tmp_path / "model.bin")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        data.read_text(tmp_path / "latin1.txt")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match="has no .txt files"):
+        data.read_text(tmp_path / "folder")
+
+
+def test_split_keeps_a_context_for_validation():
+    ids = np.arange(105, dtype=np.uint16)
+    train, val = data.split(ids, block_size=6)
+    assert len(val) == 10 and len(train) == 95 and val[0] == 95
+    with pytest.raises(ValueError, match="too few for a context of 64 tokens"):
+        data.split(ids, block_size=64)
+
+
+def test_cached_split_memmap_is_written_once(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS * 4)
+    tok = build_tokenizer("char", CORPUS)
+    cache = tmp_path / "out" / "data"
+    train, val = data.cached_split(corpus, tok, 8, cache)
+    assert isinstance(train, np.memmap) and train.dtype == np.uint16
+    ids = tok.encode(CORPUS * 4)
+    assert train.tolist() + val.tolist() == ids
+    stamp = (cache / "train.bin").stat().st_mtime_ns
+    data.cached_split(corpus, tok, 8, cache)  # unchanged corpus and tokenizer: reused
+    assert (cache / "train.bin").stat().st_mtime_ns == stamp
+    corpus.write_text(CORPUS * 5)  # changed corpus: tokenized again
+    train, val = data.cached_split(corpus, tok, 8, cache)
+    assert len(train) + len(val) == len(CORPUS) * 5
+
+
+def test_get_batch_targets_are_inputs_shifted():
+    ids = np.arange(50, dtype=np.uint16)
+    x, y = data.get_batch(ids, torch.tensor([0, 10, 43]), 6, torch.device("cpu"))
+    assert x.shape == y.shape == (3, 6) and x.dtype == torch.long
+    assert x[1].tolist() == list(range(10, 16)) and y[1].tolist() == list(range(11, 17))
+    assert y[2, -1] == 49

@@ -1,0 +1,161 @@
+"""Training, checkpoints, resume, sampling and the `fastgpt` command line."""
+
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from fastgpt import checkpoint
+from fastgpt.cli import main
+from fastgpt.model import GPT, preset_config
+from fastgpt.sample import generate_text, sample
+from fastgpt.tokenizer import build_tokenizer
+from fastgpt.train import TrainConfig, lr_at, resolved, train
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """`fastgpt train` as it runs with no arguments: tiny preset, embedded corpus, 1500 steps."""
+    out = tmp_path_factory.mktemp("tiny")
+    result = train(TrainConfig(out=str(out), device="cpu", progress=False, sample_tokens=30))
+    return out, result
+
+
+def test_tiny_preset_learns_the_rhyme(tiny_run):
+    out, result = tiny_run
+    assert result["steps"] == 1500 and len(result["losses"]) == 1500
+    # Step 0: GPT-2 init gives a loss close to ln(vocab_size).
+    assert abs(result["losses"][0] - math.log(result["vocab_size"])) < 0.1 * math.log(58)
+    assert result["final_loss"] < 0.5  # the seed notebook reached 0.22
+    assert sum(result["losses"][-100:]) / 100 < 0.5
+    assert [step for step, _ in result["val"]] == list(range(150, 1501, 150))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["losses"] == result["losses"] and metrics["config"]["preset"] == "tiny"
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_samples_are_vocabulary_words(tiny_run):
+    out, result = tiny_run
+    model, tok, _ = checkpoint.load_model(out)
+    words = result["sample"].split()
+    assert len(words) > 10 and set(words) <= set(tok.vocab)
+    text = sample(str(out), prompt="Mary had a", tokens=12, temperature=0, device="cpu")
+    assert text.startswith("mary had a little lamb")  # greedy continues the first line
+    assert set(text.split()) <= set(tok.vocab)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    tok = build_tokenizer("word", "mary had a little lamb\n")
+    model = GPT(preset_config("tiny", vocab_size=tok.vocab_size))
+    config = {"model": model.config.to_dict(), "train": {}}
+    ckpt = checkpoint.save_checkpoint(tmp_path, 7, model, tok, config, {"step": 7})
+    assert ckpt == tmp_path / "ckpt-000007" and (tmp_path / "latest").read_text() == ckpt.name
+    loaded, loaded_tok, saved = checkpoint.load_model(tmp_path)
+    assert saved["step"] == 7 and loaded_tok.vocab == tok.vocab
+    assert loaded.lm_head.weight is loaded.wte.weight  # still tied after loading
+    for (name, p), q in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+    assert checkpoint.load_state(ckpt) == {"step": 7}
+    # A newer checkpoint replaces the older one, which is removed once `latest` names the new.
+    checkpoint.save_checkpoint(tmp_path, 8, model, tok, config, {"step": 8})
+    assert not ckpt.exists() and checkpoint.latest_checkpoint(tmp_path).name == "ckpt-000008"
+
+
+def test_interrupted_checkpoint_write_leaves_the_last_one_valid(tmp_path):
+    """A kill mid-write leaves a temporary folder; `latest` still names a complete checkpoint."""
+    tok = build_tokenizer("word", "mary had a little lamb\n")
+    model = GPT(preset_config("tiny", vocab_size=tok.vocab_size))
+    config = {"model": model.config.to_dict(), "train": {}}
+    checkpoint.save_checkpoint(tmp_path, 5, model, tok, config, {"step": 5})
+    (tmp_path / ".tmp-ckpt-000010").mkdir()  # what a kill during the next save leaves
+    (tmp_path / ".tmp-ckpt-000010" / "model.safetensors").write_bytes(b"truncat")
+    assert checkpoint.resolve_checkpoint(tmp_path).name == "ckpt-000005"
+    checkpoint.load_model(tmp_path)  # loads fine
+    checkpoint.save_checkpoint(tmp_path, 10, model, tok, config, {"step": 10})  # overwrites it
+    assert checkpoint.resolve_checkpoint(tmp_path).name == "ckpt-000010"
+
+
+def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
+    common = dict(steps=24, eval_every=8, device="cpu", progress=False, sample_tokens=0)
+    full = train(TrainConfig(out=str(tmp_path / "full"), **common))
+    part = train(TrainConfig(out=str(tmp_path / "part"), stop_after=11, **common))
+    assert len(part["losses"]) == 11 and part["losses"] == full["losses"][:11]
+    resumed = train(TrainConfig(out=str(tmp_path / "part"), resume=True, **common))
+    assert resumed["steps"] == 24
+    assert resumed["losses"] == full["losses"]  # bit-exact, steps 11..23 included
+    assert resumed["val"][-1] == full["val"][-1]
+
+
+def test_resume_with_dropout_restores_the_rng(tmp_path):
+    """With dropout, resuming must also restore the RNG that draws the dropout masks."""
+    common = dict(
+        steps=12, dropout=0.2, eval_every=4, device="cpu", progress=False, sample_tokens=0
+    )
+    full = train(TrainConfig(out=str(tmp_path / "full"), **common))
+    no_dropout = train(TrainConfig(out=str(tmp_path / "plain"), **{**common, "dropout": 0.0}))
+    assert full["losses"][1:] != no_dropout["losses"][1:]  # dropout is really on
+    train(TrainConfig(out=str(tmp_path / "part"), stop_after=5, **common))
+    resumed = train(TrainConfig(out=str(tmp_path / "part"), resume=True, **common))
+    assert resumed["losses"] == full["losses"]
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = resolved(TrainConfig(steps=100, lr=1.0, warmup=10))
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.55)  # half way down the cosine: (1 + 0.1) / 2
+    assert lr_at(100, cfg) == pytest.approx(0.1)  # floor: lr / 10
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 100))
+
+
+def test_prompt_longer_than_context_is_a_clear_error():
+    tok = build_tokenizer("word", "mary had a little lamb\n")
+    model = GPT(preset_config("tiny", vocab_size=tok.vocab_size))
+    with pytest.raises(ValueError, match="The prompt is 7 tokens long but the model's context"):
+        generate_text(model, tok, "mary had a little lamb mary had", 5)
+
+
+def test_cli_train_then_sample(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["train", "--steps", "20", "--out", out, "--device", "cpu", "--seed", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "fastgpt train: preset tiny" in printed and "sample:\n" in printed
+    assert "final loss" in printed and "loss.png" in printed
+    assert main(["sample", "--ckpt", out, "--prompt", "Mary had", "--tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("mary had ")
+
+
+@pytest.mark.parametrize(
+    "argv_tail, message",
+    [
+        (["sample", "--prompt", "mary had a zebra"], "Unknown word 'zebra'"),
+        (["sample", "--prompt", "mary " * 7], "The prompt is 7 tokens long"),
+        (["sample", "--ckpt", "{tmp}/nothing"], "No checkpoint in"),
+        (["train", "--data", "{tmp}/missing.txt"], "No file or folder at"),
+        (["train", "--data", "{tmp}/blob.bin"], "looks binary"),
+        (["train", "--data", "{tmp}/empty.txt"], "holds no text"),
+        (["train", "--resume", "--out", "{tmp}/nothing"], "no checkpoint in"),
+    ],
+)
+def test_cli_errors_are_one_clear_line(tmp_path, capsys, tiny_run, argv_tail, message):
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)))
+    (tmp_path / "empty.txt").write_text("")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv_tail]
+    if argv[0] == "sample" and "--ckpt" not in argv:
+        argv += ["--ckpt", str(tiny_run[0])]
+    assert main(argv + ["--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastgpt: error: ") and message in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_cli_bench_forwards_its_arguments(monkeypatch):
+    seen = []
+    fake = types.ModuleType("fastgpt.bench")
+    fake.main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "fastgpt.bench", fake)
+    assert main(["bench", "--tiny", "--out", "x"]) == 0
+    assert seen == [["--tiny", "--out", "x"]]
