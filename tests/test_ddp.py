@@ -41,7 +41,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
             out=str(tmp_path / "single"),
             progress=False,
             sample_tokens=0,
-        )  # fmt: skip
+        )
     )
     assert single["world_size"] == 1
     # Same data, same initial weights; only the order of float additions differs.
