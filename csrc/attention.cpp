@@ -9,11 +9,13 @@
 
 TORCH_LIBRARY(fastgpt, m) {
   // q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D) -> out: (B, H, Tq, D), lse: (B, H, Tq)
-  m.def("cpp_attention_forward(Tensor q, Tensor k, Tensor v, bool causal, float scale)"
-        " -> (Tensor out, Tensor lse)");
+  m.def(
+      "cpp_attention_forward(Tensor q, Tensor k, Tensor v, bool causal, float scale)"
+      " -> (Tensor out, Tensor lse)");
   // -> dq: (B, H, Tq, D), dk, dv: (B, Hkv, Tk, D)
-  m.def("cpp_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out,"
-        " Tensor lse, bool causal, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def(
+      "cpp_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out,"
+      " Tensor lse, bool causal, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
 // `import fastgpt._C` needs a module init function; the module itself is empty

@@ -73,9 +73,8 @@ int64_t zigzag(int64_t i, int64_t n) { return (i % 2 == 0) ? i / 2 : n - 1 - i /
 
 // One (batch, head, query block): online softmax over the visible key blocks.
 template <typename T>
-void forward_block(const Shape& s, T scale, const Heads<T>& q, const Heads<T>& k,
-                   const Heads<T>& v, T* out, T* lse, int64_t b, int64_t h, int64_t i0, T* S,
-                   T* acc, T* m, T* l) {
+void forward_block(const Shape& s, T scale, const Heads<T>& q, const Heads<T>& k, const Heads<T>& v,
+                   T* out, T* lse, int64_t b, int64_t h, int64_t i0, T* S, T* acc, T* m, T* l) {
   const int64_t D = s.D, rows = std::min(BQ, s.Tq - i0);
   const int64_t hk = h / s.group();
   const int64_t kend = s.visible(i0 + rows - 1);  // keys needed by the block's last row
@@ -88,7 +87,8 @@ void forward_block(const Shape& s, T scale, const Heads<T>& q, const Heads<T>& k
   const T* qp = q.row(b, h, i0);
   for (int64_t j0 = 0; j0 < kend; j0 += BK) {
     const int64_t cols = std::min(BK, kend - j0);
-    gemm_nt<T>(rows, cols, D, scale, qp, q.st, k.row(b, hk, j0), k.st, T(0), S, BK);  // S (rows, cols)
+    gemm_nt<T>(rows, cols, D, scale, qp, q.st, k.row(b, hk, j0), k.st, T(0), S,
+               BK);  // S (rows, cols)
     for (int64_t r = 0; r < rows; ++r) {
       T* srow = S + r * BK;
       const int64_t n = std::clamp<int64_t>(s.visible(i0 + r) - j0, 0, cols);
@@ -143,8 +143,8 @@ void forward_kernel(const Shape& s, T scale, const at::Tensor& q, const at::Tens
 template <typename T>
 struct Grads {
   Heads<T> q, k, v, dout;
-  const T* lse;    // (B, H, Tq)
-  const T* delta;  // (B, H, Tq), rowsum(dO * O)
+  const T* lse;     // (B, H, Tq)
+  const T* delta;   // (B, H, Tq), rowsum(dO * O)
   T *dq, *dk, *dv;  // contiguous: (B, H, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D)
 };
 
@@ -169,9 +169,11 @@ void backward_tile(const Shape& s, T scale, const Grads<T>& g, int64_t b, int64_
     exp_shift(srow, n, g.lse[row0 + r]);  // P = exp(S - lse)
     std::fill(srow + n, srow + cols, T(0));
   }
-  if (want_dkdv) gemm_tn<T>(cols, D, rows, T(1), S, BK, dop, g.dout.st, T(1), dv, D);  // dV += P^T dO
+  if (want_dkdv)
+    gemm_tn<T>(cols, D, rows, T(1), S, BK, dop, g.dout.st, T(1), dv, D);      // dV += P^T dO
   gemm_nt<T>(rows, cols, D, T(1), dop, g.dout.st, vp, g.v.st, T(0), dP, BK);  // dP = dO V^T
-  for (int64_t r = 0; r < rows; ++r) softmax_grad_row(dP + r * BK, S + r * BK, cols, g.delta[row0 + r]);
+  for (int64_t r = 0; r < rows; ++r)
+    softmax_grad_row(dP + r * BK, S + r * BK, cols, g.delta[row0 + r]);
   if (want_dq) gemm_nn<T>(rows, D, cols, scale, dP, BK, kp, g.k.st, T(1), g.dq + row0 * D, D);
   if (want_dkdv) gemm_tn<T>(cols, D, rows, scale, dP, BK, qp, g.q.st, T(1), dk, D);  // dK += dS^T Q
 }
@@ -278,9 +280,9 @@ void backward_kernel(const Shape& s, T scale, const at::Tensor& dout, const at::
                      const at::Tensor& dv) {
   auto delta = at::empty({s.B, s.H, s.Tq}, q.options());  // (B, H, Tq)
   compute_delta<T>(s, heads<T>(dout), heads<T>(out), delta.data_ptr<T>());
-  const Grads<T> g{heads<T>(q),         heads<T>(k),         heads<T>(v),
-                   heads<T>(dout),      lse.data_ptr<T>(),   delta.data_ptr<T>(),
-                   dq.data_ptr<T>(),    dk.data_ptr<T>(),    dv.data_ptr<T>()};
+  const Grads<T> g{heads<T>(q),      heads<T>(k),       heads<T>(v),
+                   heads<T>(dout),   lse.data_ptr<T>(), delta.data_ptr<T>(),
+                   dq.data_ptr<T>(), dk.data_ptr<T>(),  dv.data_ptr<T>()};
   const int64_t threads = at::get_num_threads(), units = s.B * s.Hkv;
   if (units % threads == 0 || units >= 4 * threads) {
     backward_fused<T>(s, scale, g);

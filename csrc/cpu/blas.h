@@ -12,17 +12,16 @@ void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const in
             const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
             const float* beta, float* c, const int* ldc) __attribute__((weak));
 void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b,
-            const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc) __attribute__((weak));
 }
 
 namespace fastgpt::cpu {
 
 // Column-major BLAS call: C(m, n) = alpha * op(A) @ op(B) + beta * C.
 template <typename T>
-inline void blas_col_major(char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha,
-                           const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c,
-                           int64_t ldc) {
+inline void blas_col_major(char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+                           int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
   const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
   const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
   if constexpr (std::is_same_v<T, float>) {

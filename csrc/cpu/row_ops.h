@@ -32,7 +32,8 @@ inline T row_max(const T* x, int64_t n) {
   int64_t j = 0;
   if (n >= V::size()) {
     V vm = V::loadu(x);
-    for (j = V::size(); j + V::size() <= n; j += V::size()) vm = at::vec::maximum(vm, V::loadu(x + j));
+    for (j = V::size(); j + V::size() <= n; j += V::size())
+      vm = at::vec::maximum(vm, V::loadu(x + j));
     m = at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, vm);
   }
   for (; j < n; ++j) m = std::max(m, x[j]);
