@@ -16,6 +16,7 @@ measured fp32 matrix product. Results go to <out>/<machine>-<date>-train.json.
 
 import argparse
 import contextlib
+import json
 import math
 import sys
 import time
@@ -111,6 +112,7 @@ def parse_args(argv):
     ap.add_argument("--attention", default=None, help=f"comma list of {','.join(ATTENTIONS)}")
     ap.add_argument("--budget-s", type=float, default=math.inf, help="start no new run after")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
+    ap.add_argument("--from-json", type=Path, default=None, help="print a results file's table")
     args = ap.parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
@@ -131,6 +133,9 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json is not None:
+        print(table(json.loads(args.from_json.read_text())))
+        return 0
     device = args.device
     path = bench.results_path(args.out, device, "-train-tiny" if args.tiny else "-train")
     peak, peak_source = peak_tflops(device)

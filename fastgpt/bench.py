@@ -100,35 +100,34 @@ def _sdpa(backend) -> Callable:
 def _flex() -> Callable:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    compiled = {}  # device type -> flex_attention (compiled on CUDA; eager elsewhere)
+    # Compiled on CUDA with torch.compile's default: static shapes first, then one dynamic
+    # recompile when T changes, so a run over many lengths does not pay a compile per length.
+    # Raise the recompile limit so the variants of a run (dtype, D, causal, grad) all compile
+    # instead of dynamo falling back to the slow eager path.
+    config = torch._dynamo.config
+    for limit in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, limit):
+            setattr(config, limit, max(64, getattr(config, limit)))
+    compiled = torch.compile(flex_attention)
     masks = {}  # (Tq, Tk, device) -> causal BlockMask
 
+    def causal_mask(tq: int, tk: int, device: torch.device):
+        if (tq, tk, device) not in masks:
+            offset = tk - tq  # bottom-right alignment, as fastgpt
+
+            def visible(b, h, q_idx, kv_idx):
+                return kv_idx <= q_idx + offset
+
+            masks[tq, tk, device] = create_block_mask(visible, None, None, tq, tk, device=device)
+        return masks[tq, tk, device]
+
     def call(q, k, v, causal):
-        tq, tk, dev = q.shape[2], k.shape[2], q.device
-        fn = compiled.get(dev.type)
-        if fn is None:
-            fn = (
-                torch.compile(flex_attention, dynamic=False)
-                if dev.type == "cuda"
-                else flex_attention
-            )
-            compiled[dev.type] = fn
-        mask = None
-        if causal:
-            key = (tq, tk, str(dev))
-            if key not in masks:
-                offset = tk - tq  # bottom-right alignment, as fastgpt
-
-                def visible(b, h, q_idx, kv_idx):
-                    return kv_idx <= q_idx + offset
-
-                masks[key] = create_block_mask(visible, None, None, tq, tk, device=dev)
-            mask = masks[key]
-        if dev.type == "cuda":
-            return fn(q, k, v, block_mask=mask)
+        mask = causal_mask(q.shape[2], k.shape[2], q.device) if causal else None
+        if q.device.type == "cuda":
+            return compiled(q, k, v, block_mask=mask)
         with warnings.catch_warnings():  # eager flex says it is unfused: that is what we time
             warnings.simplefilter("ignore", UserWarning)
-            return fn(q, k, v, block_mask=mask)
+            return flex_attention(q, k, v, block_mask=mask)
 
     return call
 
@@ -560,12 +559,18 @@ def kernel_table(results: dict, dtype: str, d: int, causal: bool, mode: str) -> 
         return None
     seqlens = sorted({r["tq"] for r in recs})
     cell = {(r["provider"], r["tq"]): r for r in recs}
-    rows = [["T", *names]]
+    ms = {key: r["ms"] for key, r in cell.items() if r["ms"] is not None}
+    # Speed-up columns: each fastgpt provider against torch SDPA's flash backend, the target.
+    ours = [n for n in names if n.startswith("fastgpt-")] if "sdpa-flash" in names else []
+    rows = [["T", *names, *(f"{n.removeprefix('fastgpt-')} / sdpa-flash" for n in ours)]]
     for t in seqlens:
         row = [str(t)]
         for n in names:
             r = cell.get((n, t))
             row.append(format_number(r["tflops"]) if r and r["ms"] is not None else "-")
+        for n in ours:
+            ok = (n, t) in ms and ("sdpa-flash", t) in ms
+            row.append(f"{ms['sdpa-flash', t] / ms[n, t]:.2f}x" if ok else "-")
         rows.append(row)
     title = f"{dtype}, D={d}, {'causal' if causal else 'non-causal'}, {mode}: TFLOP/s"
     return f"{title}\n\n{markdown_table(rows)}"
@@ -747,7 +752,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--full-table", action="store_true", help="print every configuration")
-    ap.add_argument("--plot-only", type=Path, default=None, help="redraw plots of a results file")
+    ap.add_argument(
+        "--from-json", type=Path, default=None, help="redraw the plots and tables of a results file"
+    )
     args = ap.parse_args(argv)
 
     if args.device is None:
@@ -773,9 +780,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.plot_only is not None:
-        for png in plot(json.loads(args.plot_only.read_text()), args.plot_only):
-            print(png)
+    if args.from_json is not None:
+        results = json.loads(args.from_json.read_text())
+        pngs = [] if args.no_plot else plot(results, args.from_json)
+        print("\n".join(["", *map(str, pngs), "", summary(results, args.full_table)]))
         return 0
     device = args.device
     provs = available_providers(device)

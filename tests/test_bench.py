@@ -127,7 +127,7 @@ def test_plots_are_written_and_redrawn(tiny_run, tmp_path):
         assert png.read_bytes()[:8] == PNG_MAGIC
     copy = tmp_path / path.name
     copy.write_text(json.dumps(results))
-    assert bench.main(["--plot-only", str(copy)]) == 0
+    assert bench.main(["--from-json", str(copy)]) == 0
     assert (tmp_path / (path.stem + "-kernels.png")).read_bytes()[:8] == PNG_MAGIC
 
 

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: build, test on the GPU, benchmark. Run from the repository root:
+#
+#     OUT=/tmp/gpu-run bash bench/gpu_run.sh      # (the device tool sets OUT itself)
+#
+# The whole script ends inside GPU_RUN_SECONDS (default 570 s, under a 10-minute limit): each step
+# gets a share of what is left, the benchmarks stop starting new shapes on their budget and write
+# their results file after every shape, so a step cut short still leaves what it measured.
+# Under $OUT (at most 6 files, none deeper than $OUT):
+#     run.log                        set-up, machine, benchmark output, final tables
+#     pytest.log                     the full test suite, compiled on the GPU
+#     <gpu>-<date>.json              kernel + decode benchmark (fastgpt bench)
+#     <gpu>-<date>-kernels.png, <gpu>-<date>-decode.png
+#     <gpu>-<date>-train.json        training benchmark (bench/train.py)
+# Copy the .json and .png files into bench/results/ and commit them with the commit they name.
+
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-run}
+LIMIT=${GPU_RUN_SECONDS:-570}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+LOG="$OUT/run.log"
+
+left() { echo $((LIMIT - SECONDS)); }
+min() { if (($1 < $2)); then echo "$1"; else echo "$2"; fi; }
+say() { echo "[gpu_run +${SECONDS}s] $*" | tee -a "$LOG"; }
+
+say "machine"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+'triton', triton.__version__, torch.cuda.get_device_name())"
+  git log -1 --format='commit %H %s' 2>/dev/null; } 2>&1 | tee -a "$LOG"
+
+# 1. Build: the package in place, with the CUDA extension (sm_90 only, to keep the build short).
+#    If the extension build fails or runs out of time, install without it: the Triton path,
+#    the reference and torch's peers still get measured, and the log says why cpp is missing.
+say "build (up to $(min 240 $(($(left) - 240))) s)"
+if ! timeout "$(min 240 $(($(left) - 240)))" \
+    python3 -m pip install -q --no-build-isolation --no-deps -e . >>"$LOG" 2>&1; then
+    say "extension build failed or timed out: installing without it (FASTGPT_NO_EXTENSION=1)"
+    FASTGPT_NO_EXTENSION=1 python3 -m pip install -q --no-build-isolation --no-deps -e . >>"$LOG" 2>&1
+fi
+python3 -c "import fastgpt; print('backends', fastgpt.available_backends())" 2>&1 | tee -a "$LOG"
+
+# 2. Correctness: the full suite, compiled on the GPU. SIGINT on timeout so pytest still prints
+#    its summary of what ran.
+T_TEST=$(min 180 $(($(left) - 200)))
+say "pytest (up to $T_TEST s)"
+timeout -s INT "$T_TEST" python3 -m pytest -q -p no:cacheprovider --durations=15 tests \
+    >"$OUT/pytest.log" 2>&1
+say "pytest exit code $? : $(grep -E '(passed|failed|error)' "$OUT/pytest.log" | tail -1)"
+
+# 3. Kernel + decode benchmark (decode first, then bf16 causal D=128, D=64, non-causal, fp16).
+T_BENCH=$(($(left) - 75))
+say "kernel benchmark (budget $((T_BENCH - 40)) s, hard stop $T_BENCH s)"
+timeout "$T_BENCH" python3 -m fastgpt.bench --out "$OUT" --budget-s $((T_BENCH - 40)) \
+    --warmup-ms 10 --rep-ms 50 --full-table 2>&1 | tee -a "$LOG"
+
+# 4. Training benchmark: gpt2 preset, every backend and torch SDPA swapped in.
+T_TRAIN=$(($(left) - 12))
+say "training benchmark (hard stop $T_TRAIN s)"
+timeout "$T_TRAIN" python3 bench/train.py --out "$OUT" --budget-s $((T_TRAIN - 40)) 2>&1 |
+    tee -a "$LOG"
+
+# 5. The short tables last (the device tool returns the end of the output).
+say "summary"
+for f in "$OUT"/*.json; do
+    case "$f" in
+        *-train.json) python3 bench/train.py --from-json "$f" ;;
+        *) python3 -m fastgpt.bench --from-json "$f" ;;
+    esac
+done 2>&1 | tee -a "$LOG"
+echo "pytest: $(grep -E '(passed|failed|error)' "$OUT/pytest.log" | tail -1)" | tee -a "$LOG"
+ls -la "$OUT" | tee -a "$LOG"
