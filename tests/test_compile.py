@@ -15,7 +15,12 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import fastgpt
 from fastgpt.model import GPT, GPTConfig
 
-BACKENDS = fastgpt.available_backends("cpu")
+# Every backend that runs here (the Triton kernels interpreted on a CPU without a GPU).
+DEVICE_BACKENDS = [
+    (device, backend)
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for backend in fastgpt.available_backends(device)
+]
 LENGTHS = (8, 13)  # the second run must reuse the graph traced for the first
 
 pytestmark = pytest.mark.slow
@@ -69,35 +74,37 @@ def no_recompiles(monkeypatch):
     torch._dynamo.reset()
 
 
-def qkv(length: int):
+def qkv(length: int, device: str = "cpu"):
     gen = torch.Generator().manual_seed(length)
     shapes = [(2, 4, length, 16), (2, 2, length, 16), (2, 2, length, 16)]
-    return [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+    return [torch.randn(s, generator=gen).to(device).requires_grad_() for s in shapes]
 
 
-def tiny_gpt(backend: str | None) -> GPT:
+def tiny_gpt(backend: str | None, device: str = "cpu") -> GPT:
     torch.manual_seed(0)
     config = GPTConfig(
         vocab_size=64, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, backend=backend
     )
-    return GPT(config)
+    return GPT(config).to(device)
 
 
-def tokens(length: int):
+def tokens(length: int, device: str = "cpu"):
     gen = torch.Generator().manual_seed(length)
-    idx = torch.randint(0, 64, (2, length + 1), generator=gen)
+    idx = torch.randint(0, 64, (2, length + 1), generator=gen).to(device)
     return [idx[:, :-1], idx[:, 1:]]  # inputs, targets: (B, T)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_entry_points_compile_fullgraph(backend, monkeypatch):
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_entry_points_compile_fullgraph(device, backend, monkeypatch):
     monkeypatch.setenv("FASTGPT_BACKEND", backend)  # the drop-ins pick their backend automatically
-    compare_compiled(AllEntryPoints(backend), qkv, 2, lambda out: out.square().sum())
+    inputs = lambda length: qkv(length, device)
+    compare_compiled(AllEntryPoints(backend), inputs, 2, lambda out: out.square().sum())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_gpt_compiles_fullgraph(backend):
-    compare_compiled(tiny_gpt(backend), tokens, 1, lambda out: out[1])
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_gpt_compiles_fullgraph(device, backend):
+    inputs = lambda length: tokens(length, device)
+    compare_compiled(tiny_gpt(backend, device), inputs, 1, lambda out: out[1])
 
 
 def test_gpt_compiles_with_inductor():
