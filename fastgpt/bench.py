@@ -205,9 +205,12 @@ def time_ms(
 
 
 def _peak_mib(fn: Callable[[], object], device: torch.device) -> float | None:
-    """Run fn once; on CUDA return the peak memory it allocated above what was held before."""
+    """Warm fn up; on CUDA return the peak memory one call allocates above what is held before.
+
+    On CUDA fn runs twice: the first call (compilation, autotuning) is left out of the peak.
+    """
+    fn()
     if device.type != "cuda":
-        fn()
         return None
     _sync(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -304,7 +307,7 @@ def measure(
                 fn = lambda: out.backward(grad_out, retain_graph=True)
             else:
                 fn = lambda: p.call(q, k, v, causal).backward(grad_out)
-        record["peak_mib"] = _peak_mib(fn, device)  # also the first, untimed call
+        record["peak_mib"] = _peak_mib(fn, device)  # also the untimed warm-up
         if check:
             with torch.no_grad():
                 record["rel_err"] = _relative_error(p, p.call(q, k, v, causal), q, k, v, causal)
@@ -521,6 +524,7 @@ def run_decode(args, provs, device, results, path, started) -> None:
     h = args.hidden // d
     hkv = args.decode_kv_heads or h
     elem = torch.finfo(dtype).bits // 8
+    timing = (args.warmup_ms, args.rep_ms)
     for tk in args.decode_lens:
         if time.perf_counter() - started > args.budget_s:
             results["skipped"].append(f"decode Tk={tk}")
@@ -528,7 +532,8 @@ def run_decode(args, provs, device, results, path, started) -> None:
         shape = dict(batch=args.decode_batch, heads=h, kv_heads=hkv, tq=1, tk=tk, d=d)
         nbytes = (2 * args.decode_batch * hkv * tk * d + 2 * args.decode_batch * h * d) * elem
         for p in provs.values():
-            r = measure(p, shape, dtype, True, "fwd", device, args.warmup_ms, args.rep_ms)
+            check = tk == args.decode_lens[0]
+            r = measure(p, shape, dtype, True, "fwd", device, *timing, check=check)
             if r["ms"] is not None:
                 r["gbps"] = nbytes / (r["ms"] * 1e-3) / 1e9
                 r["copy_fraction"] = r["gbps"] / results["copy_gbps"]
@@ -596,10 +601,22 @@ def decode_table(results: dict) -> str | None:
     return f"{title}\n\n{markdown_table(rows)}"
 
 
+def accuracy_warnings(results: dict, limit: float = 2e-2) -> list[str]:
+    """Forward outputs further than `limit` (relative) from the fp32 reference."""
+    return [
+        f"WARNING: {r['provider']} {r['dtype']} D={r['d']} T={r['tq']} causal={r['causal']}: "
+        f"relative error {r['rel_err']:.2e} against the reference"
+        for r in results["kernel"] + results["decode"]
+        if r.get("rel_err") is not None and not r["rel_err"] < limit  # NaN is caught too
+    ]
+
+
 def summary(results: dict, full: bool) -> str:
     """Markdown tables: every configuration when full, else the headline ones."""
     a = results["args"]
-    parts = [f"{results['machine']['name']}, torch {results['machine']['torch']}"]
+    m = results["machine"]
+    parts = [f"{m['name']}, torch {m['torch']}, triton {m['triton']}, commit {m['git_commit']}"]
+    parts += accuracy_warnings(results)
     modes = a["modes"] if full else [m for m in ("fwd", "fwd_bwd") if m in a["modes"]]
     for dtype_name in a["dtypes"] if full else a["dtypes"][:1]:
         for causal in (True, False) if full else (True,):
