@@ -432,6 +432,10 @@ def plot_losses(result: dict, path: Path) -> None:
     if result["val"]:
         steps, vals = zip(*result["val"], strict=True)
         ax.plot(steps, vals, "o-", ms=3, label="validation")
+    uniform = math.log(result["vocab_size"])
+    ax.axhline(
+        uniform, color="gray", ls="--", lw=1, label=f"ln(vocab) = {uniform:.2f}: a uniform guess"
+    )
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy loss")
     ax.set_yscale("log")

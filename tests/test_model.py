@@ -15,6 +15,15 @@ from fastgpt.model import GPT, preset_config
 CPU_BACKENDS = [b for b in ("reference", "cpp") if b in fastgpt.available_backends("cpu")]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread runs them faster than several (and shares the CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def plain_attention(module: fnn.CausalSelfAttention, x: torch.Tensor) -> torch.Tensor:
     """The module's computation in plain PyTorch: repeated kv heads, masked softmax."""
     B, T, C = x.shape
@@ -164,3 +173,17 @@ def test_cross_entropy_is_mean_over_tokens():
     idx = torch.randint(0, 37, (2, 7))
     logits, loss = model(idx[:, :-1], idx[:, 1:])
     torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(-1, 37), idx[:, 1:].flatten()))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gpt_traces_without_graph_breaks(backend):
+    """torch.compile(fullgraph=True) sees the whole model, attention included (dynamo only)."""
+    torch._dynamo.reset()
+    model = small_gpt(backend=backend)
+    compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=True)
+    for T in (5, 9):  # a second length: dynamic shapes, no recompile error
+        idx = torch.randint(0, 37, (2, T))
+        logits, loss = compiled(idx, idx)
+        ref_logits, ref_loss = model(idx, idx)
+        torch.testing.assert_close(logits, ref_logits)
+        torch.testing.assert_close(loss, ref_loss)

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from fastgpt import checkpoint
+from fastgpt import checkpoint, data
 from fastgpt.cli import main
 from fastgpt.model import GPT, preset_config
 from fastgpt.sample import generate_text, sample
@@ -159,3 +159,23 @@ def test_cli_bench_forwards_its_arguments(monkeypatch):
     monkeypatch.setitem(sys.modules, "fastgpt.bench", fake)
     assert main(["bench", "--tiny", "--out", "x"]) == 0
     assert seen == [["--tiny", "--out", "x"]]
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_train_on_a_text_file_through_a_token_memmap(tmp_path, kind):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(data.DEFAULT_CORPUS * 3)
+    out = tmp_path / "out"
+    common = dict(data=str(corpus), tokenizer=kind, bpe_vocab_size=300, block_size=16)
+    common |= dict(steps=4, batch_size=4, device="cpu", progress=False, out=str(out))
+    result = train(TrainConfig(sample_tokens=8, **common))
+    meta = json.loads((out / "data" / "meta.json").read_text())
+    assert meta["dtype"] == "uint16" and meta["train"] + meta["val"] > 100
+    assert (out / "data" / "train.bin").stat().st_size == 2 * meta["train"]
+    assert isinstance(result["sample"], str) and len(result["sample"]) > 0
+    tok = checkpoint.load_model(out)[1]
+    assert tok.kind == kind
+    stamp = (out / "data" / "train.bin").stat().st_mtime_ns
+    resumed = train(TrainConfig(resume=True, sample_tokens=0, **{**common, "steps": 6}))
+    assert resumed["steps"] == 6
+    assert (out / "data" / "train.bin").stat().st_mtime_ns == stamp  # tokenized once
