@@ -16,34 +16,32 @@ from fastgpt.tokenizer import build_tokenizer
 from fastgpt.train import TrainConfig, lr_at, resolved, train
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_checkpoint(out) -> None:
+    """An untrained tiny model with the embedded corpus's word tokenizer, saved under out."""
+    tok = build_tokenizer("word", data.DEFAULT_CORPUS)
+    model = GPT(preset_config("tiny", vocab_size=tok.vocab_size))
+    checkpoint.save_checkpoint(out, 0, model, tok, {"model": model.config.to_dict()}, {})
+
+
+def test_tiny_preset_learns_the_rhyme(tmp_path):
     """`fastgpt train` as it runs with no arguments: tiny preset, embedded corpus, 1500 steps."""
-    out = tmp_path_factory.mktemp("tiny")
-    result = train(TrainConfig(out=str(out), device="cpu", progress=False, sample_tokens=30))
-    return out, result
-
-
-def test_tiny_preset_learns_the_rhyme(tiny_run):
-    out, result = tiny_run
+    result = train(TrainConfig(out=str(tmp_path), device="cpu", progress=False, sample_tokens=30))
     assert result["steps"] == 1500 and len(result["losses"]) == 1500
     # Step 0: GPT-2 init gives a loss close to ln(vocab_size).
     assert abs(result["losses"][0] - math.log(result["vocab_size"])) < 0.1 * math.log(58)
     assert result["final_loss"] < 0.5  # the seed notebook reached 0.22
     assert sum(result["losses"][-100:]) / 100 < 0.5
     assert [step for step, _ in result["val"]] == list(range(150, 1501, 150))
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["losses"] == result["losses"] and metrics["config"]["preset"] == "tiny"
-    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-
-def test_samples_are_vocabulary_words(tiny_run):
-    out, result = tiny_run
-    model, tok, _ = checkpoint.load_model(out)
+    # Samples are words of the vocabulary; greedy decoding recites the first line.
+    tok = checkpoint.load_model(tmp_path)[1]
     words = result["sample"].split()
     assert len(words) > 10 and set(words) <= set(tok.vocab)
-    text = sample(str(out), prompt="Mary had a", tokens=12, temperature=0, device="cpu")
-    assert text.startswith("mary had a little lamb")  # greedy continues the first line
+    text = sample(str(tmp_path), prompt="Mary had a", tokens=12, temperature=0, device="cpu")
+    assert text.startswith("mary had a little lamb")
     assert set(text.split()) <= set(tok.vocab)
 
 
@@ -140,12 +138,13 @@ def test_cli_train_then_sample(tmp_path, capsys):
         (["train", "--resume", "--out", "{tmp}/nothing"], "no checkpoint in"),
     ],
 )
-def test_cli_errors_are_one_clear_line(tmp_path, capsys, tiny_run, argv_tail, message):
+def test_cli_errors_are_one_clear_line(tmp_path, capsys, argv_tail, message):
     (tmp_path / "blob.bin").write_bytes(bytes(range(256)))
     (tmp_path / "empty.txt").write_text("")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv_tail]
     if argv[0] == "sample" and "--ckpt" not in argv:
-        argv += ["--ckpt", str(tiny_run[0])]
+        tiny_checkpoint(tmp_path / "ckpt")
+        argv += ["--ckpt", str(tmp_path / "ckpt")]
     assert main(argv + ["--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fastgpt: error: ") and message in err
