@@ -98,36 +98,43 @@ def _sdpa(backend) -> Callable:
 
 
 def _flex() -> Callable:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    """FlexAttention with a causal BlockMask; imports and compiles on first use (seconds)."""
+    state = {}  # "compiled": torch.compile(flex_attention); (Tq, Tk, device): causal BlockMask
 
-    # Compiled on CUDA with torch.compile's default: static shapes first, then one dynamic
-    # recompile when T changes, so a run over many lengths does not pay a compile per length.
-    # Raise the recompile limit so the variants of a run (dtype, D, causal, grad) all compile
-    # instead of dynamo falling back to the slow eager path.
-    config = torch._dynamo.config
-    for limit in ("recompile_limit", "cache_size_limit"):
-        if hasattr(config, limit):
-            setattr(config, limit, max(64, getattr(config, limit)))
-    compiled = torch.compile(flex_attention)
-    masks = {}  # (Tq, Tk, device) -> causal BlockMask
+    def setup():
+        from torch.nn.attention.flex_attention import flex_attention
+
+        # torch.compile's default: static shapes first, then one dynamic recompile when T
+        # changes, so a run over many lengths does not pay a compile per length. Raise the
+        # recompile limit so the variants of a run (dtype, D, causal, grad) all compile instead
+        # of dynamo falling back to the slow eager path.
+        config = torch._dynamo.config
+        for limit in ("recompile_limit", "cache_size_limit"):
+            if hasattr(config, limit):
+                setattr(config, limit, max(64, getattr(config, limit)))
+        state["eager"], state["compiled"] = flex_attention, torch.compile(flex_attention)
 
     def causal_mask(tq: int, tk: int, device: torch.device):
-        if (tq, tk, device) not in masks:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        if (tq, tk, device) not in state:
             offset = tk - tq  # bottom-right alignment, as fastgpt
 
             def visible(b, h, q_idx, kv_idx):
                 return kv_idx <= q_idx + offset
 
-            masks[tq, tk, device] = create_block_mask(visible, None, None, tq, tk, device=device)
-        return masks[tq, tk, device]
+            state[tq, tk, device] = create_block_mask(visible, None, None, tq, tk, device=device)
+        return state[tq, tk, device]
 
     def call(q, k, v, causal):
+        if not state:
+            setup()
         mask = causal_mask(q.shape[2], k.shape[2], q.device) if causal else None
         if q.device.type == "cuda":
-            return compiled(q, k, v, block_mask=mask)
+            return state["compiled"](q, k, v, block_mask=mask)
         with warnings.catch_warnings():  # eager flex says it is unfused: that is what we time
             warnings.simplefilter("ignore", UserWarning)
-            return flex_attention(q, k, v, block_mask=mask)
+            return state["eager"](q, k, v, block_mask=mask)
 
     return call
 
@@ -160,7 +167,7 @@ def available_providers(device: torch.device) -> dict[str, Provider]:
     for short, attr in sdpa.items():
         if hasattr(SDPBackend, attr):
             found[f"sdpa-{short}"] = Provider(f"sdpa-{short}", _sdpa(getattr(SDPBackend, attr)))
-    with contextlib.suppress(ImportError):
+    if importlib.util.find_spec("torch.nn.attention.flex_attention") is not None:
         found["flex"] = Provider("flex", _flex())
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         found["flash-attn"] = Provider("flash-attn", _flash_attn(), layout="bthd")
