@@ -3,6 +3,9 @@
 #
 #     OUT=/tmp/gpu-run bash bench/gpu_run.sh      # (the device tool sets OUT itself)
 #
+# A copy of the tree without .git names its commit through FASTGPT_GIT_COMMIT (results files
+# record it): FASTGPT_GIT_COMMIT=$(git rev-parse HEAD) where the checkout is.
+#
 # The whole script ends inside GPU_RUN_SECONDS (default 570 s, under a 10-minute limit): each step
 # gets a share of what is left, the benchmarks stop starting new shapes on their budget and write
 # their results file after every shape, so a step cut short still leaves what it measured.
@@ -29,7 +32,8 @@ say "machine"
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda,
 'triton', triton.__version__, torch.cuda.get_device_name())"
-  git log -1 --format='commit %H %s' 2>/dev/null; } 2>&1 | tee -a "$LOG"
+  git log -1 --format='commit %H %s' 2>/dev/null || echo "commit ${FASTGPT_GIT_COMMIT:-unknown}"
+} 2>&1 | tee -a "$LOG"
 
 # 1. Build: the package in place, with the CUDA extension (sm_90 only, to keep the build short).
 #    If the extension build fails or runs out of time, install without it: the Triton path,

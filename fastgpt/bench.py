@@ -405,7 +405,11 @@ def slug(text: str) -> str:
 
 
 def git_commit() -> str | None:
-    """HEAD of the checkout fastgpt runs from, '+dirty' when tracked files differ from it."""
+    """HEAD of the checkout fastgpt runs from, '+dirty' when tracked files differ from it.
+
+    A copy without .git (e.g. a working tree shipped to a GPU machine) is named by the
+    environment variable FASTGPT_GIT_COMMIT when set, else None.
+    """
     root = Path(__file__).resolve().parent.parent
     try:
         run = lambda *a: subprocess.run(
@@ -414,7 +418,7 @@ def git_commit() -> str | None:
         head = run("git", "rev-parse", "HEAD").stdout.strip()
         dirty = run("git", "status", "--porcelain", "--untracked-files=no").stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        return os.environ.get("FASTGPT_GIT_COMMIT") or None
     return head + ("+dirty" if dirty else "")
 
 
