@@ -592,6 +592,25 @@ def kernel_table(results: dict, dtype: str, d: int, causal: bool, mode: str) -> 
     return f"{title}\n\n{markdown_table(rows)}"
 
 
+def memory_table(results: dict, dtype: str, d: int, causal: bool, mode: str) -> str | None:
+    """Peak memory one call allocates (CUDA only), per provider and T."""
+    want = (dtype, d, causal, mode)
+    recs = [
+        r
+        for r in results["kernel"]
+        if (r["dtype"], r["d"], r["causal"], r["mode"]) == want and r["peak_mib"] is not None
+    ]
+    if not recs:
+        return None
+    names = list(dict.fromkeys(r["provider"] for r in recs))
+    cell = {(r["provider"], r["tq"]): r["peak_mib"] for r in recs}
+    rows = [["T", *names]]
+    for t in sorted({r["tq"] for r in recs}):
+        rows.append([str(t), *(f"{cell[n, t]:.0f}" if (n, t) in cell else "-" for n in names)])
+    title = f"{dtype}, D={d}, {'causal' if causal else 'non-causal'}, {mode}: peak MiB above inputs"
+    return f"{title}\n\n{markdown_table(rows)}"
+
+
 def decode_table(results: dict) -> str | None:
     recs = results["decode"]
     names = list(dict.fromkeys(r["provider"] for r in recs if r["ms"] is not None))
@@ -632,7 +651,9 @@ def summary(results: dict, full: bool) -> str:
     for dtype_name in a["dtypes"] if full else a["dtypes"][:1]:
         for causal in (True, False) if full else (True,):
             for d in a["head_dims"]:
-                tables = (kernel_table(results, dtype_name, d, causal, m) for m in modes)
+                tables = [kernel_table(results, dtype_name, d, causal, m) for m in modes]
+                if full and "fwd_bwd" in modes:
+                    tables.append(memory_table(results, dtype_name, d, causal, "fwd_bwd"))
                 parts += filter(None, tables)
     parts.append(decode_table(results) or "")
     return "\n\n".join(p for p in parts if p)
