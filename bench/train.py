@@ -122,6 +122,8 @@ def parse_args(argv):
     for key, value in {**PROFILES[profile], "out": out}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.steps < 1 or args.warmup < 0 or args.batch < 1 or args.seq_len < 1:
+        ap.error("--steps, --batch and --seq-len must be at least 1 and --warmup at least 0")
     have = fastgpt.available_backends(args.device)
     wanted = args.attention.split(",") if args.attention else [*have, "sdpa"]
     for name in wanted:
