@@ -7,6 +7,8 @@ repeats a case in float32 under the 2x-of-PyTorch error rule.
 """
 
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -287,3 +289,10 @@ def test_dropins_run_cpp_ops_in_profiler(monkeypatch):
         ops = {e.name for e in prof.events()}
         assert "fastgpt::cpp_attention_forward" in ops, f"{name}: {sorted(ops)}"
         assert "fastgpt::cpp_attention_backward" in ops, f"{name}: {sorted(ops)}"
+
+
+def test_import_fastgpt_leaves_transformers_unimported():
+    """transformers is an optional extra: only register_hf_attention imports it."""
+    code = "import sys, fastgpt; assert 'transformers' not in sys.modules, 'imported transformers'"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
