@@ -88,11 +88,17 @@ def read_config(ckpt: Path) -> dict:
     return json.loads((ckpt / "config.json").read_text())
 
 
-def load_model(ckpt: str | os.PathLike, device: str | torch.device = "cpu"):
-    """(model in eval mode on device, tokenizer, config dict) of a checkpoint or output folder."""
+def load_model(
+    ckpt: str | os.PathLike, device: str | torch.device = "cpu", backend: str | None = None
+):
+    """(model in eval mode on device, tokenizer, config dict) of a checkpoint or output folder.
+
+    The attention backend is chosen here (None = automatic), not taken from the training run:
+    weights trained with one backend run on any other.
+    """
     ckpt = resolve_checkpoint(ckpt)
     config = read_config(ckpt)
-    model = GPT(GPTConfig.from_dict(config["model"]))
+    model = GPT(GPTConfig.from_dict({**config["model"], "backend": backend}))
     load_safetensors_into(model, ckpt)
     return model.to(device).eval(), load_tokenizer(ckpt / "tokenizer.json"), config
 

@@ -57,36 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     s.add_argument("--top-k", type=_positive_int)
     s.add_argument("--seed", type=int)
-    s.add_argument("--device")
+    s.add_argument("--device", help="cuda, mps, cpu (default: the best available)")
+    s.add_argument("--backend", choices=["auto", "triton", "cpp", "reference"])
 
     sub.add_parser("bench", help="attention benchmarks (fastgpt bench --help)", add_help=False)
     return parser
 
 
-def _train(args: argparse.Namespace) -> None:
+def _train(options: dict) -> None:
     from fastgpt.train import train
 
-    options = vars(args)
-    options.pop("command")
-    if options["backend"] == "auto":
-        options["backend"] = None
     train(TrainConfig(**options))
 
 
-def _sample(args: argparse.Namespace) -> None:
+def _sample(options: dict) -> None:
     from fastgpt.sample import sample
 
-    print(
-        sample(
-            args.ckpt,
-            args.prompt,
-            args.tokens,
-            args.temperature,
-            args.top_k,
-            args.seed,
-            args.device,
-        )
-    )
+    print(sample(**options))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,9 +83,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:]) or 0
     parser = build_parser()
-    args = parser.parse_args(argv)
+    options = vars(parser.parse_args(argv))
+    command = options.pop("command")
+    if options["backend"] == "auto":
+        options["backend"] = None
     try:
-        _train(args) if args.command == "train" else _sample(args)
+        _train(options) if command == "train" else _sample(options)
     except (ValueError, TypeError, FileNotFoundError) as e:
         if os.environ.get("FASTGPT_DEBUG", "0") not in ("", "0"):
             raise

@@ -55,10 +55,11 @@ def sample(
     top_k: int | None = None,
     seed: int | None = None,
     device: str | None = None,
+    backend: str | None = None,
 ) -> str:
     """Load a checkpoint (a training output folder or a checkpoint folder) and sample from it."""
     from fastgpt.checkpoint import load_model
     from fastgpt.train import pick_device
 
-    model, tok, _ = load_model(ckpt, pick_device(device))
+    model, tok, _ = load_model(ckpt, pick_device(device), backend)
     return generate_text(model, tok, prompt, tokens, temperature, top_k, seed)

@@ -258,7 +258,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
         if dtype != torch.float32
         else contextlib.nullcontext()
     )
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    fp16_cuda = dtype == torch.float16 and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda" if fp16_cuda else "cpu", enabled=fp16_cuda)
     optimizer = make_optimizer(raw_model, cfg, device)
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if world > 1:
