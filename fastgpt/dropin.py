@@ -64,7 +64,10 @@ def _sdpa_fallback_reason(
         return f"mixed dtypes {query.dtype}, {key.dtype}, {value.dtype}"
     if not query.device == key.device == value.device:
         return "tensors on different devices"
-    backend = select_backend(query.device)[0]
+    try:
+        backend = select_backend(query.device)[0]
+    except ValueError as error:  # e.g. FASTGPT_BACKEND names a backend that cannot run here
+        return str(error)
     if query.dtype not in _DTYPES[backend]:
         return f"dtype {query.dtype} on the {backend} backend"
     if query.shape[:-3] != key.shape[:-3] or key.shape[:-1] != value.shape[:-1]:

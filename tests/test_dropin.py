@@ -123,9 +123,18 @@ def test_sdpa_float32_within_twice_torch_error(device, backend, monkeypatch, pat
 # Each case goes to torch's own implementation, with torch's result (the same random stream).
 @pytest.mark.parametrize(
     "case",
-    ["bool_mask", "float_mask", "dropout", "rank5", "value_dim", "broadcast_kv_heads", "empty"],
+    [
+        "bool_mask",
+        "float_mask",
+        "dropout",
+        "rank5",
+        "value_dim",
+        "broadcast_kv_heads",
+        "empty",
+        "unusable_backend",
+    ],
 )
-def test_sdpa_fallbacks_match_torch(case, paths):
+def test_sdpa_fallbacks_match_torch(case, paths, monkeypatch):
     q_shape, kv_shape, v_shape, kwargs = (2, 4, 6, 8), (2, 4, 6, 8), (2, 4, 6, 8), {}
     if case == "bool_mask":
         kwargs["attn_mask"] = torch.rand(6, 6, generator=torch.Generator().manual_seed(3)) > 0.3
@@ -141,6 +150,8 @@ def test_sdpa_fallbacks_match_torch(case, paths):
         kv_shape, v_shape = (2, 1, 6, 8), (2, 1, 6, 8)
     elif case == "empty":
         kv_shape, v_shape = (2, 4, 0, 8), (2, 4, 0, 8)
+    elif case == "unusable_backend":  # a replaced F.scaled_dot_product_attention must still work
+        monkeypatch.setenv("FASTGPT_BACKEND", "no_such_backend")
     tensors = leaves(q_shape, kv_shape, v_shape)
     torch.manual_seed(0)
     got = fastgpt.scaled_dot_product_attention(*tensors, **kwargs)
