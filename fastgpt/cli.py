@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a GPT (no arguments: tiny preset, embedded corpus)")
     t.add_argument("--data", help="UTF-8 text file or folder of .txt files (default: embedded)")
     t.add_argument("--tokenizer", choices=["word", "char", "bpe"], help="default: the preset's")
-    t.add_argument("--bpe-vocab-size", type=_positive_int, default=1024)
+    t.add_argument("--bpe-vocab-size", type=_positive_int, help="default: 50257 (gpt2), 1024")
     t.add_argument("--preset", choices=list(PRESET_TRAINING), default="tiny")
     t.add_argument("--steps", type=_positive_int)
     t.add_argument("--batch-size", type=_positive_int, help="sequences per process per micro-step")

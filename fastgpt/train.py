@@ -26,12 +26,13 @@ from fastgpt.attention import select_backend
 from fastgpt.model import GPT, preset_config
 from fastgpt.tokenizer import build_tokenizer, load_tokenizer, tokenizer_from_dict
 
-# Defaults per preset: tokenizer, steps, batch size, learning rate, warm-up steps.
+# Defaults per preset: tokenizer, steps, batch size, learning rate, warm-up steps, BPE vocabulary.
 PRESET_TRAINING = {
     "tiny": dict(tokenizer="word", steps=1500, batch_size=32, lr=1e-2, warmup=50),
     "small": dict(tokenizer="char", steps=5000, batch_size=64, lr=1e-3, warmup=100),
     "gpt2": dict(tokenizer="bpe", steps=5000, batch_size=8, lr=6e-4, warmup=200),
 }
+BPE_VOCAB_SIZE = {"tiny": 1024, "small": 1024, "gpt2": 50257}  # when --tokenizer bpe
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; FASTGPT_PEAK_FLOPS overrides.
 PEAK_FLOPS = {"H100 SXM": 989e12, "H100 NVL": 835e12, "H100": 756e12, "H200": 989e12,
@@ -48,7 +49,7 @@ RESUME_OVERRIDES = ("steps", "device", "out", "compile", "stop_after", "progress
 class TrainConfig:
     data: str | None = None  # UTF-8 text file or folder of .txt files; None = embedded corpus
     tokenizer: str | None = None  # "word", "char" or "bpe"; None = the preset's
-    bpe_vocab_size: int = 1024  # vocabulary size when training a BPE tokenizer
+    bpe_vocab_size: int | None = None  # BPE vocabulary; None = 50257 for gpt2, else 1024
     preset: str = "tiny"  # model architecture: "tiny", "small" or "gpt2"
     steps: int | None = None  # optimizer steps; None = the preset's
     batch_size: int | None = None  # sequences per process per micro-step; None = the preset's
@@ -81,6 +82,8 @@ def resolved(cfg: TrainConfig) -> TrainConfig:
         )
     defaults = PRESET_TRAINING[cfg.preset]
     cfg = replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+    if cfg.bpe_vocab_size is None:
+        cfg = replace(cfg, bpe_vocab_size=BPE_VOCAB_SIZE[cfg.preset])
     if cfg.block_size is None:
         cfg = replace(cfg, block_size=preset_config(cfg.preset, vocab_size=1).block_size)
     for name in ("steps", "batch_size", "block_size", "grad_accum", "eval_batches"):
@@ -201,6 +204,27 @@ def train(cfg: TrainConfig) -> dict:
             dist.destroy_process_group()
 
 
+def _tokenizer_and_data(cfg: TrainConfig, ckpt: Path | None, rank: int, world: int):
+    """(tokenizer, train ids, val ids). Rank 0 learns the tokenizer (or it comes from the
+    checkpoint) and writes the token cache; the other ranks receive the one and read the other."""
+    if ckpt is not None:
+        tok = load_tokenizer(ckpt / "tokenizer.json")
+    else:
+        tok = None
+        if rank == 0:
+            text = data.read_text(cfg.data) if cfg.data else data.DEFAULT_CORPUS
+            tok = build_tokenizer(cfg.tokenizer, text, cfg.bpe_vocab_size).to_dict()
+        tok = tokenizer_from_dict(_broadcast(tok, rank, world))
+    if cfg.data is None:
+        return tok, *data.split(data.encode(tok, data.DEFAULT_CORPUS), cfg.block_size)
+    cache = Path(cfg.out) / "data"
+    if rank == 0:
+        data.cached_split(cfg.data, tok, cfg.block_size, cache)
+    if world > 1:
+        dist.barrier()
+    return tok, *data.cached_split(cfg.data, tok, cfg.block_size, cache)
+
+
 def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
     out = Path(cfg.out)
     state, ckpt = None, None
@@ -218,24 +242,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     main = rank == 0
     log = print if main and cfg.progress else (lambda *a, **k: None)
 
-    # Tokenizer and data: rank 0 learns the tokenizer (and writes the token cache), others follow.
-    text_path = cfg.data
-    if ckpt is not None:
-        tok = load_tokenizer(ckpt / "tokenizer.json")
-    else:
-        tok = None
-        if main:
-            text = data.read_text(text_path) if text_path else data.DEFAULT_CORPUS
-            tok = build_tokenizer(cfg.tokenizer, text, cfg.bpe_vocab_size).to_dict()
-        tok = tokenizer_from_dict(_broadcast(tok, rank, world))
-    if text_path is None:
-        train_ids, val_ids = data.split(data.encode(tok, data.DEFAULT_CORPUS), cfg.block_size)
-    else:
-        if main:
-            data.cached_split(text_path, tok, cfg.block_size, out / "data")
-        if world > 1:
-            dist.barrier()
-        train_ids, val_ids = data.cached_split(text_path, tok, cfg.block_size, out / "data")
+    tok, train_ids, val_ids = _tokenizer_and_data(cfg, ckpt, rank, world)
 
     # Model: identical initial weights on every rank; then a per-rank RNG for dropout.
     torch.manual_seed(cfg.seed)
