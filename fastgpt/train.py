@@ -34,10 +34,6 @@ PRESET_TRAINING = {
 }
 BPE_VOCAB_SIZE = {"tiny": 1024, "small": 1024, "gpt2": 50257}  # when --tokenizer bpe
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Dense bf16 tensor-core peaks (FLOP/s) for MFU; FASTGPT_PEAK_FLOPS overrides.
-PEAK_FLOPS = {"H100 SXM": 989e12, "H100 NVL": 835e12, "H100": 756e12, "H200": 989e12,
-              "GH200": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12,
-              "4090": 165e12, "3090": 71e12, "V100": 125e12}  # fmt: skip
 # Below this many FLOPs per step a CPU step runs on one thread (the tiny preset: ~3e7).
 SMALL_STEP_FLOPS = 1e9
 # Options a resumed run takes from its own arguments; the rest come from the checkpoint, so the
@@ -131,13 +127,18 @@ def pick_dtype(requested: str | None, device: torch.device) -> torch.dtype:
 
 
 def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak FLOP/s of the GPU (for MFU), or None when unknown or not a GPU."""
+    """Dense bf16 peak FLOP/s of the GPU (for MFU; the benchmark's table), None when unknown.
+
+    FASTGPT_PEAK_FLOPS (FLOP/s) overrides it, e.g. for a GPU the table does not know.
+    """
     if "FASTGPT_PEAK_FLOPS" in os.environ:
         return float(os.environ["FASTGPT_PEAK_FLOPS"])
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+    from fastgpt.bench import peak_bf16_tflops
+
+    tflops = peak_bf16_tflops(torch.cuda.get_device_name(device))
+    return None if tflops is None else tflops * 1e12
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -178,3 +178,15 @@ def test_train_on_a_text_file_through_a_token_memmap(tmp_path, kind):
     resumed = train(TrainConfig(resume=True, sample_tokens=0, **{**common, "steps": 6}))
     assert resumed["steps"] == 6
     assert (out / "data" / "train.bin").stat().st_mtime_ns == stamp  # tokenized once
+
+
+def test_tokens_per_second_and_mfu(tmp_path, monkeypatch):
+    """MFU = FLOPs per token (6N + 12 L H Q T) x tokens/s / peak; the peak from the environment."""
+    monkeypatch.setenv("FASTGPT_PEAK_FLOPS", "1e9")
+    result = train(TrainConfig(steps=10, out=str(tmp_path), progress=False, sample_tokens=0))
+    model = GPT(preset_config("tiny", vocab_size=result["vocab_size"]))
+    n, c = model.num_params(), model.config
+    assert result["n_params"] == n
+    flops_per_token = 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
+    assert result["tokens_per_s"] > 0
+    assert result["mfu"] == pytest.approx(flops_per_token * result["tokens_per_s"] / 1e9)
