@@ -132,9 +132,7 @@ def get_batch(
     """Windows of ids starting at offsets (N,) -> inputs x and next-token targets y, (N, T) each."""
     rows = np.stack([ids[i : i + block_size + 1] for i in offsets.tolist()]).astype(np.int64)
     xy = torch.from_numpy(rows)  # (N, T + 1)
-    x, y = xy[:, :-1], xy[:, 1:]
-    if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(
-            device, non_blocking=True
-        )
-    return x.to(device), y.to(device)
+    if device.type == "cuda":  # from pinned memory the copy overlaps with the GPU's work
+        xy = xy.pin_memory()
+    xy = xy.to(device, non_blocking=True)
+    return xy[:, :-1], xy[:, 1:]  # (N, T) each
