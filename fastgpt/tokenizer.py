@@ -17,22 +17,48 @@ _WORD = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")  # lowercase words, inner apostr
 KINDS = ("word", "char", "bpe")
 
 
-class WordTokenizer:
-    """Lowercase words, punctuation dropped, and an <END> token closing each non-empty line."""
+class _VocabTokenizer:
+    """A tokenizer with an explicit list of tokens (words or characters) learned from the text."""
 
-    kind = "word"
+    kind = ""
+    unit = ""  # what one token is, for error messages
 
     def __init__(self, vocab: list[str]) -> None:
         self.vocab = list(vocab)
-        self.index = {w: i for i, w in enumerate(self.vocab)}
+        self.index = {t: i for i, t in enumerate(self.vocab)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def ids(self, tokens: list[str]) -> list[int]:
+        """Ids of tokens; ValueError naming the ones the vocabulary does not have."""
+        unknown = sorted({t for t in tokens if t not in self.index})
+        if unknown:
+            shown = ", ".join(repr(t) for t in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            plural = "s" if len(unknown) > 1 else ""
+            raise ValueError(
+                f"Unknown {self.unit}{plural} {shown}: the {self.kind}-level vocabulary has only "
+                f"the {self.vocab_size} {self.unit}s of the training text."
+            )
+        return [self.index[t] for t in tokens]
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "vocab": self.vocab}
+
+
+class WordTokenizer(_VocabTokenizer):
+    """Lowercase words, punctuation dropped, and an <END> token closing each non-empty line."""
+
+    kind, unit = "word", "word"
 
     @staticmethod
-    def split(text: str, close_lines: bool = True) -> list[str]:
+    def split(text: str) -> list[str]:
         words = []
         for line in text.lower().splitlines():
             line_words = _WORD.findall(line)
             if line_words:
-                words += line_words + ([END] if close_lines else [])
+                words += [*line_words, END]
         return words
 
     @classmethod
@@ -42,23 +68,12 @@ class WordTokenizer:
             raise ValueError("The training text has no words for the word-level tokenizer.")
         return cls([END] + sorted(set(words) - {END}))
 
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
-
     def encode(self, text: str, close_lines: bool = True) -> list[int]:
         """Token ids of text; close_lines=False leaves the last line open (a prompt to continue)."""
         words = self.split(text)
         if not close_lines and words and not text.rstrip(" \t").endswith("\n"):
             words = words[:-1]  # drop the <END> of the unfinished last line
-        unknown = sorted({w for w in words if w not in self.index})
-        if unknown:
-            shown = ", ".join(repr(w) for w in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-            raise ValueError(
-                f"Unknown word{'s' if len(unknown) > 1 else ''} {shown}: the word-level vocabulary "
-                f"has only the {self.vocab_size} words of the training text."
-            )
-        return [self.index[w] for w in words]
+        return self.ids(words)
 
     def decode(self, ids: list[int]) -> str:
         out = []
@@ -71,18 +86,11 @@ class WordTokenizer:
         """The token to start from with an empty prompt: the beginning of a line."""
         return self.index[END]
 
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "vocab": self.vocab}
 
-
-class CharTokenizer:
+class CharTokenizer(_VocabTokenizer):
     """One token per character of the training text."""
 
-    kind = "char"
-
-    def __init__(self, vocab: list[str]) -> None:
-        self.vocab = list(vocab)
-        self.index = {c: i for i, c in enumerate(self.vocab)}
+    kind, unit = "char", "character"
 
     @classmethod
     def train(cls, text: str) -> "CharTokenizer":
@@ -90,28 +98,14 @@ class CharTokenizer:
             raise ValueError("The training text is empty.")
         return cls(sorted(set(text)))
 
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
-
     def encode(self, text: str, close_lines: bool = True) -> list[int]:
-        unknown = sorted({c for c in text if c not in self.index})
-        if unknown:
-            raise ValueError(
-                f"Unknown character{'s' if len(unknown) > 1 else ''} {unknown[:5]!r}: the "
-                f"character-level vocabulary has only the {self.vocab_size} characters of the "
-                "training text."
-            )
-        return [self.index[c] for c in text]
+        return self.ids(list(text))
 
     def decode(self, ids: list[int]) -> str:
         return "".join(self.vocab[i] for i in ids)
 
     def start_id(self) -> int:
         return self.index.get("\n", 0)
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "vocab": self.vocab}
 
 
 class BPETokenizer:
