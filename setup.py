@@ -41,6 +41,13 @@ def _openmp_flags() -> list[str]:
     return []
 
 
+def _link_flags() -> list[str]:
+    """csrc/cpu/blas.h calls torch's bundled BLAS through weak symbols; macOS must allow them."""
+    if platform.system() == "Darwin":
+        return ["-Wl,-U,_sgemm_", "-Wl,-U,_dgemm_"]
+    return []
+
+
 def _want_cuda() -> bool:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
@@ -62,7 +69,8 @@ def _extensions():
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     omp = _openmp_flags()
-    cxx = ["-O3", "-Wno-unknown-pragmas", *omp, *_cpu_vector_flags()]
+    link = [*omp, *_link_flags()]
+    cxx = ["-O3", "-g0", "-Wno-unknown-pragmas", *omp, *_cpu_vector_flags()]
     if _want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
@@ -70,11 +78,11 @@ def _extensions():
             "fastgpt._C",
             sources,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-            extra_link_args=omp,
+            extra_link_args=link,
         )
     else:
         ext = CppExtension(
-            "fastgpt._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=omp
+            "fastgpt._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

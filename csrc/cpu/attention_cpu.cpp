@@ -190,7 +190,8 @@ void compute_delta(const Shape& s, const Heads<T>& dout, const Heads<T>& out, T*
   });
 }
 
-// Single pass: a task owns (b, kv head) with all its query heads.
+// Single pass: a task owns (b, kv head) with all its query heads. Key blocks outside, so the
+// (BK, D) rows of dK and dV being accumulated stay in cache.
 template <typename T>
 void backward_fused(const Shape& s, T scale, const Grads<T>& g) {
   at::parallel_for(0, s.B * s.Hkv, 1, [&](int64_t begin, int64_t end) {
@@ -198,9 +199,10 @@ void backward_fused(const Shape& s, T scale, const Grads<T>& g) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / s.Hkv, hk = t % s.Hkv;
       for (int64_t h = hk * s.group(); h < (hk + 1) * s.group(); ++h) {
-        for (int64_t i0 = 0; i0 < s.Tq; i0 += BQ) {
-          const int64_t rows = std::min(BQ, s.Tq - i0), kend = s.visible(i0 + rows - 1);
-          for (int64_t j0 = 0; j0 < kend; j0 += BK) {
+        for (int64_t j0 = 0; j0 < s.Tk; j0 += BK) {
+          for (int64_t i0 = s.first_query(j0) / BQ * BQ; i0 < s.Tq; i0 += BQ) {
+            const int64_t rows = std::min(BQ, s.Tq - i0), kend = s.visible(i0 + rows - 1);
+            if (j0 >= kend) continue;  // only when no row of the block sees a key
             backward_tile<T>(s, scale, g, b, h, i0, rows, j0, std::min(BK, kend - j0), true, true,
                              buf.data(), buf.data() + BQ * BK);
           }

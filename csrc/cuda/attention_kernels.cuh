@@ -77,13 +77,15 @@ struct Params {
   }
 };
 
-// rows x D tile of a head into shared memory as A; rows past `limit` are zero.
+// rows x D tile of a head into shared memory as A with row stride ld; rows past `limit` are
+// zero. K and V tiles use ld = D + 1: a warp reading one column of 16 key rows then hits 16
+// different banks instead of one.
 template <typename T, typename A>
 __device__ inline void load_tile(A* dst, const View<const T>& src, int64_t b, int64_t h, int64_t t0,
-                                 int64_t rows, int64_t limit, int64_t D) {
+                                 int64_t rows, int64_t limit, int64_t D, int64_t ld) {
   for (int64_t idx = threadIdx.x; idx < rows * D; idx += blockDim.x) {
     const int64_t r = idx / D, d = idx % D;
-    dst[idx] = (t0 + r < limit) ? to_acc(src.row(b, h, t0 + r)[d]) : A(0);
+    dst[r * ld + d] = (t0 + r < limit) ? to_acc(src.row(b, h, t0 + r)[d]) : A(0);
   }
 }
 
@@ -97,14 +99,14 @@ __device__ inline A dot(const A* x, const A* y, int64_t D) {
 
 // ------------------------------------------------------------ forward
 
-// grid (ceil(Tq / BM), H, B). Shared: Q (BM, D), K (BN, D), V (BN, D), O (BM, D), S (BM, BN),
+// grid (ceil(Tq / BM), H, B). Shared: Q (BM, D), K and V (BN, D + 1), O (BM, D), S (BM, BN),
 // m, l, alpha (BM).
 template <typename T, typename A, int BM, int BN>
 __global__ void __launch_bounds__(kThreads) forward_kernel(Params<T, A> p) {
   extern __shared__ unsigned char smem_raw[];
   A* smem = reinterpret_cast<A*>(smem_raw);
-  const int64_t D = p.D;
-  A *Qs = smem, *Ks = Qs + BM * D, *Vs = Ks + BN * D, *Os = Vs + BN * D, *S = Os + BM * D;
+  const int64_t D = p.D, ldk = D + 1;
+  A *Qs = smem, *Ks = Qs + BM * D, *Vs = Ks + BN * ldk, *Os = Vs + BN * ldk, *S = Os + BM * D;
   A *m = S + BM * BN, *l = m + BM, *alpha = l + BM;
 
   const int64_t b = blockIdx.z, h = blockIdx.y, i0 = int64_t(blockIdx.x) * BM;
@@ -112,7 +114,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params<T, A> p) {
   const int64_t rows = min(int64_t(BM), p.Tq - i0);
   const int64_t kend = p.visible(i0 + rows - 1);
 
-  load_tile<T, A>(Qs, p.q, b, h, i0, BM, p.Tq, D);
+  load_tile<T, A>(Qs, p.q, b, h, i0, BM, p.Tq, D, D);
   for (int64_t idx = threadIdx.x; idx < BM * D; idx += blockDim.x) Os[idx] = 0;
   for (int r = threadIdx.x; r < BM; r += blockDim.x) {
     m[r] = -infinity<A>();
@@ -120,13 +122,13 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params<T, A> p) {
   }
   for (int64_t j0 = 0; j0 < kend; j0 += BN) {
     __syncthreads();  // previous tile fully consumed
-    load_tile<T, A>(Ks, p.k, b, hk, j0, BN, kend, D);
-    load_tile<T, A>(Vs, p.v, b, hk, j0, BN, kend, D);
+    load_tile<T, A>(Ks, p.k, b, hk, j0, BN, kend, D, ldk);
+    load_tile<T, A>(Vs, p.v, b, hk, j0, BN, kend, D, ldk);
     __syncthreads();
     for (int idx = threadIdx.x; idx < BM * BN; idx += blockDim.x) {
       const int r = idx / BN, c = idx % BN;
       const bool seen = i0 + r < p.Tq && j0 + c < p.visible(i0 + r);
-      S[idx] = seen ? p.scale * dot(Qs + r * D, Ks + c * D, D) : -infinity<A>();
+      S[idx] = seen ? p.scale * dot(Qs + r * D, Ks + c * ldk, D) : -infinity<A>();
     }
     __syncthreads();
     for (int r = threadIdx.x; r < BM; r += blockDim.x) {  // online softmax, one thread per row
@@ -147,7 +149,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params<T, A> p) {
     for (int64_t idx = threadIdx.x; idx < BM * D; idx += blockDim.x) {  // O = alpha O + P V
       const int64_t r = idx / D, d = idx % D;
       A acc = Os[idx] * alpha[r];
-      for (int c = 0; c < BN; ++c) acc += S[r * BN + c] * Vs[c * D + d];
+      for (int c = 0; c < BN; ++c) acc += S[r * BN + c] * Vs[c * ldk + d];
       Os[idx] = acc;
     }
   }
@@ -182,15 +184,15 @@ template <typename T, typename A, int BM, int BN>
 __device__ inline void tile_probs(const Params<T, A>& p, int64_t b, int64_t h, int64_t i0,
                                   int64_t j0, const A* Qs, const A* dOs, const A* Ks, const A* Vs,
                                   A* P, A* dS) {
-  const int64_t D = p.D;
+  const int64_t D = p.D, ldk = D + 1;
   for (int idx = threadIdx.x; idx < BM * BN; idx += blockDim.x) {
     const int r = idx / BN, c = idx % BN;
     const int64_t i = i0 + r;
     A pr = 0, ds = 0;
     if (i < p.Tq && j0 + c < p.visible(i)) {
       const int64_t row = (b * p.H + h) * p.Tq + i;
-      pr = acc_exp(p.scale * dot(Qs + r * D, Ks + c * D, D) - p.lse[row]);
-      ds = pr * (dot(dOs + r * D, Vs + c * D, D) - p.delta[row]);
+      pr = acc_exp(p.scale * dot(Qs + r * D, Ks + c * ldk, D) - p.lse[row]);
+      ds = pr * (dot(dOs + r * D, Vs + c * ldk, D) - p.delta[row]);
     }
     P[idx] = pr;
     dS[idx] = ds;
@@ -198,13 +200,13 @@ __device__ inline void tile_probs(const Params<T, A>& p, int64_t b, int64_t h, i
 }
 
 // dK, dV of one key block over every query head of its kv head; grid (ceil(Tk / BN), Hkv, B).
-// Shared: K, V, dK, dV (BN, D), Q, dO (BM, D), P, dS (BM, BN).
+// Shared: K, V (BN, D + 1), dK, dV (BN, D), Q, dO (BM, D), P, dS (BM, BN).
 template <typename T, typename A, int BM, int BN>
 __global__ void __launch_bounds__(kThreads) dkdv_kernel(Params<T, A> p) {
   extern __shared__ unsigned char smem_raw[];
   A* smem = reinterpret_cast<A*>(smem_raw);
-  const int64_t D = p.D;
-  A *Ks = smem, *Vs = Ks + BN * D, *dKs = Vs + BN * D, *dVs = dKs + BN * D;
+  const int64_t D = p.D, ldk = D + 1;
+  A *Ks = smem, *Vs = Ks + BN * ldk, *dKs = Vs + BN * ldk, *dVs = dKs + BN * D;
   A *Qs = dVs + BN * D, *dOs = Qs + BM * D, *P = dOs + BM * D, *dS = P + BM * BN;
 
   const int64_t b = blockIdx.z, hk = blockIdx.y, j0 = int64_t(blockIdx.x) * BN;
@@ -212,14 +214,14 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(Params<T, A> p) {
   // First query row that sees key j0, rounded down to a tile.
   const int64_t first = p.causal ? max(int64_t(0), j0 - (p.Tk - p.Tq)) : 0;
 
-  load_tile<T, A>(Ks, p.k, b, hk, j0, BN, p.Tk, D);
-  load_tile<T, A>(Vs, p.v, b, hk, j0, BN, p.Tk, D);
+  load_tile<T, A>(Ks, p.k, b, hk, j0, BN, p.Tk, D, ldk);
+  load_tile<T, A>(Vs, p.v, b, hk, j0, BN, p.Tk, D, ldk);
   for (int64_t idx = threadIdx.x; idx < BN * D; idx += blockDim.x) dKs[idx] = dVs[idx] = 0;
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     for (int64_t i0 = first / BM * BM; i0 < p.Tq; i0 += BM) {
       __syncthreads();
-      load_tile<T, A>(Qs, p.q, b, h, i0, BM, p.Tq, D);
-      load_tile<T, A>(dOs, p.dout, b, h, i0, BM, p.Tq, D);
+      load_tile<T, A>(Qs, p.q, b, h, i0, BM, p.Tq, D, D);
+      load_tile<T, A>(dOs, p.dout, b, h, i0, BM, p.Tq, D, D);
       __syncthreads();
       tile_probs<T, A, BM, BN>(p, b, h, i0, j0, Qs, dOs, Ks, Vs, P, dS);
       __syncthreads();
@@ -244,34 +246,34 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(Params<T, A> p) {
 }
 
 // dQ of one query block; grid (ceil(Tq / BM), H, B).
-// Shared: Q, dO, dQ (BM, D), K, V (BN, D), P, dS (BM, BN).
+// Shared: Q, dO, dQ (BM, D), K, V (BN, D + 1), P, dS (BM, BN).
 template <typename T, typename A, int BM, int BN>
 __global__ void __launch_bounds__(kThreads) dq_kernel(Params<T, A> p) {
   extern __shared__ unsigned char smem_raw[];
   A* smem = reinterpret_cast<A*>(smem_raw);
-  const int64_t D = p.D;
-  A *Qs = smem, *dOs = Qs + BM * D, *dQs = dOs + BM * D, *Ks = dQs + BM * D, *Vs = Ks + BN * D;
-  A *P = Vs + BN * D, *dS = P + BM * BN;
+  const int64_t D = p.D, ldk = D + 1;
+  A *Qs = smem, *dOs = Qs + BM * D, *dQs = dOs + BM * D, *Ks = dQs + BM * D, *Vs = Ks + BN * ldk;
+  A *P = Vs + BN * ldk, *dS = P + BM * BN;
 
   const int64_t b = blockIdx.z, h = blockIdx.y, i0 = int64_t(blockIdx.x) * BM;
   const int64_t hk = h / (p.H / p.Hkv);
   const int64_t rows = min(int64_t(BM), p.Tq - i0);
   const int64_t kend = p.visible(i0 + rows - 1);
 
-  load_tile<T, A>(Qs, p.q, b, h, i0, BM, p.Tq, D);
-  load_tile<T, A>(dOs, p.dout, b, h, i0, BM, p.Tq, D);
+  load_tile<T, A>(Qs, p.q, b, h, i0, BM, p.Tq, D, D);
+  load_tile<T, A>(dOs, p.dout, b, h, i0, BM, p.Tq, D, D);
   for (int64_t idx = threadIdx.x; idx < BM * D; idx += blockDim.x) dQs[idx] = 0;
   for (int64_t j0 = 0; j0 < kend; j0 += BN) {
     __syncthreads();
-    load_tile<T, A>(Ks, p.k, b, hk, j0, BN, kend, D);
-    load_tile<T, A>(Vs, p.v, b, hk, j0, BN, kend, D);
+    load_tile<T, A>(Ks, p.k, b, hk, j0, BN, kend, D, ldk);
+    load_tile<T, A>(Vs, p.v, b, hk, j0, BN, kend, D, ldk);
     __syncthreads();
     tile_probs<T, A, BM, BN>(p, b, h, i0, j0, Qs, dOs, Ks, Vs, P, dS);
     __syncthreads();
     for (int64_t idx = threadIdx.x; idx < BM * D; idx += blockDim.x) {
       const int64_t r = idx / D, d = idx % D;
       A dq = 0;
-      for (int c = 0; c < BN; ++c) dq += dS[r * BN + c] * Ks[c * D + d];
+      for (int c = 0; c < BN; ++c) dq += dS[r * BN + c] * Ks[c * ldk + d];
       dQs[idx] += p.scale * dq;
     }
   }
@@ -310,13 +312,13 @@ template <typename A>
 struct SharedBytes {
   static constexpr int BM = Tiles<A>::BM, BN = Tiles<A>::BN;
   static constexpr size_t forward(int64_t D) {
-    return sizeof(A) * ((2 * BM + 2 * BN) * D + BM * BN + 3 * BM);
+    return sizeof(A) * (2 * BM * D + 2 * BN * (D + 1) + BM * BN + 3 * BM);
   }
   static constexpr size_t dkdv(int64_t D) {
-    return sizeof(A) * ((4 * BN + 2 * BM) * D + 2 * BM * BN);
+    return sizeof(A) * (2 * BN * (D + 1) + (2 * BN + 2 * BM) * D + 2 * BM * BN);
   }
   static constexpr size_t dq(int64_t D) {
-    return sizeof(A) * ((3 * BM + 2 * BN) * D + 2 * BM * BN);
+    return sizeof(A) * (3 * BM * D + 2 * BN * (D + 1) + 2 * BM * BN);
   }
 };
 
