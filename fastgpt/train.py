@@ -194,6 +194,8 @@ def train(cfg: TrainConfig) -> dict:
     """Train as cfg says; returns the metrics (losses per step, val losses, speed, sample...)."""
     rank, local_rank, world = _world()
     device = pick_device(cfg.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL and the default CUDA stream: this rank's GPU
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     threads = torch.get_num_threads()
