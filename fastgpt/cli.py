@@ -94,4 +94,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fastgpt: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if command == "train":
+            out = options["out"]
+            print(
+                f"\nfastgpt: interrupted; `fastgpt train --resume --out {out}` continues from the "
+                "last checkpoint.",
+                file=sys.stderr,
+            )
+        return 130
     return 0
