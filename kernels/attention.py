@@ -96,9 +96,9 @@ def attention_forward(
     _fwd[grid](
         q, k, v, out, lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        H, H // Hkv, Tq, Tk, scale * LOG2E,
+        H, H // Hkv, Tq, Tk, abs(scale) * LOG2E, abs(scale),
         _bucket(Tq), _bucket(Tk),
-        HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=bool(causal),
+        HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=bool(causal), SCALE_NEG=scale < 0,
         DOT_PRECISION=_dot_precision(q.dtype),
     )  # fmt: skip
     return out, lse
@@ -127,15 +127,17 @@ def decode_forward(
     _decode[(splits, Hkv, B)](
         q, k, v, acc, m, l,
         q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3],
-        Hkv, group, Tk, scale * LOG2E, chunk,
+        Hkv, group, Tk, abs(scale) * LOG2E, chunk,
         _bucket(Tk),
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_G=max(16, triton.next_power_of_2(group)),
+        SCALE_NEG=scale < 0,
         DOT_PRECISION=_dot_precision(q.dtype),
     )  # fmt: skip
     out = torch.empty((B, H, 1, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, 1), dtype=torch.float32, device=q.device)
     decode_combine_kernel[(H, B)](
-        acc, m, l, out, lse, out.stride(0), out.stride(1), H, splits,
+        acc, m, l, out, lse, out.stride(0), out.stride(1),
+        H, splits, abs(scale) * LOG2E, abs(scale),
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_S=triton.next_power_of_2(splits),
     )  # fmt: skip
     return out, lse
@@ -181,7 +183,7 @@ def attention_backward(
     _dkdv[dkdv_grid](
         q, k, v, grad_out, lse, delta, dk, dv,
         *strides, *dk.stride()[:3], *dv.stride()[:3],
-        H, Hkv, H // Hkv, Tq, Tk, scale * LOG2E, scale, *buckets, **common,
+        H, Hkv, H // Hkv, Tq, Tk, scale, *buckets, **common, SCORES_AS_FORWARD=INTERPRET,
     )  # fmt: skip
 
     def dq_grid(meta):
@@ -190,7 +192,7 @@ def attention_backward(
     _dq[dq_grid](
         q, k, v, grad_out, lse, delta, dq,
         *strides, *dq.stride()[:3],
-        H, H // Hkv, Tq, Tk, scale * LOG2E, scale, *buckets, **common,
+        H, H // Hkv, Tq, Tk, scale, *buckets, **common,
     )  # fmt: skip
     return dq, dk, dv
 

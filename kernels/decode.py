@@ -3,9 +3,10 @@
 With one query row the work is reading K and V once, so the key axis is cut into S chunks
 ("splits") that run as separate programs, each over all the query heads of one GQA group (K/V
 are read once per KV head, not once per query head). Each split leaves an unnormalised partial
-(acc, m, l) in base 2; a second kernel merges the S partials of a row:
+(acc, m, l), m the running max of q.k and l relative to 2^(m * qk_scale); a second kernel
+merges the S partials of a row:
 
-    m = max_s m_s,  w_s = 2^(m_s - m),  out = sum_s w_s acc_s / sum_s w_s l_s
+    m = max_s m_s,  w_s = 2^((m_s - m) qk_scale),  out = sum_s w_s acc_s / sum_s w_s l_s
 
 Causal needs no mask here: the single query row sits at the bottom right and sees every key.
 """
@@ -13,7 +14,7 @@ Causal needs no mask here: the single query row sits at the bottom right and see
 import triton
 import triton.language as tl
 
-from .flash_fwd import LN2, _fwd_tiles, head_base_offset, load_tile
+from .flash_fwd import _fwd_tiles, head_base_offset, load_tile, natural_lse
 
 
 @triton.jit
@@ -35,12 +36,13 @@ def decode_split_kernel(
     H_KV,
     GROUP,
     Tk,
-    qk_scale,
+    qk_scale,  # |scale| * log2(e)
     chunk,
     TK_BUCKET,  # autotune key only
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_G: tl.constexpr,
+    SCALE_NEG: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -89,6 +91,7 @@ def decode_split_kernel(
         qk_scale,
         False,
         False,
+        SCALE_NEG,
         BLOCK_N,
         BLOCK_D,
         DOT_PRECISION,
@@ -113,6 +116,7 @@ def decode_split_kernel(
         qk_scale,
         True,
         False,
+        SCALE_NEG,
         BLOCK_N,
         BLOCK_D,
         DOT_PRECISION,
@@ -138,6 +142,8 @@ def decode_combine_kernel(
     stride_oh,
     H,
     n_splits,
+    qk_scale,  # |scale| * log2(e)
+    scale,  # |scale|
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -157,11 +163,11 @@ def decode_combine_kernel(
         mask=s_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
         other=0.0,
     )
-    m = tl.max(m_s, 0)
-    w = tl.exp2(m_s - m)  # every split holds at least one key, so m is finite
+    m = tl.max(m_s, 0)  # running maxima of q.k; every split holds a key, so m is finite
+    w = tl.exp2(m_s * qk_scale - m * qk_scale)  # the shifts the splits used, bit for bit
     l = tl.sum(w * l_s, 0)
     out = tl.sum(w[:, None] * acc_s, 0) / l  # (BLOCK_D,)
-    lse = (m + tl.log2(l)) * LN2
+    lse = natural_lse(m, l, qk_scale, scale)
     o_ptrs = Out + head_base_offset(b, h, stride_ob, stride_oh) + offs_d
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
     tl.store(Lse + pid_bh, lse)

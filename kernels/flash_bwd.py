@@ -1,6 +1,8 @@
 """Flash-attention backward: numerics and tiling only (launches live in attention.py).
 
-With s = scale * q . k, p = exp(s - lse) recomputed from the forward's row log-sum-exp:
+With s = scale * q . k, p = exp(s - lse) recomputed from the forward's row log-sum-exp
+(as exp2((s - lse) * log2(e)): the difference is taken in natural units, where it is exact enough
+for scores ~1e3):
 
     dv = p^T dO          dp = dO v^T          ds = p * (dp - delta),  delta = rowsum(dO * O)
     dk = scale * ds^T q  dq = scale * ds k
@@ -75,12 +77,13 @@ def _dkdv_tiles(
     Tq,
     HEAD_DIM,
     causal_shift,
-    qk_scale,
+    scale,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SCORES_AS_FORWARD: tl.constexpr,
 ):
     """Accumulate the query tiles [lo, hi) into dk, dv, kept transposed (keys x queries)."""
     for start_m in range(lo, hi, BLOCK_M):
@@ -88,19 +91,25 @@ def _dkdv_tiles(
         q = load_tile(q_ptrs, rows, offs_d, Tq, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
         do = load_tile(do_ptrs, rows, offs_d, Tq, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
         if MASKED:
-            lse2 = tl.load(lse_ptr + rows, mask=rows < Tq, other=float("inf")) * LOG2E
+            lse = tl.load(lse_ptr + rows, mask=rows < Tq, other=float("inf"))
             delta = tl.load(delta_ptr + rows, mask=rows < Tq, other=0.0)
         else:
-            lse2 = tl.load(lse_ptr + rows) * LOG2E
+            lse = tl.load(lse_ptr + rows)
             delta = tl.load(delta_ptr + rows)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-        # lse = +inf for a row that sees no key: p is exactly 0 there.
-        p_t = tl.exp2(s_t - lse2[None, :])
+        if SCORES_AS_FORWARD:
+            # q k^T then transposed: the forward's product, bit for bit (the interpreter's matmul
+            # rounds k q^T differently, and scores ~1e3 magnify that in p = exp(s - lse)).
+            s_t = tl.trans(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)) * scale
+        else:
+            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale
         if MASKED:
             visible = rows[None, :] < Tq
             if CAUSAL:
                 visible = visible & (offs_n[:, None] <= rows[None, :] + causal_shift)
-            p_t = tl.where(visible, p_t, 0.0)
+            s_t = tl.where(visible, s_t, float("-inf"))
+        # s - lse in natural units first (as exact as softmax's s - max), then base 2; lse = +inf
+        # for a row that sees no key gives p = 0 exactly.
+        p_t = tl.exp2((s_t - lse[None, :]) * LOG2E)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -143,7 +152,6 @@ def bwd_dkdv_kernel(
     GROUP,
     Tq,
     Tk,
-    qk_scale,
     scale,
     TQ_BUCKET,
     TK_BUCKET,  # autotune keys only
@@ -153,6 +161,7 @@ def bwd_dkdv_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SCORES_AS_FORWARD: tl.constexpr,
 ):
     # Grid: (cdiv(Tk, BLOCK_N), H_KV, B). Early key tiles see the most queries under the causal
     # mask, so they are launched first.
@@ -220,12 +229,13 @@ def bwd_dkdv_kernel(
             Tq,
             HEAD_DIM,
             causal_shift,
-            qk_scale,
+            scale,
             True,
             CAUSAL,
             BLOCK_M,
             BLOCK_D,
             DOT_PRECISION,
+            SCORES_AS_FORWARD,
         )
         dk, dv, q_ptrs, do_ptrs = _dkdv_tiles(
             dk,
@@ -246,12 +256,13 @@ def bwd_dkdv_kernel(
             Tq,
             HEAD_DIM,
             causal_shift,
-            qk_scale,
+            scale,
             False,
             CAUSAL,
             BLOCK_M,
             BLOCK_D,
             DOT_PRECISION,
+            SCORES_AS_FORWARD,
         )
         dk, dv, q_ptrs, do_ptrs = _dkdv_tiles(
             dk,
@@ -272,12 +283,13 @@ def bwd_dkdv_kernel(
             Tq,
             HEAD_DIM,
             causal_shift,
-            qk_scale,
+            scale,
             True,
             CAUSAL,
             BLOCK_M,
             BLOCK_D,
             DOT_PRECISION,
+            SCORES_AS_FORWARD,
         )
 
     dk *= scale
@@ -295,7 +307,7 @@ def _dq_tiles(
     dq,
     q,
     do,
-    lse2,
+    lse,
     delta,  # (BLOCK_M, BLOCK_D) fp32 acc, q, dO tiles; (BLOCK_M,) fp32 x2
     k_ptrs,
     v_ptrs,
@@ -309,7 +321,7 @@ def _dq_tiles(
     Tk,
     HEAD_DIM,
     causal_shift,
-    qk_scale,
+    scale,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -321,13 +333,13 @@ def _dq_tiles(
         cols = start_n + offs_n
         k = load_tile(k_ptrs, cols, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
         v = load_tile(v_ptrs, cols, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-        p = tl.exp2(s - lse2[:, None])
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # (BLOCK_M, BLOCK_N)
         if MASKED:
             visible = cols[None, :] < Tk
             if CAUSAL:
                 visible = visible & (cols[None, :] <= offs_m[:, None] + causal_shift)
-            p = tl.where(visible, p, 0.0)
+            s = tl.where(visible, s, float("-inf"))
+        p = tl.exp2((s - lse[:, None]) * LOG2E)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -364,7 +376,6 @@ def bwd_dq_kernel(
     GROUP,
     Tq,
     Tk,
-    qk_scale,
     scale,
     TQ_BUCKET,
     TK_BUCKET,  # autotune keys only
@@ -394,7 +405,7 @@ def bwd_dq_kernel(
     q = load_tile(q_ptrs, offs_m, offs_d, Tq, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
     do = load_tile(do_ptrs, offs_m, offs_d, Tq, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
     row_ptr = pid_bh.to(tl.int64) * Tq + offs_m
-    lse2 = tl.load(Lse + row_ptr, mask=offs_m < Tq, other=float("inf")) * LOG2E
+    lse = tl.load(Lse + row_ptr, mask=offs_m < Tq, other=float("inf"))
     delta = tl.load(Delta + row_ptr, mask=offs_m < Tq, other=0.0)
 
     # Same key ranges as the forward: [0, n_full) unmasked, [n_full, n_end) masked.
@@ -418,7 +429,7 @@ def bwd_dq_kernel(
         dq,
         q,
         do,
-        lse2,
+        lse,
         delta,
         k_ptrs,
         v_ptrs,
@@ -432,7 +443,7 @@ def bwd_dq_kernel(
         Tk,
         HEAD_DIM,
         causal_shift,
-        qk_scale,
+        scale,
         False,
         CAUSAL,
         BLOCK_N,
@@ -443,7 +454,7 @@ def bwd_dq_kernel(
         dq,
         q,
         do,
-        lse2,
+        lse,
         delta,
         k_ptrs,
         v_ptrs,
@@ -457,7 +468,7 @@ def bwd_dq_kernel(
         Tk,
         HEAD_DIM,
         causal_shift,
-        qk_scale,
+        scale,
         True,
         CAUSAL,
         BLOCK_N,

@@ -5,7 +5,7 @@ BLOCK_N through an online softmax kept in base 2:
 
     s2 = (q . k) * scale * log2(e)          (the scale folded into one multiply)
     m  = running row max of s2,  l = running sum of 2^(s2 - m),  acc = running sum of 2^(s2 - m) v
-    out = acc / l,   lse = (m + log2(l)) * ln(2)   (natural log, what the backward and callers read)
+    out = acc / l,   lse = m * ln(2) + ln(l)   (natural log, what the backward and callers read)
 
 Causal (bottom-right: query i sees key j <= i + Tk - Tq) splits the key range of a program in two:
 tiles every row of the program sees in full run without a mask, the tiles on the diagonal (and a
@@ -39,6 +39,19 @@ def load_tile(ptrs, rows, cols, n_rows, n_cols, CHECK_ROWS: tl.constexpr, CHECK_
 
 
 @triton.jit
+def natural_lse(m, l, qk_scale, scale):
+    """ln(sum_j exp(scale * q.k_j)) from the running max m of q.k and l = sum_j 2^(q.k_j * qk_scale
+    - fl(m * qk_scale)). Scores ~1e3 leave ~3e-5 of fp32 resolution, so this per-row step runs in
+    fp64: the rounding of fl(m * qk_scale) is undone exactly and lse is rounded once."""
+    qk_scale = tl.zeros_like(m) + qk_scale  # (BLOCK_M,) fp32, as the loop multiplied by it
+    scale = tl.zeros_like(m) + scale
+    m64 = m.to(tl.float64)
+    residual = (m * qk_scale).to(tl.float64) - m64 * qk_scale.to(tl.float64)  # exact in fp64
+    lse = m64 * scale.to(tl.float64) + tl.log(tl.where(l == 0.0, 1.0, l)).to(tl.float64)
+    return (lse + residual * LN2).to(tl.float32)
+
+
+@triton.jit
 def _fwd_tiles(
     acc,
     m_i,
@@ -59,6 +72,7 @@ def _fwd_tiles(
     qk_scale,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
+    SCALE_NEG: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -71,20 +85,23 @@ def _fwd_tiles(
         cols = start_n + offs_n
         k = load_tile(k_ptrs, cols, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
         v = load_tile(v_ptrs, cols, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) q.k
+        if SCALE_NEG:
+            qk = -qk  # scores are scale * q.k = |scale| * (-q.k): qk_scale is positive
         if MASKED:
             visible = cols[None, :] < Tk
             if CAUSAL:
                 visible = visible & (cols[None, :] <= offs_m[:, None] + causal_shift)
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            qk = tl.where(visible, qk, float("-inf"))
+        # m is the running max of the unscaled products; the base-2 shift is fl(m * qk_scale),
+        # recomputed bit-identically for alpha and at the end (so lse can undo its rounding).
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        shift = m_new * qk_scale
+        if MASKED:
             # A row with nothing visible yet keeps m = -inf; shift by 0 so no inf - inf appears.
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_shift = m_new
-        p = tl.exp2(s - m_shift[:, None])
-        alpha = tl.exp2(m_i - m_shift)
+            shift = tl.where(m_new == float("-inf"), 0.0, shift)
+        p = tl.exp2(qk * qk_scale - shift[:, None])
+        alpha = tl.exp2(m_i * qk_scale - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -117,12 +134,14 @@ def attn_fwd_kernel(
     GROUP,
     Tq,
     Tk,
-    qk_scale,
+    qk_scale,  # |scale| * log2(e)
+    scale,  # |scale|
     TQ_BUCKET,
     TK_BUCKET,  # autotune keys only (lengths rounded up to a power of two)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
+    SCALE_NEG: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -187,6 +206,7 @@ def attn_fwd_kernel(
         qk_scale,
         False,
         CAUSAL,
+        SCALE_NEG,
         BLOCK_N,
         BLOCK_D,
         DOT_PRECISION,
@@ -211,6 +231,7 @@ def attn_fwd_kernel(
         qk_scale,
         True,
         CAUSAL,
+        SCALE_NEG,
         BLOCK_N,
         BLOCK_D,
         DOT_PRECISION,
@@ -219,7 +240,8 @@ def attn_fwd_kernel(
     # A row that saw no key has l = 0 and acc = 0: output 0 and lse = +inf (never NaN).
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    lse = natural_lse(tl.where(empty, 0.0, m_i), l_i, qk_scale, scale)
+    lse = tl.where(empty, float("inf"), lse)
 
     o_base = Out + head_base_offset(b, h, stride_ob, stride_oh)
     o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :]

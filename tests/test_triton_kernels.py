@@ -1,0 +1,182 @@
+"""Triton-specific checks of fastgpt.kernels, beyond the all-backend suite in test_attention.py.
+
+On a CPU-only machine these run under the Triton interpreter (conftest.py), fp32/fp16 only (the
+interpreter computes bf16 tl.dot wrongly). The interpreter uses one config per kernel
+(BLOCK_M=32, BLOCK_N=16 in the forward and dQ, 16 x 32 in dK/dV), so the lengths below put the
+causal diagonal, the ragged tails and the unmasked interior in different tiles on purpose.
+"""
+
+import pytest
+import torch
+from oracle import DEVICE, INTERPRETED, rounding_floor
+
+from fastgpt.reference import reference_attention_with_lse
+
+triton = pytest.importorskip("triton")
+if DEVICE.type != "cuda" and not INTERPRETED:
+    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+import triton.language as tl  # noqa: E402
+from fastgpt.kernels import attention as ka  # noqa: E402
+from fastgpt.kernels import configs  # noqa: E402
+from fastgpt.kernels.flash_fwd import head_base_offset  # noqa: E402
+
+
+def qkv(B, H, Hkv, Tq, Tk, D, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(B, H, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D)]
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(DEVICE, dtype) for s in shapes]
+
+
+def assert_close_2x(got, ref, plain, dtype, what):
+    """flash-attn's rule: error vs float64 at most 2x plain PyTorch's in `dtype` + rounding floor.
+
+    Rows whose reference is +inf (no visible key) must be +inf in `got` too.
+    """
+    inf = torch.isinf(ref)
+    assert torch.equal(torch.isinf(got), inf), f"{what}: +inf rows differ"
+    got, ref, plain = got[~inf].double(), ref[~inf], plain[~inf].double()
+    bound = 2 * (plain - ref).abs().max().item() + rounding_floor(ref, dtype)
+    err = (got - ref).abs().max().item()
+    assert err <= bound, f"{what}: max error {err:.3g} exceeds {bound:.3g}"
+
+
+# (B, H, Hkv, Tq, Tk, D): which path each case hits with the interpreter's tiles.
+LSE_CASES = {
+    "one_tile": (1, 2, 2, 7, 7, 16),
+    "diagonal_and_interior": (1, 2, 1, 70, 70, 32),  # 3 query tiles, 5 key tiles, GQA 2
+    "more_keys": (2, 2, 2, 33, 81, 40),  # bottom-right: every row sees at least 49 keys
+    "more_queries": (1, 4, 2, 81, 33, 16),  # 48 rows see no key: lse = +inf there
+    "key_tile_edge": (1, 1, 1, 32, 48, 64),  # lengths on tile boundaries
+}
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("case", list(LSE_CASES))
+def test_lse_matches_float64(case, causal):
+    q, k, v = qkv(*LSE_CASES[case])
+    scale = q.shape[-1] ** -0.5
+    out, lse = ka.attention_forward(q, k, v, causal, scale)
+    ref_out, ref_lse = reference_attention_with_lse(q.double(), k.double(), v.double(), causal)
+    plain_out, plain_lse = reference_attention_with_lse(q, k, v, causal, compute_dtype=q.dtype)
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    assert_close_2x(lse, ref_lse, plain_lse, q.dtype, f"{case} lse")
+    assert_close_2x(out, ref_out, plain_out, q.dtype, f"{case} out")
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_split_k_matches_float64(splits, dtype):
+    # GQA group of 4 padded to a 16-row dot tile; D = 40 padded to 64; K/V are strided views.
+    q, k, v = qkv(2, 8, 2, 1, 203, 40, dtype)
+    kv = torch.stack([k, v], dim=3)  # (B, Hkv, Tk, 2, D): k and v interleaved in memory
+    k, v = kv[:, :, :, 0], kv[:, :, :, 1]
+    assert not k.is_contiguous()
+    scale = 40**-0.5
+    out, lse = ka.decode_forward(q, k, v, scale, num_splits=splits)
+    ref_out, ref_lse = reference_attention_with_lse(q.double(), k.double(), v.double(), False)
+    plain_out, plain_lse = reference_attention_with_lse(q, k, v, False, compute_dtype=q.dtype)
+    assert out.dtype == dtype and lse.shape == (2, 8, 1)
+    assert_close_2x(out, ref_out, plain_out, dtype, "decode out")
+    assert_close_2x(lse, ref_lse, plain_lse.float(), torch.float32, "decode lse")
+
+
+def test_forward_takes_the_decode_kernel_for_one_query_row(monkeypatch):
+    calls = []
+    original = ka.decode_forward
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ka, "decode_forward", spy)
+    q, k, v = qkv(1, 2, 1, 1, ka.DECODE_MIN_KEYS, 16)
+    out, _ = ka.attention_forward(q, k, v, True, 0.25)
+    assert calls == [q.shape]
+    ref = reference_attention_with_lse(q.double(), k.double(), v.double(), True, 0.25)[0]
+    assert (out.double() - ref).abs().max() < 1e-5
+    q2, k2, v2 = qkv(1, 2, 1, 2, ka.DECODE_MIN_KEYS, 16)  # two query rows: the flash kernel
+    ka.attention_forward(q2, k2, v2, True, 0.25)
+    assert len(calls) == 1
+
+
+@triton.jit
+def _offset_kernel(Out, stride_b, stride_h):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    tl.store(Out + b * tl.num_programs(1) + h, head_base_offset(b, h, stride_b, stride_h))
+
+
+def test_head_offsets_are_int64_past_2_pow_31():
+    # Strides that fit int32 but whose products do not: b * stride_b reaches 3 * 2**30.
+    out = torch.zeros(4 * 3, dtype=torch.int64, device=DEVICE)
+    stride_b, stride_h = 2**30, 2**28 + 7
+    _offset_kernel[(4, 3)](out, stride_b, stride_h)
+    expected = [b * stride_b + h * stride_h for b in range(4) for h in range(3)]
+    assert out.tolist() == expected
+    assert max(expected) > 2**31
+
+
+def test_gqa_backward_is_bit_identical_across_runs():
+    q, k, v = qkv(1, 8, 2, 45, 53, 32)  # 4 query heads per kv head, ragged tiles
+    out, lse = ka.attention_forward(q, k, v, True, 0.2)
+    grad_out = torch.randn_like(out)
+    first = ka.attention_backward(grad_out, q, k, v, out, lse, True, 0.2)
+    second = ka.attention_backward(grad_out, q, k, v, out, lse, True, 0.2)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def grads_float64(q, k, v, grad_out, causal, scale):
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    out, _ = reference_attention_with_lse(*leaves, causal, scale)
+    return torch.autograd.grad(out, leaves, grad_out.double())
+
+
+def grads_plain(q, k, v, grad_out, causal, scale):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, _ = reference_attention_with_lse(*leaves, causal, scale, compute_dtype=q.dtype)
+    return torch.autograd.grad(out, leaves, grad_out)
+
+
+# (Tq, Tk) around the interpreter's tiles: dK/dV's masked-then-unmasked-then-tail query ranges
+# and dQ's unmasked-then-diagonal key ranges each get a case where one of them is empty.
+BWD_LENGTHS = [(31, 47), (48, 16), (16, 48), (33, 2), (64, 64), (50, 77)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize(("tq", "tk"), BWD_LENGTHS)
+def test_backward_ranges_match_float64(tq, tk, dtype):
+    q, k, v = qkv(1, 2, 1, tq, tk, 16, dtype, seed=tq * 100 + tk)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    grad_out = grad_out.transpose(1, 2).contiguous().transpose(1, 2)  # strided, last dim unit
+    out, lse = ka.attention_forward(q, k, v, True, 0.25)
+    got = ka.attention_backward(grad_out, q, k, v, out, lse, True, 0.25)
+    ref = grads_float64(q, k, v, grad_out, True, 0.25)
+    plain = grads_plain(q, k, v, grad_out, True, 0.25)
+    for name, g, r, p in zip(("dq", "dk", "dv"), got, ref, plain, strict=True):
+        assert g.dtype == dtype and g.is_contiguous() and torch.isfinite(g).all()
+        # A gradient that is 0 in float64 leaves only rounding: floor from the other terms.
+        floor = rounding_floor(r, dtype) + 4 * torch.finfo(dtype).eps * r.abs().max().item()
+        bound = 2 * (p.double() - r).abs().max().item() + floor
+        err = (g.double() - r).abs().max().item()
+        assert err <= bound, f"{name} ({tq}, {tk}) {dtype}: error {err:.3g} exceeds {bound:.3g}"
+
+
+def test_every_family_and_head_dim_has_configs_that_fit():
+    for arch, limit in configs.SMEM_LIMIT.items():
+        for kind in configs.TABLES:
+            for block_d in (16, 32, 64, 128, 256):
+                for elem in (2, 4):
+                    rows = configs.select_rows(kind, arch, block_d, elem, limit)
+                    assert rows, (kind, arch, block_d, elem)
+                    for bm, bn, warps, stages in rows:
+                        assert bm >= 16 and bn >= 16 and warps in (4, 8) and stages >= 1
+
+
+def test_decode_chunks_are_whole_tiles_for_every_config():
+    # decode_forward rounds each split's chunk to a multiple of this, so only the last split
+    # has a ragged tile.
+    for config in configs.DECODE_CONFIGS:
+        assert ka._DECODE_CHUNK_ALIGN % config.kwargs["BLOCK_N"] == 0
