@@ -18,7 +18,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _load_script(name: str):
     """Import bench/<name>.py (a script folder, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    path = ROOT / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name.replace('/', '_')}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -207,3 +208,26 @@ def test_training_benchmark_runs_tiny(tmp_path):
         if r["error"] is None:
             assert r["tokens_per_s"] > 0 and r["mfu"] > 0 and math.isfinite(r["loss"])
     assert results["flops_per_token"] > 0 and results["peak_tflops"] > 0
+
+
+def test_cpu_suite_summary_tabulates_and_judges_the_targets():
+    run = _load_script("cpu/run")
+    times = {("forward", 1024): (10.0, 12.0, 50.0), ("forward", 2048): (30.0, 33.0, 150.0)}
+    raw = {
+        "benchmarks": [
+            {"extra_info": {"kind": kind, "t": t, "provider": name}, "stats": {"median": ms / 1e3}}
+            for (kind, t), row in times.items()
+            for name, ms in zip(("cpp", "sdpa", "reference"), row, strict=True)
+        ],
+        "date": "2000-01-01",
+        "load_before": [1.0, 1.0, 1.0],
+        "load_after": [2.0, 2.0, 2.0],
+        "commit": "abc",
+    }
+    peaks = {"cpp": 40.0, "sdpa": 50.0, "reference": 2000.0}
+    text = run.summary(raw, peaks, {"Model name": "Some CPU", "CPU(s)": "2"}, "a note")
+    assert "Some CPU" in text and "a note" in text
+    assert "| forward | 1024 | 10.00 | 12.00 | 50.00 | 1.20x | 5.00x |" in text
+    assert "T >= 1024: met (lowest 1.10x, highest 1.20x)" in text
+    assert "reference at T = 2048: met (lowest 5.00x" in text
+    assert "under 256 MiB: met (40 MiB)" in text
