@@ -140,6 +140,17 @@ def grads_plain(q, k, v, grad_out, causal, scale):
     return torch.autograd.grad(out, leaves, grad_out)
 
 
+def assert_grads_close(got, ref, plain, dtype, what):
+    for name, g, r, p in zip(("dq", "dk", "dv"), got, ref, plain, strict=True):
+        assert g.dtype == dtype and g.is_contiguous() and torch.isfinite(g).all()
+        # A gradient entry that is 0 in float64 (a query row that sees a single key has dq = 0)
+        # keeps the rounding of the terms that cancelled: floor at the gradient's own scale.
+        floor = rounding_floor(r, dtype) + 4 * torch.finfo(dtype).eps * r.abs().max().item()
+        bound = 2 * (p.double() - r).abs().max().item() + floor
+        err = (g.double() - r).abs().max().item()
+        assert err <= bound, f"{name} {what} {dtype}: error {err:.3g} exceeds {bound:.3g}"
+
+
 # (Tq, Tk) around the interpreter's tiles: dK/dV's masked-then-unmasked-then-tail query ranges
 # and dQ's unmasked-then-diagonal key ranges each get a case where one of them is empty.
 BWD_LENGTHS = [(31, 47), (48, 16), (16, 48), (33, 2), (64, 64), (50, 77)]
@@ -155,13 +166,7 @@ def test_backward_ranges_match_float64(tq, tk, dtype):
     got = ka.attention_backward(grad_out, q, k, v, out, lse, True, 0.25)
     ref = grads_float64(q, k, v, grad_out, True, 0.25)
     plain = grads_plain(q, k, v, grad_out, True, 0.25)
-    for name, g, r, p in zip(("dq", "dk", "dv"), got, ref, plain, strict=True):
-        assert g.dtype == dtype and g.is_contiguous() and torch.isfinite(g).all()
-        # A gradient that is 0 in float64 leaves only rounding: floor from the other terms.
-        floor = rounding_floor(r, dtype) + 4 * torch.finfo(dtype).eps * r.abs().max().item()
-        bound = 2 * (p.double() - r).abs().max().item() + floor
-        err = (g.double() - r).abs().max().item()
-        assert err <= bound, f"{name} ({tq}, {tk}) {dtype}: error {err:.3g} exceeds {bound:.3g}"
+    assert_grads_close(got, ref, plain, dtype, f"({tq}, {tk})")
 
 
 def test_every_family_and_head_dim_has_configs_that_fit():
@@ -180,3 +185,19 @@ def test_decode_chunks_are_whole_tiles_for_every_config():
     # has a ragged tile.
     for config in configs.DECODE_CONFIGS:
         assert ka._DECODE_CHUNK_ALIGN % config.kwargs["BLOCK_N"] == 0
+
+
+@pytest.mark.parametrize("tq", [20, 1], ids=["flash", "decode"])
+def test_negative_scale(tq):
+    # The forward tracks the running max of scale * q.k through |scale| and a sign flip.
+    q, k, v = qkv(1, 2, 1, tq, 300 if tq == 1 else 33, 16)
+    out, lse = ka.attention_forward(q, k, v, True, -0.3)
+    ref_out, ref_lse = reference_attention_with_lse(q.double(), k.double(), v.double(), True, -0.3)
+    plain_out, plain_lse = reference_attention_with_lse(q, k, v, True, -0.3, q.dtype)
+    assert_close_2x(out, ref_out, plain_out, q.dtype, "out")
+    assert_close_2x(lse, ref_lse, plain_lse, q.dtype, "lse")
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    got = ka.attention_backward(grad_out, q, k, v, out, lse, True, -0.3)
+    ref = grads_float64(q, k, v, grad_out, True, -0.3)
+    plain = grads_plain(q, k, v, grad_out, True, -0.3)
+    assert_grads_close(got, ref, plain, q.dtype, "negative scale")
