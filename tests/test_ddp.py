@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
 def test_two_gloo_processes_match_one_process(tmp_path):
+    # One kernel in both runs (the reference): this compares the training loops.
     steps = ["--steps", "6", "--eval-every", "3", "--device", "cpu", "--seed", "5"]
+    steps += ["--backend", "reference"]
     # 2 processes x 2 micro-steps x 2 sequences: a global batch of 8 sequences per step.
     ddp_out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -24,11 +26,12 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     cmd += ["--out", str(ddp_out), "--sample-tokens", "0", *steps]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    output = f"stdout:\n{run.stdout[-2000:]}\nstderr:\n{run.stderr[-3000:]}"
+    assert run.returncode == 0, output
     ddp = json.loads((ddp_out / "metrics.json").read_text())
-    assert ddp["world_size"] == 2 and len(ddp["losses"]) == 6
+    assert ddp["world_size"] == 2 and len(ddp["losses"]) == 6, output
     assert (ddp_out / "ckpt-000006" / "model.safetensors").is_file()
-    assert "fastgpt train:" in run.stdout and run.stdout.count("fastgpt train:") == 1  # rank 0 only
+    assert run.stdout.count("fastgpt train:") == 1, output  # rank 0 alone prints
 
     single = train(
         TrainConfig(
@@ -36,6 +39,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
             eval_every=3,
             device="cpu",
             seed=5,
+            backend="reference",
             batch_size=8,
             grad_accum=1,
             out=str(tmp_path / "single"),
@@ -44,6 +48,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         )
     )
     assert single["world_size"] == 1
-    # Same data, same initial weights; only the order of float additions differs.
-    assert ddp["losses"] == pytest.approx(single["losses"], rel=1e-5, abs=1e-6)
-    assert ddp["val"][-1][1] == pytest.approx(single["val"][-1][1], rel=1e-5)
+    # Same data, same initial weights; only the order of float additions differs (~1e-7 seen).
+    assert ddp["backend"] == single["backend"] == "reference"
+    assert ddp["losses"] == pytest.approx(single["losses"], rel=2e-6), output
+    assert ddp["val"][-1][1] == pytest.approx(single["val"][-1][1], rel=2e-6)
