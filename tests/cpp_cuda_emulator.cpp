@@ -4,8 +4,9 @@
 // CUDA headers (no GPU, no nvcc device pass). Every loop in the kernels strides over the block,
 // so with blockDim.x = 1 a single thread does all of a block's work and __syncthreads() is a
 // no-op: this checks the kernels' indexing, masking and numerics (not their races, which need
-// a GPU). Usage: cpp_cuda_emulator f|d B H Hkv Tq Tk D causal scale in.bin out.bin
-// in.bin holds q, k, v, grad_out (contiguous, the given dtype); out.bin gets out, lse, dq, dk, dv.
+// a GPU). Usage: cpp_cuda_emulator f|d|h|b B H Hkv Tq Tk D causal scale in.bin out.bin
+// (fp32, fp64, fp16, bf16). in.bin holds q, k, v, grad_out (contiguous, the given dtype);
+// out.bin gets out, lse (fp32, fp64 for fp64), dq, dk, dv.
 
 #include <cuda_runtime.h>
 
@@ -49,10 +50,9 @@ void grid(int64_t gx, int64_t gy, int64_t gz, F block) {
       }
 }
 
-template <typename T>
+template <typename T, typename A>
 void run(FILE* in, FILE* out, int64_t B, int64_t H, int64_t Hkv, int64_t Tq, int64_t Tk, int64_t D,
          bool causal, double scale) {
-  using A = T;
   constexpr int BM = Tiles<A>::BM, BN = Tiles<A>::BN;
   std::vector<T> q(B * H * Tq * D), k(B * Hkv * Tk * D), v(k.size()), dout(q.size());
   for (auto* t : {&q, &k, &v, &dout}) {
@@ -74,7 +74,9 @@ void run(FILE* in, FILE* out, int64_t B, int64_t H, int64_t Hkv, int64_t Tq, int
   grid(B * H * Tq, 1, 1, [&] { delta_kernel<T, A>(p); });  // one row per block here
   grid(ceil_div(Tk, BN), Hkv, B, [&] { dkdv_kernel<T, A, BM, BN>(p); });
   grid(ceil_div(Tq, BM), H, B, [&] { dq_kernel<T, A, BM, BN>(p); });
-  for (auto* t : {&o, &lse, &dq, &dk, &dv}) std::fwrite(t->data(), sizeof(T), t->size(), out);
+  std::fwrite(o.data(), sizeof(T), o.size(), out);
+  std::fwrite(lse.data(), sizeof(A), lse.size(), out);
+  for (auto* t : {&dq, &dk, &dv}) std::fwrite(t->data(), sizeof(T), t->size(), out);
 }
 
 int main(int argc, char** argv) {
@@ -86,10 +88,21 @@ int main(int argc, char** argv) {
   FILE* in = std::fopen(argv[10], "rb");
   FILE* out = std::fopen(argv[11], "wb");
   if (in == nullptr || out == nullptr) return 1;
-  if (argv[1][0] == 'd') {
-    run<double>(in, out, B, H, Hkv, Tq, Tk, D, causal, scale);
-  } else {
-    run<float>(in, out, B, H, Hkv, Tq, Tk, D, causal, scale);
+  switch (argv[1][0]) {
+    case 'd':
+      run<double, double>(in, out, B, H, Hkv, Tq, Tk, D, causal, scale);
+      break;
+    case 'f':
+      run<float, float>(in, out, B, H, Hkv, Tq, Tk, D, causal, scale);
+      break;
+    case 'h':
+      run<__half, float>(in, out, B, H, Hkv, Tq, Tk, D, causal, scale);
+      break;
+    case 'b':
+      run<__nv_bfloat16, float>(in, out, B, H, Hkv, Tq, Tk, D, causal, scale);
+      break;
+    default:
+      return 1;
   }
   std::fclose(in);
   std::fclose(out);

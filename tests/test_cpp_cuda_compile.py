@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from oracle import check_against_float64
 
 from fastgpt.reference import reference_attention_with_lse
 
@@ -129,32 +130,80 @@ EMULATED_CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+CODES = {torch.float64: "d", torch.float32: "f", torch.float16: "h", torch.bfloat16: "b"}
+
+
+def run_emulator(emulator, folder: Path, q, k, v, grad_out, causal: bool, scale: float):
+    """out, lse, dq, dk, dv of the emulated CUDA kernels (lse in fp32, fp64 for fp64 inputs)."""
+    (folder / "in.bin").write_bytes(
+        b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in (q, k, v, grad_out))
+    )
+    (B, H, Tq, D), (Hkv, Tk) = q.shape, k.shape[1:3]
+    args = [CODES[q.dtype], *(str(x) for x in (B, H, Hkv, Tq, Tk, D, int(causal))), repr(scale)]
+    subprocess.run(
+        [str(emulator), *args, str(folder / "in.bin"), str(folder / "out.bin")],
+        check=True,
+        timeout=120,
+    )
+    raw = torch.from_numpy(np.fromfile(folder / "out.bin", dtype=np.uint8))
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    shapes = [(q.shape, q.dtype), (q.shape[:3], lse_dtype), (q.shape, q.dtype)]
+    shapes += [(k.shape, q.dtype), (k.shape, q.dtype)]
+    tensors, offset = [], 0
+    for shape, dtype in shapes:
+        nbytes = torch.Size(shape).numel() * torch.finfo(dtype).bits // 8
+        tensors.append(raw[offset : offset + nbytes].clone().view(dtype).reshape(shape))
+        offset += nbytes
+    assert offset == raw.numel(), "the emulator wrote an unexpected number of bytes"
+    return tensors
+
+
+@pytest.mark.parametrize("dtype", list(CODES), ids=str)
 @pytest.mark.parametrize("case", list(EMULATED_CASES))
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_kernels_emulated_on_cpu_match_float64(emulator, tmp_path, dtype, case, causal):
     B, H, Hkv, Tq, Tk, D = EMULATED_CASES[case]
     g = torch.Generator().manual_seed(Tq * 100 + Tk)
     q, k, v, grad_out = (
-        torch.randn(*shape, generator=g, dtype=dtype)
+        torch.randn(*shape, generator=g, dtype=torch.float64)
         for shape in ((B, H, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D), (B, H, Tq, D))
     )
-    (tmp_path / "in.bin").write_bytes(b"".join(t.numpy().tobytes() for t in (q, k, v, grad_out)))
     scale = D**-0.5
-    args = [str(x) for x in ("d" if dtype == torch.float64 else "f", B, H, Hkv, Tq, Tk, D)]
-    args += [str(int(causal)), repr(scale), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")]
-    subprocess.run([str(emulator), *args], check=True, timeout=120)
 
-    raw = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=q.numpy().dtype))
-    out, lse, dq, dk, dv = raw.split([q.numel(), B * H * Tq, q.numel(), k.numel(), k.numel()])
-    leaves = [t.double().requires_grad_() for t in (q, k, v)]
-    ref_out, ref_lse = reference_attention_with_lse(*leaves, causal, scale)
-    ref_grads = torch.autograd.grad(ref_out, leaves, grad_out.double())
-    atol = 1e-12 if dtype == torch.float64 else 1e-5
-    got = {"out": out, "dq": dq, "dk": dk, "dv": dv}
-    for (name, value), ref in zip(got.items(), (ref_out, *ref_grads), strict=True):
-        torch.testing.assert_close(value.double(), ref.flatten(), atol=atol, rtol=0, msg=name)
-    lse, ref_lse = lse.double(), ref_lse.flatten()
-    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
-    finite = torch.isfinite(ref_lse)
-    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=atol, rtol=0)
+    class Emulated(torch.autograd.Function):
+        """The emulator as an autograd op, so the shared float64 rule (tests/oracle.py) applies."""
+
+        @staticmethod
+        def forward(ctx, q, k, v):
+            out, lse, *ctx.grads = run_emulator(
+                emulator, tmp_path, q, k, v, grad_out.to(q.dtype), causal, scale
+            )
+            ref_lse = reference_attention_with_lse(q.double(), k.double(), v.double(), causal)[1]
+            assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "rows without keys"
+            finite = torch.isfinite(ref_lse)
+            tol = 1e-12 if dtype == torch.float64 else 1e-5  # lse is fp32 or fp64
+            torch.testing.assert_close(lse.double()[finite], ref_lse[finite], atol=tol, rtol=0)
+            return out
+
+        @staticmethod
+        def backward(ctx, g):
+            assert torch.equal(g, grad_out.to(g.dtype)), "emulated with another grad_out"
+            return tuple(ctx.grads)
+
+    leaves = [t.to(dtype) for t in (q, k, v)]
+    if dtype != torch.float64:  # flash-attn's rule: at most 2x plain PyTorch's error in dtype
+        check_against_float64(
+            Emulated.apply, leaves, lambda *t: t, grad_out, causal, what=f"emulated {case}"
+        )
+        return
+    # float64 is the oracle's own dtype (plain PyTorch has no error there): absolute bound.
+    leaves = [t.requires_grad_() for t in leaves]
+    out = Emulated.apply(*leaves)
+    ref_out = reference_attention_with_lse(*leaves, causal, scale)[0]
+    for name, got, ref in zip(
+        ["out", "dq", "dk", "dv"],
+        [out, *torch.autograd.grad(out, leaves, grad_out)],
+        [ref_out, *torch.autograd.grad(ref_out, leaves, grad_out)],
+        strict=True,
+    ):
+        torch.testing.assert_close(got, ref, atol=1e-12, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
