@@ -1,9 +1,13 @@
 """The C++ extension's ops called directly: gradcheck in float64, lse, both backward schedules,
-strided inputs, clear errors, and memory that grows with T rather than T^2.
+strided inputs, clear errors, memory that grows with T rather than T^2, and fastgpt without it.
 
 The shared correctness matrix (every dtype and shape family against float64) runs the cpp backend
 through fastgpt.attention in tests/test_attention.py; opcheck is in tests/test_ops.py.
 """
+
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -12,7 +16,7 @@ import fastgpt  # noqa: F401  (registers fake implementations and autograd for t
 from fastgpt import _extension
 from fastgpt.reference import reference_attention_with_lse
 
-pytestmark = pytest.mark.skipif(
+needs_cpp = pytest.mark.skipif(
     not _extension.cpp_available(), reason=f"fastgpt._C not built ({_extension.load_error})"
 )
 
@@ -40,6 +44,7 @@ GRADCHECK_CASES = {
 }
 
 
+@needs_cpp
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(GRADCHECK_CASES))
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
@@ -74,6 +79,7 @@ def check_close_to_reference(q, k, v, causal, scale, grad_out, atol):
 
 
 # Lengths that cross the CPU tiles (64 query rows, 256 keys) with ragged tails.
+@needs_cpp
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "shape", [(1, 2, 1, 300, 600, 32), (2, 2, 2, 600, 300, 16), (1, 4, 2, 257, 257, 8)], ids=str
@@ -94,6 +100,7 @@ def test_tiles_and_both_backward_schedules(device, shape, causal, threads):
         torch.set_num_threads(before)
 
 
+@needs_cpp
 @pytest.mark.parametrize("device", DEVICES)
 def test_strided_views_and_expanded_grad(device):
     # nanoGPT layout: q, k, v are transposed slices of one (B, T, 3C) projection.
@@ -109,6 +116,7 @@ def test_strided_views_and_expanded_grad(device):
     check_close_to_reference(q, k, v, True, 0.25, grad_out, atol=1e-10)
 
 
+@needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_low_precision_outputs_keep_dtype_and_fp32_lse(dtype):
     q, k, v = (draw(1, 2, 33, 16, dtype=dtype, seed=s) for s in range(3))
@@ -120,6 +128,7 @@ def test_low_precision_outputs_keep_dtype_and_fp32_lse(dtype):
     torch.testing.assert_close(lse.double(), ref_lse, atol=tol, rtol=0)
 
 
+@needs_cpp
 def test_empty_inputs():
     q, k = torch.zeros(0, 2, 5, 8), torch.zeros(0, 2, 5, 8)
     out, lse = forward(q, k, k, True, 1.0)
@@ -138,6 +147,7 @@ BAD_INPUTS = {
 }
 
 
+@needs_cpp
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_shapes_raise_one_sentence(case):
     q_shape, k_shape, error, words = BAD_INPUTS[case]
@@ -147,6 +157,7 @@ def test_bad_shapes_raise_one_sentence(case):
     assert str(q_shape[-1]) in str(info.value)  # the message names the shapes
 
 
+@needs_cpp
 def test_bad_dtypes_raise_type_error():
     q = torch.randn(1, 2, 8, 16)
     with pytest.raises(TypeError, match="one dtype"):
@@ -160,6 +171,7 @@ def test_bad_dtypes_raise_type_error():
         torch.ops.fastgpt.cpp_attention_backward(q, q, q, q, out, lse[:, :, :4], True, 1.0)
 
 
+@needs_cpp
 def test_memory_grows_linearly_with_length():
     # fp32 forward + backward at T = 4096: the (T, T) score matrix alone would be 64 MiB.
     T, D = 4096, 64
@@ -173,3 +185,37 @@ def test_memory_grows_linearly_with_length():
     tensor_bytes = T * D * 4
     assert allocations and max(allocations) <= tensor_bytes, f"largest: {max(allocations)} bytes"
     assert sum(allocations) <= 8 * tensor_bytes, f"{sum(allocations) / 2**20:.1f} MiB allocated"
+
+
+def test_import_without_the_extension_warns_once_and_falls_back():
+    # A fresh interpreter where `fastgpt._C` cannot be imported, as after FASTGPT_NO_EXTENSION=1.
+    script = textwrap.dedent(
+        """
+        import importlib.abc, sys, warnings
+
+        class NoExtension(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "fastgpt._C":
+                    raise ImportError("fastgpt._C blocked for the test")
+
+        sys.meta_path.insert(0, NoExtension())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import fastgpt
+            import fastgpt._extension
+            import fastgpt.ops  # already imported: must not warn again
+        messages = [str(w.message) for w in caught if "C++ extension" in str(w.message)]
+        assert len(messages) == 1 and "blocked for the test" in messages[0], messages
+        assert not fastgpt._extension.cpp_available()
+        assert not fastgpt._extension.cpp_supports("cpu")
+        assert "cpp" not in fastgpt.available_backends("cpu")
+        import torch
+        q = torch.randn(1, 2, 5, 8)
+        assert fastgpt.attention(q, q, q).shape == q.shape  # the reference path runs
+        print("ok")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
