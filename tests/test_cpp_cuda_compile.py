@@ -24,6 +24,13 @@ from fastgpt.reference import reference_attention_with_lse
 KERNELS = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
 EMULATOR = Path(__file__).resolve().parent / "cpp_cuda_emulator.cpp"
 A100_SHARED_BYTES = 163 * 1024
+# What torch.utils.cpp_extension.CUDAExtension passes to nvcc: no implicit half conversions.
+TORCH_NVCC_DEFINES = [
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+]
 TYPES = [("float", "float"), ("double", "double"), ("__half", "float"), ("__nv_bfloat16", "float")]
 
 
@@ -50,7 +57,7 @@ def instantiations() -> str:
 
 
 def nvcc(args: list[str], cwd: Path) -> None:
-    cmd = [NVCC, "-std=c++17", "-O2", f"-I{KERNELS}", *args]
+    cmd = [NVCC, "-std=c++17", "-O2", *TORCH_NVCC_DEFINES, f"-I{KERNELS}", *args]
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
 
