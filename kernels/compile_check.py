@@ -78,6 +78,24 @@ def cases(arch: int, dtypes=("bf16", "fp32")):
         yield "combine", dtype, 256, (0, 0, 4, 1)
 
 
+# Code paths the table runs do not take (they compile causal, even head dims, positive scale,
+# unspecialised lengths): kernel -> constexpr overrides, each compiled with one small config.
+VARIANTS = {
+    "fwd": [{"CAUSAL": False}, {"HEAD_DIM": 40}, {"SCALE_NEG": True}, {"Tq": 1, "Tk": 1}],
+    "dkdv": [{"CAUSAL": False}, {"HEAD_DIM": 40}, {"Tq": 1, "GROUP": 1}],
+    "dq": [{"CAUSAL": False}, {"HEAD_DIM": 40}, {"Tk": 1, "GROUP": 1}],
+    "decode": [{"HEAD_DIM": 40}, {"SCALE_NEG": True}, {"GROUP": 1}],
+}
+
+
+def variant_cases(dtypes=("fp16",)):
+    for kind, overrides in VARIANTS.items():
+        row = (16, 64, 4, 2) if kind == "decode" else (64, 64, 4, 2)
+        for dtype in dtypes:
+            for override in overrides:
+                yield kind, dtype, 64, row, override
+
+
 def _constexprs(kind: str, block_d: int, row: tuple[int, int, int, int], dtype: str) -> dict:
     block_m, block_n, _, _ = row
     base = {"HEAD_DIM": block_d, "BLOCK_D": block_d}
@@ -96,11 +114,13 @@ def _constexprs(kind: str, block_d: int, row: tuple[int, int, int, int], dtype: 
 _FUNCTIONS = {**TUNED, "preprocess": bwd_preprocess_kernel, "combine": decode_combine_kernel}
 
 
-def run_case(arch: int, kind: str, dtype: str, block_d: int, row) -> dict:
+def run_case(arch: int, kind: str, dtype: str, block_d: int, row, override=None) -> dict:
     start = time.perf_counter()
     record = {"arch": arch, "kernel": kind, "dtype": dtype, "block_d": block_d, "row": list(row)}
+    if override:
+        record["override"] = override
     try:
-        constexprs = _constexprs(kind, block_d, row, dtype)
+        constexprs = {**_constexprs(kind, block_d, row, dtype), **(override or {})}
         compiled = compile_kernel(_FUNCTIONS[kind], arch, dtype, constexprs, row[2], row[3])
         record["shared"] = compiled.metadata.shared
     except Exception as e:  # reported per case; the caller decides
@@ -114,10 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", choices=[80, 90], required=True)
     parser.add_argument("--dtype", action="append", choices=sorted(_DTYPES))
+    parser.add_argument("--variants", action="store_true", help="the VARIANTS code paths instead")
     args = parser.parse_args(argv)
     failed = False
+    dtypes = tuple(args.dtype or ("bf16", "fp32"))
     for arch in args.arch:
-        for case in cases(arch, tuple(args.dtype or ("bf16", "fp32"))):
+        for case in variant_cases(dtypes) if args.variants else cases(arch, dtypes):
             record = run_case(arch, *case)
             failed |= "error" in record or record["shared"] > record["limit"]
             print(json.dumps(record), flush=True)

@@ -7,6 +7,9 @@ has the same shape in Triton 3.6 and 3.9: the signature names every parameter (c
 The compile runs in a subprocess without TRITON_INTERPRET (conftest.py switches the interpreter on
 for this process, which replaces @triton.jit functions).
 
+One more test compiles the code paths the table does not take (non-causal, padded head dim,
+negative scale, lengths Triton specialises to 1) with one config each.
+
 16-bit configs are what autotune tries on these GPUs (fp16 and bf16 need the same shared memory,
 so bf16 stands for both). fp32 gets one config per kernel; its full-precision dots take minutes to
 compile on a small CPU, so that check runs only with FASTGPT_COMPILE_FP32=1.
@@ -22,14 +25,14 @@ import pytest
 pytest.importorskip("triton")
 
 from fastgpt.kernels import configs  # noqa: E402
-from fastgpt.kernels.compile_check import TUNED, cases  # noqa: E402
+from fastgpt.kernels.compile_check import TUNED, VARIANTS, cases  # noqa: E402
 
 
-def compile_all(arch: int, dtype: str) -> list[dict]:
+def compile_all(arch: int, dtype: str, *flags: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "fastgpt.kernels.compile_check", "--arch", str(arch)]
     proc = subprocess.run(
-        [*cmd, "--dtype", dtype], env=env, capture_output=True, text=True, timeout=1500
+        [*cmd, "--dtype", dtype, *flags], env=env, capture_output=True, text=True, timeout=1500
     )
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert records, f"compile_check printed nothing:\n{proc.stderr[-3000:]}"
@@ -40,19 +43,31 @@ def check_records(records: list[dict], arch: int, dtype: str) -> None:
     expected = {(k, d, tuple(r)) for k, t, d, r in cases(arch, (dtype,))}
     seen = {(r["kernel"], r["block_d"], tuple(r["row"])) for r in records}
     assert seen == expected, f"cases missing from the run: {expected - seen}"
+    assert_all_fit(records, arch, dtype)
+    assert {r["kernel"] for r in records} >= set(TUNED)
+
+
+def assert_all_fit(records: list[dict], arch: int, dtype: str) -> None:
     problems = [
-        f"{r['kernel']} D={r['block_d']} (BLOCK_M, BLOCK_N, warps, stages)={r['row']}: "
+        f"{r['kernel']} {r.get('override', '')} D={r['block_d']} "
+        f"(BLOCK_M, BLOCK_N, warps, stages)={r['row']}: "
         + (r["error"] if "error" in r else f"{r['shared']} bytes > {r['limit']}")
         for r in records
         if "error" in r or r["shared"] > r["limit"]
     ]
     assert not problems, f"sm_{arch} {dtype}:\n" + "\n".join(problems)
-    assert {r["kernel"] for r in records} >= set(TUNED)
 
 
 @pytest.mark.parametrize("arch", [80, 90], ids=["sm80", "sm90"])
 def test_every_16bit_config_compiles_and_fits(arch):
     check_records(compile_all(arch, "bf16"), arch, "bf16")
+
+
+def test_other_code_paths_compile_for_sm90():
+    # Non-causal, padded head dim, negative scale, lengths of 1 (Triton specialises ints == 1).
+    records = compile_all(90, "fp16", "--variants")
+    assert len(records) == sum(len(v) for v in VARIANTS.values())
+    assert_all_fit(records, 90, "fp16")
 
 
 @pytest.mark.skipif(
