@@ -201,3 +201,20 @@ def test_negative_scale(tq):
     ref = grads_float64(q, k, v, grad_out, True, -0.3)
     plain = grads_plain(q, k, v, grad_out, True, -0.3)
     assert_grads_close(got, ref, plain, q.dtype, "negative scale")
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (9, 0), (8, 6)], ids=["sm80", "sm90", "sm86"])
+def test_autotune_pruning_picks_the_device_family(monkeypatch, capability):
+    # What the autotuner's early_config_prune returns on each GPU (no GPU needed to ask).
+    limit = configs.SMEM_LIMIT.get(capability, 101376)
+    monkeypatch.setattr(configs, "_device_limits", lambda t: (capability, limit))
+    for dtype, elem in ((torch.bfloat16, 2), (torch.float32, 4)):
+        q = torch.empty(1, dtype=dtype)
+        for block_d in (64, 128, 256):
+            kept = configs.prune_fwd(configs.FWD_CONFIGS, {"Q": q}, BLOCK_D=block_d, HEAD_DIM=1)
+            rows = configs.select_rows("fwd", capability, block_d, elem, limit)
+            assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept] == [
+                (r[0], r[1]) for r in rows
+            ]
+            assert [(c.num_warps, c.num_stages) for c in kept] == [(r[2], r[3]) for r in rows]
+            assert len(kept) == 1 if elem == 4 else len(kept) >= 1
