@@ -119,18 +119,19 @@ def select_rows(
 
     16-bit inputs on sm_80 / sm_90: the whole table row group (the compile test measures every
     one). Other GPUs: the rows whose estimate fits their shared memory. fp32 inputs (a correctness
-    path: full-precision dots compile slowly) get a single config, the smallest that fits.
+    path: full-precision dots compile slowly) get a single small config.
     """
     table = TABLES[kind][family(capability)]
     rows = next(group for dims, group in table.items() if block_d in dims)
     measured = SMEM_LIMIT.get(capability)
     if elem == 2 and measured is not None and smem_limit >= measured:
         return rows
-    fits = [r for r in rows if estimate_smem(kind, r, block_d, elem) <= smem_limit]
     if elem == 4:
-        smallest = min(rows, key=lambda r: r[0] * r[1] * r[3])
-        bm, bn, warps, stages = min(fits, key=lambda r: r[0] * r[1] * r[3]) if fits else smallest
-        return [(bm, bn, warps, min(stages, 2) if fits else 1)]
+        # Small tiles: full-precision fp32 dots unroll into FMAs, and big tiles take ~30 s each
+        # to compile (measured on sm_80) for a path that is about accuracy, not speed.
+        row = (16, 32, 4, 1) if kind == "decode" else (32, 32, 4, 1)
+        return [row if estimate_smem(kind, row, block_d, elem) <= smem_limit else (16, 16, 4, 1)]
+    fits = [r for r in rows if estimate_smem(kind, r, block_d, elem) <= smem_limit]
     if fits:
         return fits
     # Nothing fits (a small-smem GPU at D=256): the smallest tile, one stage.
