@@ -52,6 +52,7 @@ _decode = triton.autotune(
 )(decode_split_kernel)
 
 DECODE_MIN_KEYS = 256  # Tq == 1 with at least this many keys takes the split-K decode kernel
+DECODE_MAX_SPLITS = 64  # the merge holds all partials of a row in registers: (splits, D) fp32
 _DECODE_CHUNK_ALIGN = max(c.kwargs["BLOCK_N"] for c in DECODE_CONFIGS)  # every BLOCK_N divides it
 _DECODE_MIN_CHUNK = 16 if INTERPRET else 512  # keys per split, at least
 
@@ -109,7 +110,8 @@ def decode_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-K forward for one query row: q (B, H, 1, D). Causal or not is the same here.
 
-    num_splits defaults to enough programs to fill the GPU about four times over.
+    num_splits defaults to enough programs to fill the GPU about four times over (at most
+    DECODE_MAX_SPLITS).
     """
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, H, Tq, D = q.shape
@@ -117,7 +119,8 @@ def decode_forward(
     group = H // Hkv
     if num_splits is None:
         num_splits = triton.cdiv(4 * _sm_count(q.device), B * Hkv)
-    chunk = max(triton.cdiv(Tk, max(num_splits, 1)), _DECODE_MIN_CHUNK)
+    num_splits = min(max(num_splits, 1), DECODE_MAX_SPLITS)
+    chunk = max(triton.cdiv(Tk, num_splits), _DECODE_MIN_CHUNK)
     chunk = triton.cdiv(chunk, _DECODE_CHUNK_ALIGN) * _DECODE_CHUNK_ALIGN
     splits = triton.cdiv(Tk, chunk)  # every split holds at least one key
 

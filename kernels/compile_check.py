@@ -108,7 +108,7 @@ def _constexprs(kind: str, block_d: int, row: tuple[int, int, int, int], dtype: 
         return {**base, **precision, "BLOCK_G": 16, "BLOCK_N": block_n, "SCALE_NEG": False}
     if kind == "preprocess":
         return {**base, "BLOCK_M": block_m}
-    return {**base, "BLOCK_S": 128}  # combine
+    return {**base, "BLOCK_S": 64}  # combine, at attention.DECODE_MAX_SPLITS
 
 
 _FUNCTIONS = {**TUNED, "preprocess": bwd_preprocess_kernel, "combine": decode_combine_kernel}
