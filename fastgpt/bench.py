@@ -689,6 +689,7 @@ def plot(results: dict, path: Path) -> list[Path]:
                 if pts:
                     ax.plot(*zip(*pts, strict=True), marker="o", label=name)
             ax.set_xscale("log", base=2)
+            ax.set_ylim(bottom=0)
             ax.set_title(f"{dtype_name} D={d} {'causal' if causal else 'full'} {mode}", fontsize=9)
             ax.set_xlabel("T")
             ax.set_ylabel("TFLOP/s")
@@ -707,6 +708,7 @@ def plot(results: dict, path: Path) -> list[Path]:
             ax.plot(*zip(*pts, strict=True), marker="o", label=name)
         ax.axhline(results["copy_gbps"], color="k", ls="--", lw=1, label="copy bandwidth")
         ax.set_xscale("log", base=2)
+        ax.set_ylim(bottom=0)
         ax.set(xlabel="keys (Tk)", ylabel="GB/s", title=f"decode, {results['machine']['name']}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -749,7 +751,7 @@ PROFILES = {
         hidden=512,
         tokens=1024,
         seqlens=[128, 256, 512],
-        decode_lens=[1024, 4096],
+        decode_lens=[16384, 65536],  # KV of 32 and 128 MiB: beyond the caches
         decode_head_dim=64,
         warmup_ms=25,
         rep_ms=100,
