@@ -322,7 +322,7 @@ def measure(
     except Exception as exc:  # any provider may fail on any configuration: record why, go on
         record["error"] = _error_text(exc)
     finally:
-        q = k = v = out = fn = None  # noqa: F841  (free before the next provider allocates)
+        q = k = v = out = grad_out = grads = fn = None  # noqa: F841  (free before the next one)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return record
