@@ -198,7 +198,8 @@ def test_peak_memory_sees_the_reference_score_matrix():
 
 def test_training_benchmark_runs_tiny(tmp_path):
     train = _load_script("train")
-    attention = ["reference", "sdpa"] + (["cpp"] if "cpp" in fastgpt.available_backends("cpu") else [])
+    cpp = ["cpp"] if "cpp" in fastgpt.available_backends("cpu") else []
+    attention = ["reference", "sdpa", *cpp]
     assert train.main(["--tiny", "--out", str(tmp_path), "--attention", ",".join(attention)]) == 0
     (path,) = tmp_path.glob("*-train-tiny.json")
     results = json.loads(path.read_text())
