@@ -25,14 +25,12 @@ the rest see every key, so top-left is a causal call on q[..., :Tk, :] and a ful
 import torch
 from torch import Tensor
 
-from fastgpt.attention import _DTYPES, attention, debug, select_backend
+from fastgpt.attention import _DTYPES, MAX_HEAD_DIM, attention, debug, select_backend
 
 # torch's own SDPA, taken once at import. F.scaled_dot_product_attention is this very builtin, so
 # after `F.scaled_dot_product_attention = fastgpt.scaled_dot_product_attention` the fallback still
 # reaches torch's implementation and never calls back into fastgpt.
 _torch_sdpa = torch._C._nn.scaled_dot_product_attention
-
-_MAX_HEAD_DIM = 256
 
 
 def _log_path(entry: str, path: str, reason: str) -> None:
@@ -73,7 +71,7 @@ def _sdpa_fallback_reason(
     if query.shape[:-3] != key.shape[:-3] or key.shape[:-1] != value.shape[:-1]:
         return f"batch shapes {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
     head_dim = query.shape[-1]
-    if not key.shape[-1] == value.shape[-1] == head_dim or not 1 <= head_dim <= _MAX_HEAD_DIM:
+    if not key.shape[-1] == value.shape[-1] == head_dim or not 1 <= head_dim <= MAX_HEAD_DIM:
         return f"head dims {head_dim}, {key.shape[-1]}, {value.shape[-1]}"
     q_heads = query.shape[-3] if query.dim() >= 3 else 1
     kv_heads = key.shape[-3] if key.dim() >= 3 else 1
