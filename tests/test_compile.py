@@ -69,9 +69,10 @@ def compare_compiled(model, make_inputs, seq_dim, loss_of, compiler="aot_eager")
 
 
 @pytest.fixture(autouse=True)
-def no_recompiles(monkeypatch):
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+def no_recompiles():
     torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        yield
 
 
 def qkv(length: int, device: str = "cpu"):
