@@ -1,0 +1,356 @@
+"""Attention benchmark: fastgpt's kernels beside their peers, timed in the same run.
+
+    fastgpt bench                       # GPU: flash-attn's configuration, bf16 and fp16
+    fastgpt bench --tiny                # CPU smoke run at tiny sizes (the CI path)
+    fastgpt bench --device cpu --dtypes fp32 --seqlens 256,1024 --head-dims 64 --tokens 1024
+
+Providers: fastgpt-triton, fastgpt-cpp, reference (fastgpt's backends, through fastgpt.attention),
+torch SDPA per backend (sdpa-flash, sdpa-efficient, sdpa-cudnn), FlexAttention with a causal block
+mask (flex) and flash-attn's flash_attn_func when installed (flash-attn). A provider that cannot run
+a configuration (missing backend, unsupported dtype, out of memory) gets an error record instead of
+a time, so every run says what it could not measure.
+
+Timing: on CUDA the median of triton.testing.do_bench (CUDA events, L2 flushed between runs) after
+an untimed warm-up call; on CPU the median of time.perf_counter over repeated calls. FLOPs are
+counted as flash-attn does: 4 * B * H * Tq * Tk * D for the forward, halved when causal, x2.5 for
+the backward, x3.5 for forward + backward. Decode (Tq = 1 against a KV cache) is reported in GB/s
+(q, k, v read once, out written once) beside the device's measured copy bandwidth.
+
+Results: <out>/<machine>-<date>.json (machine, versions, git commit, every number; rewritten after
+each configuration, so an interrupted run keeps what it measured) and PNG plots beside it.
+
+Layout: providers.py (what is timed), timing.py (timing, memory, one measurement, CPU peak
+memory), machine.py (machine description, results files), report.py (tables, plots); the run
+loops and the command line are here, and every name other code uses is importable from here.
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fastgpt.bench.machine import (
+    PEAK_BF16_TFLOPS,
+    cpu_name,
+    device_name,
+    git_commit,
+    machine_info,
+    peak_bf16_tflops,
+    results_path,
+    slug,
+    write_json,
+)
+from fastgpt.bench.providers import Provider, available_providers
+from fastgpt.bench.report import (
+    accuracy_warnings,
+    decode_table,
+    format_number,
+    kernel_table,
+    markdown_table,
+    memory_table,
+    plot,
+    summary,
+)
+from fastgpt.bench.timing import (
+    CPU_PEERS,
+    DTYPES,
+    FLOP_FACTOR,
+    MIB,
+    MODES,
+    attention_flops,
+    copy_bandwidth_gbps,
+    cpu_attention,
+    matmul_tflops,
+    measure,
+    peak_rss_rise_mib,
+    time_ms,
+)
+from fastgpt.bench.timing import _error_text as _error_text  # bench/train.py
+from fastgpt.bench.timing import _rss_child as _rss_child  # older peak-memory child processes
+from fastgpt.bench.timing import _sync as _sync  # bench/train.py
+
+__all__ = [
+    "CPU_PEERS",
+    "DTYPES",
+    "FLOP_FACTOR",
+    "MIB",
+    "MODES",
+    "PEAK_BF16_TFLOPS",
+    "PROFILES",
+    "Provider",
+    "accuracy_warnings",
+    "attention_flops",
+    "available_providers",
+    "copy_bandwidth_gbps",
+    "cpu_attention",
+    "cpu_name",
+    "decode_table",
+    "device_name",
+    "format_number",
+    "git_commit",
+    "kernel_table",
+    "machine_info",
+    "main",
+    "markdown_table",
+    "matmul_tflops",
+    "measure",
+    "memory_table",
+    "parse_args",
+    "peak_bf16_tflops",
+    "peak_rss_rise_mib",
+    "plot",
+    "results_path",
+    "run_decode",
+    "run_kernels",
+    "slug",
+    "speedups",
+    "summary",
+    "time_ms",
+    "write_json",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Derived numbers: TFLOP/s, GB/s, speed-ups.
+
+
+def speedups(records: list[dict], providers: dict[str, bool]) -> list[dict]:
+    """Speed-up of each fastgpt provider over each other provider, per configuration and mode."""
+    by_config: dict[tuple, dict[str, float]] = {}
+    for r in records:
+        if r["ms"] is not None:
+            key = (r["dtype"], r["d"], r["tq"], r["causal"], r["mode"])
+            by_config.setdefault(key, {})[r["provider"]] = r["ms"]
+    rows = []
+    for (dtype, d, t, causal, mode), times in by_config.items():
+        for ours in (n for n in times if providers.get(n)):
+            for peer in (n for n in times if n != ours and not providers.get(n)):
+                config = dict(dtype=dtype, d=d, tq=t, causal=causal, mode=mode)
+                rows.append(
+                    dict(fastgpt=ours, peer=peer, **config, speedup=times[peer] / times[ours])
+                )
+    return rows
+
+
+def _kernel_configs(args) -> list[tuple[str, int, bool]]:
+    """(dtype, head dim, causal) groups, most important first (the run may stop on budget)."""
+    causal = {"both": (True, False), "true": (True,), "false": (False,)}[args.causal]
+    return [(dt, d, c) for dt in args.dtypes for c in causal for d in args.head_dims]
+
+
+def run_kernels(args, provs, device, results, path, started) -> None:
+    timing = (args.warmup_ms, args.rep_ms)
+    for dtype_name, d, causal in _kernel_configs(args):
+        h = args.hidden // d
+        for t in args.seqlens:
+            label = f"{dtype_name} D={d} causal={causal} T={t}"
+            if time.perf_counter() - started > args.budget_s:
+                results["skipped"].append(label)
+                continue
+            b = max(1, args.tokens // t)
+            shape = dict(batch=b, heads=h, kv_heads=h, tq=t, tk=t, d=d)
+            for p in provs.values():
+                for mode in args.modes:
+                    check = mode == "fwd" and t == args.seqlens[0]
+                    dtype = DTYPES[dtype_name]
+                    r = measure(p, shape, dtype, causal, mode, device, *timing, check=check)
+                    if r["ms"] is not None:
+                        flops = attention_flops(b, h, t, t, d, causal, mode)
+                        r["tflops"] = flops / (r["ms"] * 1e-3) / 1e12
+                    results["kernel"].append({**r, "dtype": dtype_name, "causal": causal, **shape})
+            print(f"  {label}: done ({time.perf_counter() - started:.0f} s)", flush=True)
+            write_json(path, results)
+
+
+def run_decode(args, provs, device, results, path, started) -> None:
+    dtype = DTYPES[args.dtypes[0]]
+    d = args.decode_head_dim
+    h = args.hidden // d
+    hkv = args.decode_kv_heads or h
+    elem = torch.finfo(dtype).bits // 8
+    timing = (args.warmup_ms, args.rep_ms)
+    for tk in args.decode_lens:
+        if time.perf_counter() - started > args.budget_s:
+            results["skipped"].append(f"decode Tk={tk}")
+            continue
+        shape = dict(batch=args.decode_batch, heads=h, kv_heads=hkv, tq=1, tk=tk, d=d)
+        nbytes = (2 * args.decode_batch * hkv * tk * d + 2 * args.decode_batch * h * d) * elem
+        for p in provs.values():
+            check = tk == args.decode_lens[0]
+            r = measure(p, shape, dtype, True, "fwd", device, *timing, check=check)
+            if r["ms"] is not None:
+                r["gbps"] = nbytes / (r["ms"] * 1e-3) / 1e9
+                r["copy_fraction"] = r["gbps"] / results["copy_gbps"]
+            results["decode"].append({**r, "dtype": args.dtypes[0], "causal": True, **shape})
+        write_json(path, results)
+    print(f"  decode: done ({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _names(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
+# Defaults per run: "gpu" is flash-attn's benchmark configuration (hidden 2048, 16k tokens a
+# batch); "cpu" a size a laptop finishes in minutes; "tiny" the smoke test's.
+PROFILES = {
+    "gpu": dict(
+        dtypes=["bf16", "fp16"],
+        head_dims=[128, 64],
+        hidden=2048,
+        tokens=16384,
+        seqlens=[512 << i for i in range(6)],  # 512 .. 16k
+        decode_lens=[1024 << i for i in range(8)],  # 1k .. 128k
+        decode_head_dim=128,
+        warmup_ms=25,
+        rep_ms=100,
+    ),
+    "cpu": dict(
+        dtypes=["fp32"],
+        head_dims=[64],
+        hidden=512,
+        tokens=1024,
+        seqlens=[128, 256, 512],
+        decode_lens=[16384, 65536],  # KV of 32 and 128 MiB: beyond the caches
+        decode_head_dim=64,
+        warmup_ms=25,
+        rep_ms=100,
+    ),
+    "tiny": dict(
+        dtypes=["fp32"],
+        head_dims=[16],
+        hidden=32,
+        tokens=64,
+        seqlens=[16, 32],
+        decode_lens=[64, 128],
+        decode_head_dim=16,
+        warmup_ms=1,
+        rep_ms=5,
+    ),
+}
+
+
+def _jsonable(value):
+    if isinstance(value, Path | torch.device):
+        return str(value)
+    return None if isinstance(value, float) and math.isinf(value) else value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="fastgpt bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run at tiny sizes")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    ap.add_argument("--dtypes", type=_names, default=None, help="comma list of bf16,fp16,fp32")
+    ap.add_argument("--head-dims", type=_ints, default=None, help="default 128,64")
+    ap.add_argument("--hidden", type=int, default=None, help="heads = hidden / D (default 2048)")
+    ap.add_argument("--tokens", type=int, default=None, help="batch = tokens / T (default 16384)")
+    ap.add_argument("--seqlens", type=_ints, default=None, help="default 512,...,16384")
+    ap.add_argument("--modes", type=_names, default=list(MODES), help="fwd,bwd,fwd_bwd")
+    ap.add_argument("--causal", choices=("both", "true", "false"), default="both")
+    ap.add_argument("--providers", type=_names, default=None, help="default: all that import")
+    ap.add_argument("--skip-providers", type=_names, default=[], help="leave these out")
+    ap.add_argument("--decode-lens", type=_ints, default=None, help="KV lengths, default 1k..128k")
+    ap.add_argument("--decode-head-dim", type=int, default=None, help="default 128")
+    ap.add_argument("--decode-kv-heads", type=int, default=None, help="default: = heads (MHA)")
+    ap.add_argument("--decode-batch", type=int, default=1)
+    ap.add_argument("--no-kernel", action="store_true", help="skip the prefill/training shapes")
+    ap.add_argument("--no-decode", action="store_true", help="skip the decode benchmark")
+    ap.add_argument("--warmup-ms", type=float, default=None, help="do_bench warm-up (default 25)")
+    ap.add_argument("--rep-ms", type=float, default=None, help="do_bench repetition (default 100)")
+    ap.add_argument(
+        "--budget-s", type=float, default=float("inf"), help="start no new shape after this long"
+    )
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--full-table", action="store_true", help="print every configuration")
+    ap.add_argument(
+        "--from-json", type=Path, default=None, help="redraw the plots and tables of a results file"
+    )
+    args = ap.parse_args(argv)
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    args.device = torch.device(args.device)
+    profile = "tiny" if args.tiny else "cpu" if args.device.type == "cpu" else "gpu"
+    out = Path("bench/results/tiny" if args.tiny else "bench/results")
+    defaults = {**PROFILES[profile], "out": out}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for name in args.dtypes:
+        if name not in DTYPES:
+            ap.error(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
+    for mode in args.modes:
+        if mode not in MODES:
+            ap.error(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    for d in args.head_dims + [args.decode_head_dim]:
+        if d <= 0 or args.hidden % d:
+            ap.error(f"hidden size {args.hidden} is not a multiple of head dim {d}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.from_json is not None:
+        results = json.loads(args.from_json.read_text())
+        pngs = [] if args.no_plot else plot(results, args.from_json)
+        print("\n".join(["", *map(str, pngs), "", summary(results, args.full_table)]))
+        return 0
+    device = args.device
+    provs = available_providers(device)
+    if args.providers is not None:
+        unknown = [n for n in args.providers if n not in provs]
+        if unknown:
+            have = ", ".join(provs)
+            print(f"not available here: {', '.join(unknown)} (have {have})", file=sys.stderr)
+            return 2
+        provs = {n: provs[n] for n in args.providers}
+    provs = {n: p for n, p in provs.items() if n not in args.skip_providers}
+    path = results_path(args.out, device, "-tiny" if args.tiny else "")
+    started = time.perf_counter()
+    results = {
+        "schema": 1,
+        "machine": machine_info(device),
+        "args": {k: _jsonable(v) for k, v in vars(args).items()},
+        "providers": list(provs),
+        "flops": "4*B*H*Tq*Tk*D, x0.5 causal, x2.5 bwd, x3.5 fwd_bwd (flash-attn)",
+        "copy_gbps": None,
+        "kernel": [],
+        "decode": [],
+        "speedups": [],
+        "skipped": [],
+        "complete": False,
+    }
+    print(
+        f"fastgpt bench on {results['machine']['name']}: {', '.join(provs)} -> {path}", flush=True
+    )
+    copy_bytes = 2**30 if device.type == "cuda" else 64 * MIB
+    results["copy_gbps"] = copy_bandwidth_gbps(device, copy_bytes, args.warmup_ms, args.rep_ms)
+    print(f"  copy bandwidth: {results['copy_gbps']:.0f} GB/s", flush=True)
+    # Decode first: it is quick, and the run may stop on budget before the last kernel shapes.
+    if not args.no_decode:
+        run_decode(args, provs, device, results, path, started)
+    if not args.no_kernel:
+        run_kernels(args, provs, device, results, path, started)
+    results["speedups"] = speedups(results["kernel"], {n: p.fastgpt for n, p in provs.items()})
+    results["complete"] = not results["skipped"]
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    write_json(path, results)
+    print(summary(results, full=True) if args.full_table else "")
+    pngs = [] if args.no_plot else plot(results, path)
+    print("\n".join(["", *map(str, [path, *pngs]), ""]))
+    if results["skipped"]:
+        print(f"skipped on budget: {', '.join(results['skipped'])}")
+    print(summary(results, full=False))
+    return 0
