@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from fastgpt.reference import reference_attention_with_lse
+from fastgpt.reference import causal_mask, reference_attention_with_lse
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRETED = DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -42,10 +42,8 @@ def flash_backward_floor(q, k, v, grad_out, causal, scale, dtype):
     group = H // Hkv
     k_, v_ = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # (B, H, Tk, D)
     s = scale * q @ k_.transpose(-2, -1)  # (B, H, Tq, Tk)
-    visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
     if causal:
-        visible = visible.tril(diagonal=Tk - Tq)
-    s = s.masked_fill(~visible, float("-inf"))
+        s = s.masked_fill(~causal_mask(Tq, Tk, q.device), float("-inf"))
     lse = torch.logsumexp(s, -1, keepdim=True)  # (B, H, Tq, 1)
     p = torch.exp(s - lse).nan_to_num(0.0)  # rows that see no key: 0
     rel_p = eps * (1 + lse.abs().nan_to_num(0.0, posinf=0.0))  # (B, H, Tq, 1)
