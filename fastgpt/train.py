@@ -200,7 +200,12 @@ def train(cfg: TrainConfig) -> dict:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     threads = torch.get_num_threads()
     try:
-        return _train(cfg, rank, world, device)
+        metrics = _train(cfg, rank, world, device)
+        if world > 1:
+            # Rank 0 still writes the last checkpoint and plots: no rank may tear its process
+            # group down while a peer can still talk to it (gloo aborts the process then).
+            dist.barrier()
+        return metrics
     finally:
         torch.set_num_threads(threads)
         if world > 1 and dist.is_initialized():
