@@ -26,25 +26,18 @@ namespace = {"__name__": "__walkthrough__"}
 for number, source in enumerate(blocks, 1):
     print(f"--- block {number} of {len(blocks)}", flush=True)
     exec(compile(source, f"walkthrough.md block {number}", "exec"), namespace)
-print("KERNEL_BACKENDS=" + json.dumps(namespace["kernel_backends"]))
+print("KERNEL_BACKENDS=" + json.dumps(namespace.get("kernel_backends")))
 """
 
 
 def python_blocks(text: str) -> list[str]:
+    """The source of every ```python fenced block of a markdown text, in order."""
     return BLOCK.findall(text)
 
 
-def test_blocks_are_found():
-    blocks = python_blocks(WALKTHROUGH.read_text())
-    assert len(blocks) >= 10
-    assert "TRITON_INTERPRET" in blocks[0]
-    assert python_blocks("```python\na = 1\n```\ntext\n```bash\nls\n```\n") == ["a = 1\n"]
-
-
-def test_walkthrough_runs_in_order():
-    blocks = python_blocks(WALKTHROUGH.read_text())
+def run_blocks(blocks: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", RUNNER],
         input=json.dumps(blocks),
         capture_output=True,
@@ -52,6 +45,24 @@ def test_walkthrough_runs_in_order():
         env=env,
         timeout=300,
     )
+
+
+def test_blocks_are_found():
+    blocks = python_blocks(WALKTHROUGH.read_text())
+    assert len(blocks) >= 10
+    assert "TRITON_INTERPRET" in blocks[0]
+    markdown = "```python\na = 1\n```\ntext\n```bash\nls\n```\n```python\nb = a\n```\n"
+    assert python_blocks(markdown) == ["a = 1\n", "b = a\n"]
+
+
+def test_runner_shares_one_namespace_and_fails_on_a_failed_assert():
+    assert run_blocks(["a = 1\n", "assert a == 1\n"]).returncode == 0
+    failed = run_blocks(["a = 1\n", "assert a == 2\n"])
+    assert failed.returncode != 0 and "block 2" in failed.stderr
+
+
+def test_walkthrough_runs_in_order():
+    result = run_blocks(python_blocks(WALKTHROUGH.read_text()))
     assert result.returncode == 0, f"walkthrough failed:\n{result.stdout}\n{result.stderr}"
     ran = json.loads(result.stdout.rsplit("KERNEL_BACKENDS=", 1)[1])
     # Step 9 checked every compiled backend that can run on CPU tensors here.
