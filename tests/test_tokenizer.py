@@ -10,9 +10,11 @@ from fastgpt.tokenizer import END, build_tokenizer, load_tokenizer, save_tokeniz
 CORPUS = data.DEFAULT_CORPUS
 
 
-def test_embedded_corpus_is_the_nursery_rhyme():
+def test_embedded_corpus_is_the_notebooks_rhyme():
     lines = CORPUS.splitlines()
-    assert len(lines) == 16 and lines[0] == "Mary had a little lamb,"
+    assert len(lines) == 16 and lines[0] == "mary had a little lamb"
+    assert len(set(CORPUS.split())) == 34
+    assert data.EMBEDDED["poem"].splitlines()[0] == "Mary had a little lamb,"
 
 
 def test_word_tokenizer_lowercases_and_closes_lines():
@@ -22,7 +24,8 @@ def test_word_tokenizer_lowercases_and_closes_lines():
     assert " ".join(words) == "mary had a little lamb <END> its fleece was white as snow <END>"
     assert tok.decode(ids) == "mary had a little lamb\nits fleece was white as snow\n"
     assert tok.vocab[0] == END and tok.start_id() == 0
-    assert tok.vocab_size == len(set(tok.vocab)) == 58
+    assert tok.vocab_size == len(set(tok.vocab)) == 35  # the notebook's: 34 words + <END>
+    assert len(tok.encode(CORPUS)) == 106 and tok.encode(CORPUS).count(0) == 16
     # A prompt leaves its last line open, so the model continues it.
     prompt = tok.encode("Mary had a", close_lines=False)
     assert [tok.vocab[i] for i in prompt] == ["mary", "had", "a"]
@@ -30,7 +33,7 @@ def test_word_tokenizer_lowercases_and_closes_lines():
 
 def test_word_tokenizer_unknown_words_are_a_clear_error():
     tok = build_tokenizer("word", CORPUS)
-    with pytest.raises(ValueError, match=r"Unknown words 'dog', 'zebra'.* has only the 58 words"):
+    with pytest.raises(ValueError, match=r"Unknown words 'dog', 'zebra'.* has only the 35 words"):
         tok.encode("mary had a zebra and a dog")
     with pytest.raises(ValueError, match="no words"):
         build_tokenizer("word", "!!! ...\n")
@@ -96,11 +99,20 @@ def test_read_text_clear_errors(tmp_path):
 
 
 def test_split_keeps_a_context_for_validation():
-    ids = np.arange(105, dtype=np.uint16)
+    ids = np.arange(1000, dtype=np.uint16)
     train, val = data.split(ids, block_size=6)
-    assert len(val) == 10 and len(train) == 95 and val[0] == 95
-    with pytest.raises(ValueError, match="too few for a context of 64 tokens"):
-        data.split(ids, block_size=64)
+    assert len(val) == 100 and len(train) == 900 and val[0] == 900
+
+
+def test_split_of_a_small_corpus_is_all_training():
+    """10% of 105 tokens is 10: fewer than 8 windows of 7, so no validation split at all."""
+    ids = np.arange(105, dtype=np.uint16)
+    assert data.too_small_for_validation(105, block_size=6)
+    train, val = data.split(ids, block_size=6)
+    assert len(train) == 105 and len(val) == 0
+    assert not data.too_small_for_validation(560, block_size=6)  # 56 = 8 x 7: just enough
+    with pytest.raises(ValueError, match="105 tokens, too few for a context of 128 tokens"):
+        data.split(ids, block_size=128)
 
 
 def test_cached_split_memmap_is_written_once(tmp_path):
