@@ -2,6 +2,8 @@
 
     fastgpt train                      # tiny GPT, embedded corpus, best device; prints a sample
     fastgpt sample --ckpt out --prompt "mary had a"
+    fastgpt train --task seq2seq       # encoder-decoder: rhyme lines -> reversed
+    fastgpt sample --ckpt out --prompt "mary had a little lamb"   # translates (seq2seq ckpt)
     fastgpt bench ...                  # kernel benchmarks (fastgpt.bench)
 
 Bad input ends with one line `fastgpt: error: ...` and exit status 2; FASTGPT_DEBUG=1 shows the
@@ -29,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,bench}")
 
     t = sub.add_parser("train", help="train a GPT (no arguments: tiny preset, embedded corpus)")
+    t.add_argument("--task", choices=["lm", "seq2seq"], default="lm", help="seq2seq: translation")
     t.add_argument("--data", help="UTF-8 text file or folder of .txt files (default: embedded)")
     t.add_argument("--tokenizer", choices=["word", "char", "bpe"], help="default: the preset's")
     t.add_argument("--bpe-vocab-size", type=_positive_int, help="default: 50257 (gpt2), 1024")
@@ -53,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="sample text from a trained checkpoint")
     s.add_argument("--ckpt", default="out", help="training output folder or checkpoint folder")
     s.add_argument("--prompt", default="", help="text to continue (default: a new line)")
+    s.add_argument("--task", choices=["lm", "seq2seq"], help="default: the checkpoint's")
     s.add_argument("--tokens", type=int, default=40)
-    s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    s.add_argument("--temperature", type=float, help="0 = greedy (default: 1; seq2seq: 0)")
     s.add_argument("--top-k", type=_positive_int)
     s.add_argument("--seed", type=int)
     s.add_argument("--device", help="cuda, mps, cpu (default: the best available)")
@@ -67,13 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(options: dict) -> None:
     from fastgpt.train import train
 
+    if options.pop("task") == "seq2seq":
+        from fastgpt.translation import train_from_options
+
+        return train_from_options(options)
     train(TrainConfig(**options))
 
 
 def _sample(options: dict) -> None:
     from fastgpt.sample import sample
+    from fastgpt.translation import is_translation_checkpoint, sample_from_options
 
-    print(sample(**options))
+    task = options.pop("task")
+    if task is None:  # the checkpoint's own
+        task = "seq2seq" if is_translation_checkpoint(options["ckpt"]) else "lm"
+    if options["temperature"] is None:  # a translation is decoded greedily, text sampled
+        options["temperature"] = 0.0 if task == "seq2seq" else 1.0
+    print(sample_from_options(options) if task == "seq2seq" else sample(**options))
 
 
 def main(argv: list[str] | None = None) -> int:
