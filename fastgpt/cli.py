@@ -1,9 +1,10 @@
-"""The `fastgpt` command: train, sample, bench.
+"""The `fastgpt` command: train, sample, tokenize, bench.
 
     fastgpt train                      # tiny GPT, embedded corpus, best device; prints a sample
     fastgpt sample --ckpt out --prompt "mary had a"
     fastgpt train --task seq2seq       # encoder-decoder: rhyme lines -> reversed
     fastgpt sample --ckpt out --prompt "mary had a little lamb"   # translates (seq2seq ckpt)
+    fastgpt tokenize --data embedded:poem --vocab-size 300   # tokenizers: vocabulary vs length
     fastgpt bench ...                  # kernel benchmarks (fastgpt.bench)
 
 Bad input ends with one line `fastgpt: error: ...` and exit status 2; FASTGPT_DEBUG=1 shows the
@@ -14,6 +15,7 @@ import argparse
 import os
 import sys
 
+from fastgpt.tokenizer import KINDS
 from fastgpt.train import PRESET_TRAINING, TrainConfig
 
 
@@ -28,13 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastgpt", description="Train and sample GPTs on fastgpt's attention kernels."
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,bench}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{train,sample,tokenize,bench}"
+    )
 
     t = sub.add_parser("train", help="train a GPT (no arguments: tiny preset, embedded corpus)")
     t.add_argument("--task", choices=["lm", "seq2seq"], default="lm", help="seq2seq: translation")
     t.add_argument("--data", help="UTF-8 text file or folder of .txt files (default: embedded)")
-    t.add_argument("--tokenizer", choices=["word", "char", "bpe"], help="default: the preset's")
-    t.add_argument("--bpe-vocab-size", type=_positive_int, help="default: 50257 (gpt2), 1024")
+    t.add_argument("--tokenizer", choices=KINDS, help="default: the preset's")
+    t.add_argument(
+        "--bpe-vocab-size", type=_positive_int, help="subword vocabulary: 50257 (gpt2), else 1024"
+    )
     t.add_argument("--preset", choices=list(PRESET_TRAINING), default="tiny")
     t.add_argument("--steps", type=_positive_int)
     t.add_argument("--batch-size", type=_positive_int, help="sequences per process per micro-step")
@@ -63,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int)
     s.add_argument("--device", help="cuda, mps, cpu (default: the best available)")
     s.add_argument("--backend", choices=["auto", "triton", "cpp", "reference"])
+
+    k = sub.add_parser("tokenize", help="train tokenizers on a text; vocabulary vs length")
+    k.add_argument("--data", help="UTF-8 text file or folder, or embedded:poem (default: rhyme)")
+    k.add_argument("--tokenizer", choices=["all", *KINDS], default="all")
+    k.add_argument(
+        "--vocab-size", type=_positive_int, default=1024, help="for bpe, wordpiece, unigram"
+    )
 
     sub.add_parser("bench", help="attention benchmarks (fastgpt bench --help)", add_help=False)
     return parser
@@ -99,10 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     options = vars(parser.parse_args(argv))
     command = options.pop("command")
-    if options["backend"] == "auto":
+    if options.get("backend") == "auto":
         options["backend"] = None
     try:
-        _train(options) if command == "train" else _sample(options)
+        if command == "tokenize":
+            from fastgpt.tokenizer import tokenize_report
+
+            print(tokenize_report(**options))
+        else:
+            _train(options) if command == "train" else _sample(options)
     except (ValueError, TypeError, FileNotFoundError) as e:
         if os.environ.get("FASTGPT_DEBUG", "0") not in ("", "0"):
             raise

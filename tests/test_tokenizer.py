@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from fastgpt import data
-from fastgpt.tokenizer import END, build_tokenizer, load_tokenizer, save_tokenizer
+from fastgpt.cli import main
+from fastgpt.tokenizer import (
+    END,
+    build_tokenizer,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_stats,
+)
 
 CORPUS = data.DEFAULT_CORPUS
 
@@ -57,7 +64,46 @@ def test_bpe_tokenizer_trains_locally_and_round_trips_any_text():
     assert tok.decode(tok.encode(unseen)) == unseen  # byte-level: nothing is unknown
 
 
-@pytest.mark.parametrize("kind", ["word", "char", "bpe"])
+@pytest.mark.parametrize("kind", ["wordpiece", "unigram"])
+@pytest.mark.parametrize("text", [CORPUS, data.EMBEDDED["poem"]], ids=["rhyme", "poem"])
+def test_subword_tokenizers_round_trip_their_text(kind, text):
+    """WordPiece and Unigram (through Hugging Face tokenizers) give back the text exactly:
+    spaces travel as "▁", newlines and punctuation as pieces of their own."""
+    tok = build_tokenizer(kind, text, vocab_size=150)
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.vocab_size <= 150 and len(ids) < len(text)  # pieces longer than one character
+    pieces = [tok.hf.id_to_token(i) for i in ids]
+    assert "\n" in pieces and all(p.strip("\n") == p or p == "\n" for p in pieces)
+    # Characters the training text lacks are the unknown token: lossy, never an error. WordPiece
+    # gives up on the whole word ("▁Zq", its space too), Unigram on the unknown run of characters.
+    expected = {"wordpiece": "mary[UNK]\n", "unigram": "mary <unk>\n"}[kind]
+    assert tok.decode(tok.encode("mary Zq\n")) == expected
+
+
+def test_wordpiece_marks_continuations_and_unigram_segments():
+    wp = build_tokenizer("wordpiece", CORPUS, vocab_size=60)
+    pieces = [wp.hf.id_to_token(i) for i in wp.encode("everywhere that mary went")]
+    assert any(p.startswith("##") for p in pieces)  # 60 pieces: long words split
+    assert wp.decode(wp.encode("everywhere that mary went")) == "everywhere that mary went"
+    big = build_tokenizer("wordpiece", CORPUS, vocab_size=1000)
+    assert len(big.encode(CORPUS)) < len(wp.encode(CORPUS))  # the trade-off: vocab vs length
+    uni = build_tokenizer("unigram", CORPUS, vocab_size=40)
+    assert uni.vocab_size == 40 and uni.decode(uni.encode(CORPUS)) == CORPUS
+
+
+def test_tokenizer_stats_and_round_trip_report():
+    stats = tokenizer_stats("char", CORPUS)
+    assert stats["vocab_size"] == len(set(CORPUS)) and stats["tokens"] == len(CORPUS)
+    assert stats["tokens_per_word"] == pytest.approx(len(CORPUS) / 90)
+    assert stats["round_trip"] == "exact"
+    poem = data.EMBEDDED["poem"]
+    word = tokenizer_stats("word", poem)
+    assert word["round_trip"] == "lossy: 'Mary had' came back as 'mary had' (character 0)"
+    assert word["tokens"] == 89 + 16  # words and one <END> per line
+
+
+@pytest.mark.parametrize("kind", ["word", "char", "bpe", "wordpiece", "unigram"])
 def test_save_and_load(tmp_path, kind):
     tok = build_tokenizer(kind, CORPUS, vocab_size=300)
     save_tokenizer(tok, tmp_path / "tokenizer.json")
@@ -70,6 +116,23 @@ def test_save_and_load(tmp_path, kind):
 def test_unknown_tokenizer_kind():
     with pytest.raises(ValueError, match="Unknown tokenizer 'sentencepiece'"):
         build_tokenizer("sentencepiece", CORPUS)
+
+
+def test_cli_tokenize_prints_the_trade_off(tmp_path, capsys):
+    assert main(["tokenize", "--data", "embedded:poem", "--vocab-size", "300"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("embedded:poem: 463 characters, 89 words")
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    assert list(rows) == ["word", "char", "bpe", "wordpiece", "unigram"]
+    assert rows["char"][1:3] == ["35", "463"] and rows["word"][1:3] == ["58", "105"]
+    assert rows["bpe"][1] == "300" and rows["bpe"][-1] == "exact"
+    assert all(rows[k][-1] == "exact" for k in ("char", "bpe", "wordpiece", "unigram"))
+    (tmp_path / "t.txt").write_text("to be or not to be\n")
+    assert main(["tokenize", "--data", str(tmp_path / "t.txt"), "--tokenizer", "unigram"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3 and out[2].split()[0] == "unigram" and out[2].endswith("exact")
+    assert main(["tokenize", "--data", str(tmp_path / "missing.txt")]) == 2
+    assert "No file or folder at" in capsys.readouterr().err
 
 
 def test_read_text_file_and_folder(tmp_path):

@@ -190,7 +190,7 @@ def test_cli_bench_forwards_its_arguments(monkeypatch):
     assert seen == [["--tiny", "--out", "x"]]
 
 
-@pytest.mark.parametrize("kind", ["char", "bpe"])
+@pytest.mark.parametrize("kind", ["char", "bpe", "wordpiece", "unigram"])
 def test_train_on_a_text_file_through_a_token_memmap(tmp_path, kind):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(data.DEFAULT_CORPUS * 3)
