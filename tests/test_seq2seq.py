@@ -1,10 +1,12 @@
 """Encoder-decoder: CrossAttention and the blocks vs plain PyTorch in float64, Seq2Seq decoding with
 and without caches, and the toy translation task end to end (`fastgpt train --task seq2seq`)."""
 
+import copy
 import math
 
 import pytest
 import torch
+from oracle import rounding_floor
 
 import fastgpt
 import fastgpt.nn as fnn
@@ -82,6 +84,32 @@ def test_cross_attention_matches_plain_pytorch(backend, n_head, n_kv_head):
     assert m(x, context).shape == (2, 5, 32)
     # Keys and values projected once (as decoding does) give the same output.
     torch.testing.assert_close(m(x, kv=m.project_kv(context)), m(x, context), atol=0, rtol=0)
+
+
+@pytest.mark.skipif(
+    "triton" not in fastgpt.available_backends(), reason="Triton cannot run here, not interpreted"
+)
+def test_cross_attention_on_the_triton_kernels():
+    """float32 on the Triton kernels (interpreted on CPU): within twice plain PyTorch's float32
+    error of the float64 computation, outputs and gradients (tests/oracle.py's rule)."""
+    torch.manual_seed(3)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    m = fnn.CrossAttention(32, 4, 2, context_dim=24, backend="triton").to(device)
+    x = torch.randn(2, 5, 32, device=device, requires_grad=True)
+    context = torch.randn(2, 11, 24, device=device, requires_grad=True)
+
+    def run(module, fn, dtype):
+        module = copy.deepcopy(module).to(dtype)
+        xs = [t.detach().to(dtype).requires_grad_() for t in (x, context)]
+        out = fn(module, *xs)
+        return [out, *torch.autograd.grad(out.square().sum(), [*xs, *module.parameters()])]
+
+    got = run(m, lambda mod, a, c: mod(a, c), torch.float32)
+    plain32 = run(m, plain_cross, torch.float32)
+    exact = run(m, plain_cross, torch.float64)
+    for g, p, e in zip(got, plain32, exact, strict=True):
+        bound = 2 * (p.double() - e).abs().max().item() + rounding_floor(e, torch.float32)
+        assert (g.double() - e).abs().max().item() <= bound
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
