@@ -44,7 +44,7 @@ RESUME_OVERRIDES = ("steps", "device", "out", "compile", "stop_after", "progress
 @dataclass
 class TrainConfig:
     data: str | None = None  # .txt file or folder, or embedded:poem; None = the embedded rhyme
-    tokenizer: str | None = None  # "word", "char" or "bpe"; None = the preset's
+    tokenizer: str | None = None  # one of tokenizer.KINDS ("word", "bpe"...); None = the preset's
     bpe_vocab_size: int | None = None  # BPE vocabulary; None = 50257 for gpt2, else 1024
     preset: str = "tiny"  # model architecture: "tiny", "small" or "gpt2"
     steps: int | None = None  # optimizer steps; None = the preset's
