@@ -83,6 +83,9 @@ class Positions(nn.Module):
 
 
 class Seq2Seq(nn.Module):
+    """Token embedding shared by both sides, position embeddings per side, n_layer pre-LN encoder
+    blocks and n_layer pre-LN decoder blocks, a final LayerNorm on each side, an LM head."""
+
     def __init__(self, config: Seq2SeqConfig) -> None:
         super().__init__()
         self.config = c = config
