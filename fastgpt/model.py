@@ -1,7 +1,8 @@
 """A GPT (decoder-only transformer) whose attention runs on fastgpt's kernels.
 
 Token + learned position embeddings, pre-LayerNorm blocks (causal self-attention, then a 4x MLP,
-each added to the residual stream), a final LayerNorm and an LM head tied to the token embedding.
+each added to the residual stream), a final LayerNorm and an LM head (tied to the token embedding
+unless tie_head=False).
 GPT-2 initialisation, with the residual output projections scaled by 1/sqrt(2 * n_layer), so
 the loss at step 0 is close to ln(vocab_size).
 """
@@ -27,6 +28,7 @@ class GPTConfig:
     dropout: float = 0.0  # on embeddings, attention output and MLP output (training only)
     bias: bool = True  # biases in the linear layers and LayerNorms, as GPT-2
     activation: str = "gelu"  # MLP non-linearity: "gelu" or "relu"
+    tie_head: bool = True  # the LM head shares the token embedding's matrix (GPT-2); False: its own
     backend: str | None = None  # fastgpt.attention backend name; None picks automatically
 
     def __post_init__(self) -> None:
@@ -47,8 +49,8 @@ class GPTConfig:
 
 # Architectures only; the vocabulary size comes from the tokenizer at training time.
 PRESETS: dict[str, dict] = {
-    # The seed notebook's model: 2 layers, 2 heads, 32 dims, a 6-word context.
-    "tiny": dict(block_size=6, n_layer=2, n_head=2, n_embd=32),
+    # The seed notebook's model: 2 layers, 2 heads, 32 dims, a 6-word context, ReLU, own head.
+    "tiny": dict(block_size=6, n_layer=2, n_head=2, n_embd=32, activation="relu", tie_head=False),
     # A character-level Shakespeare-class model (as nanoGPT's shakespeare_char).
     "small": dict(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
     # GPT-2 small: 124M parameters with GPT-2's 50257-token vocabulary.
@@ -105,7 +107,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied: one matrix embeds and predicts tokens
+        if config.tie_head:
+            self.lm_head.weight = self.wte.weight  # tied: one matrix embeds and predicts tokens
 
         self.apply(self._init_weights)
         # GPT-2: each residual branch's output projection scaled by 1/sqrt(2 * n_layer), so the

@@ -28,7 +28,7 @@ from fastgpt.tokenizer import build_tokenizer, load_tokenizer, tokenizer_from_di
 
 # Defaults per preset: tokenizer, steps, batch size, learning rate, warm-up steps, BPE vocabulary.
 PRESET_TRAINING = {
-    "tiny": dict(tokenizer="word", steps=1500, batch_size=32, lr=1e-2, warmup=50),
+    "tiny": dict(tokenizer="word", steps=1500, batch_size=4, lr=1e-3, warmup=0),  # the notebook's
     "small": dict(tokenizer="char", steps=5000, batch_size=64, lr=1e-3, warmup=100),
     "gpt2": dict(tokenizer="bpe", steps=5000, batch_size=8, lr=6e-4, warmup=200),
 }
@@ -43,8 +43,8 @@ RESUME_OVERRIDES = ("steps", "device", "out", "compile", "stop_after", "progress
 
 @dataclass
 class TrainConfig:
-    data: str | None = None  # UTF-8 text file or folder of .txt files; None = embedded corpus
-    tokenizer: str | None = None  # "word", "char" or "bpe"; None = the preset's
+    data: str | None = None  # .txt file or folder, or embedded:poem; None = the embedded rhyme
+    tokenizer: str | None = None  # one of tokenizer.KINDS ("word", "bpe"...); None = the preset's
     bpe_vocab_size: int | None = None  # BPE vocabulary; None = 50257 for gpt2, else 1024
     preset: str = "tiny"  # model architecture: "tiny", "small" or "gpt2"
     steps: int | None = None  # optimizer steps; None = the preset's
@@ -220,11 +220,12 @@ def _tokenizer_and_data(cfg: TrainConfig, ckpt: Path | None, rank: int, world: i
     else:
         tok = None
         if rank == 0:
-            text = data.read_text(cfg.data) if cfg.data else data.DEFAULT_CORPUS
+            text = data.embedded_text(cfg.data) or data.read_text(cfg.data)
             tok = build_tokenizer(cfg.tokenizer, text, cfg.bpe_vocab_size).to_dict()
         tok = tokenizer_from_dict(_broadcast(tok, rank, world))
-    if cfg.data is None:
-        return tok, *data.split(data.encode(tok, data.DEFAULT_CORPUS), cfg.block_size)
+    embedded = data.embedded_text(cfg.data)
+    if embedded is not None:
+        return tok, *data.split(data.encode(tok, embedded), cfg.block_size)
     cache = Path(cfg.out) / "data"
     if rank == 0:
         data.cached_split(cfg.data, tok, cfg.block_size, cache)
@@ -309,6 +310,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
         f"{backend} ({why}); {cfg.steps} steps of {tokens_per_step:,} tokens"
         + (f", resuming at step {start}" if start else "")
     )
+    if len(val_ids) == 0:
+        log(data.no_validation_note(len(train_ids), cfg.block_size))
 
     def save(step: int) -> None:
         """Checkpoint after `step` steps (every rank joins the RNG gather; rank 0 writes)."""
@@ -386,9 +389,12 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
             pending, t_flush = [], now
         if evaluate:
             if main:
-                val = estimate_loss(raw_model, val_ids, cfg, global_batch, device, autocast)
-                history["val"].append([done, val])
-                note(f"step {done}: train loss {history['losses'][-1]:.4f}, val loss {val:.4f}")
+                line = f"step {done}: train loss {history['losses'][-1]:.4f}"
+                if len(val_ids):
+                    val = estimate_loss(raw_model, val_ids, cfg, global_batch, device, autocast)
+                    history["val"].append([done, val])
+                    line += f", val loss {val:.4f}"
+                note(line)
             save(done)
             t_flush = time.perf_counter()  # evaluation and saving are not training time
     bar.close()

@@ -151,8 +151,13 @@ def test_relu_activation_and_bias_off():
 
 
 def test_presets():
-    tiny = preset_config("tiny", vocab_size=58)
+    tiny = preset_config("tiny", vocab_size=35)
     assert (tiny.block_size, tiny.n_embd, tiny.n_head, tiny.n_layer) == (6, 32, 2, 2)
+    # The notebook's: ReLU MLP and an output head of its own (35 x 32 more parameters).
+    assert tiny.activation == "relu" and not tiny.tie_head
+    untied, tied = GPT(tiny), GPT(preset_config("tiny", vocab_size=35, tie_head=True))
+    assert untied.lm_head.weight is not untied.wte.weight and tied.lm_head.weight is tied.wte.weight
+    assert untied.num_params() - tied.num_params() == 35 * 32
     with torch.device("meta"):  # no memory for 124M parameters
         gpt2 = GPT(preset_config("gpt2", vocab_size=50257))
     assert round(gpt2.num_params(non_embedding=False) / 1e6) == 124
