@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastgpt.nn import CausalSelfAttention, KVCache
+from fastgpt.nn import AttentionFn, CausalSelfAttention, KVCache
 
 
 @dataclass
@@ -76,7 +76,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, attention_fn: AttentionFn | None = None) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(
@@ -86,6 +86,7 @@ class Block(nn.Module):
             bias=config.bias,
             dropout=config.dropout,
             backend=config.backend,
+            attention_fn=attention_fn,
         )
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
@@ -96,13 +97,19 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    """The model of config; attention_fn replaces fastgpt.attention in every block (None: keep).
+
+    attention_fn is not part of the config (it is not saved): a seam for comparing attentions
+    (bench/train.py swaps in torch SDPA) with everything else the same.
+    """
+
+    def __init__(self, config: GPTConfig, attention_fn: AttentionFn | None = None) -> None:
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, attention_fn) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied: one matrix embeds and predicts tokens

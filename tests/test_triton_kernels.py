@@ -17,6 +17,7 @@ if DEVICE.type != "cuda" and not INTERPRETED:
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
 import triton.language as tl  # noqa: E402
+
 from fastgpt.kernels import attention as ka  # noqa: E402
 from fastgpt.kernels import configs  # noqa: E402
 from fastgpt.kernels.flash_fwd import head_base_offset  # noqa: E402
