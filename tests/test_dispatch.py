@@ -7,7 +7,8 @@ import torch
 from oracle import DEVICE
 
 import fastgpt
-from fastgpt.attention import select_backend
+from fastgpt.attention import last_dim_contiguous, select_backend, unsupported_reason
+from fastgpt.envflags import env_flag
 
 
 def qkv(q_shape=(2, 4, 8, 16), k_shape=(2, 2, 8, 16), dtype=torch.float32):
@@ -57,6 +58,62 @@ def test_head_dim_over_256_is_rejected_by_kernels():
     for backend in set(fastgpt.available_backends("cpu")) - {"reference"}:
         with pytest.raises(ValueError, match="head dims 1..256"):
             fastgpt.attention(q, q, q, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_scale_is_a_clear_error(backend, scale):
+    if backend not in fastgpt.available_backends("cpu"):
+        pytest.skip(f"backend {backend} is not available on cpu")
+    with pytest.raises(ValueError, match=r"scale must be a finite number, got (nan|inf|-inf) \("):
+        fastgpt.attention(*qkv(), scale=scale, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_head_dim_zero_is_a_clear_error(backend):
+    if backend not in fastgpt.available_backends("cpu"):
+        pytest.skip(f"backend {backend} is not available on cpu")
+    with pytest.raises(ValueError, match=r"head dim.*got 0 \(q \(2, 4, 8, 0\)"):
+        fastgpt.attention(*qkv((2, 4, 8, 0), (2, 2, 8, 0)), backend=backend)
+
+
+def test_zero_kv_heads_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"key/value heads \(0\)"):
+        fastgpt.attention(*qkv(k_shape=(2, 0, 8, 16)), backend="reference")
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_unsupported_reason_is_the_sentence_attention_raises(case):
+    make, error, _ = BAD_INPUTS[case]
+    tensors = make()
+    with pytest.raises(error) as info:
+        fastgpt.attention(*tensors, backend="reference")
+    assert unsupported_reason(*tensors, "reference") == str(info.value)
+    assert unsupported_reason(*qkv(), "reference") is None
+
+
+def test_last_dim_contiguous_copies_only_what_kernels_cannot_read():
+    t = torch.randn(2, 3, 5, 4)
+    assert last_dim_contiguous(t) is t
+    outer = t.transpose(1, 2)  # any outer strides: no copy
+    assert last_dim_contiguous(outer) is outer
+    strided = t.transpose(2, 3)  # (2, 3, 4, 5), last-dim stride 4
+    copy = last_dim_contiguous(strided)
+    assert copy.is_contiguous() and torch.equal(copy, strided)
+    d1 = torch.randn(2, 3, 1, 5).transpose(2, 3)  # (2, 3, 5, 1): head dim 1, stride never used
+    assert d1.stride(-1) != 1 and last_dim_contiguous(d1) is d1
+
+
+@pytest.mark.parametrize(
+    "value,on",
+    [("1", True), ("true", True), ("Yes", True), (" on ", True), ("y", True)]
+    + [("", False), ("0", False), ("false", False), ("off", False), ("2", False)],
+)
+def test_env_flag_follows_tritons_rule(monkeypatch, value, on):
+    monkeypatch.setenv("FASTGPT_SOME_FLAG", value)
+    assert env_flag("FASTGPT_SOME_FLAG") is on
+    monkeypatch.delenv("FASTGPT_SOME_FLAG")
+    assert env_flag("FASTGPT_SOME_FLAG") is False
 
 
 def test_float64_is_rejected_by_triton_with_a_clear_error():
