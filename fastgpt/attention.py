@@ -215,6 +215,8 @@ def attention(
         v: (B, Hkv, Tk, D) values.
         causal: mask aligned bottom-right: query i sees keys j <= i + (Tk - Tq), as flash-attn
             >= 2.1 and KV-cache decoding need. A query that sees no key outputs zeros.
+            Inputs must be finite: a NaN or inf in q, k or v may make any output of its (batch,
+            head) non-finite, on every backend (as in torch SDPA and flash-attn).
         scale: multiplies q.k; defaults to 1 / sqrt(D); must be finite.
         backend: "triton", "cpp", "reference", or None / "auto" (FASTGPT_BACKEND overrides auto).
 

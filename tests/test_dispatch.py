@@ -4,38 +4,37 @@ import logging
 
 import pytest
 import torch
-from oracle import DEVICE
+from oracle import DEVICE, random_qkv, random_tensors
 
 import fastgpt
 from fastgpt.attention import last_dim_contiguous, select_backend, unsupported_reason
 from fastgpt.envflags import env_flag
 
+QKV = random_qkv(2, 4, 2, 8, 8, 16, device="cpu")  # q (2, 4, 8, 16), k, v (2, 2, 8, 16): valid
 
-def qkv(q_shape=(2, 4, 8, 16), k_shape=(2, 2, 8, 16), dtype=torch.float32):
-    return (
-        torch.randn(q_shape, dtype=dtype),
-        torch.randn(k_shape, dtype=dtype),
-        torch.randn(k_shape, dtype=dtype),
-    )
+
+def with_kv_shape(shape: tuple[int, ...]) -> list[torch.Tensor]:
+    """QKV's q with k and v of another shape."""
+    return [QKV[0], *random_tensors(shape, shape, device="cpu")]
 
 
 BAD_INPUTS = {
-    "rank 3 q": (lambda: (torch.randn(4, 8, 16), *qkv()[1:]), ValueError, "4-d"),
-    "batch mismatch": (lambda: qkv(k_shape=(3, 2, 8, 16)), ValueError, "batch"),
-    "head dim mismatch": (lambda: qkv(k_shape=(2, 2, 8, 32)), ValueError, "head dim"),
-    "heads not divisible": (lambda: qkv(k_shape=(2, 3, 8, 16)), ValueError, "multiple"),
+    "rank 3 q": (lambda: (torch.randn(4, 8, 16), *QKV[1:]), ValueError, "4-d"),
+    "batch mismatch": (lambda: with_kv_shape((3, 2, 8, 16)), ValueError, "batch"),
+    "head dim mismatch": (lambda: with_kv_shape((2, 2, 8, 32)), ValueError, "head dim"),
+    "heads not divisible": (lambda: with_kv_shape((2, 3, 8, 16)), ValueError, "multiple"),
     "k v length mismatch": (
-        lambda: (*qkv()[:2], torch.randn(2, 2, 9, 16)),
+        lambda: (*QKV[:2], torch.randn(2, 2, 9, 16)),
         ValueError,
         "same shape",
     ),
-    "mixed dtypes": (lambda: (*qkv()[:2], torch.randn(2, 2, 8, 16).double()), TypeError, "dtype"),
+    "mixed dtypes": (lambda: (*QKV[:2], torch.randn(2, 2, 8, 16).double()), TypeError, "dtype"),
     "integer tensors": (
         lambda: [torch.randint(0, 9, (2, 4, 8, 16)) for _ in range(3)],
         TypeError,
         "floating-point",
     ),
-    "not a tensor": (lambda: (qkv()[0], [1, 2], qkv()[2]), TypeError, "tensors"),
+    "not a tensor": (lambda: (QKV[0], [1, 2], QKV[2]), TypeError, "tensors"),
 }
 
 
@@ -66,7 +65,7 @@ def test_non_finite_scale_is_a_clear_error(backend, scale):
     if backend not in fastgpt.available_backends("cpu"):
         pytest.skip(f"backend {backend} is not available on cpu")
     with pytest.raises(ValueError, match=r"scale must be a finite number, got (nan|inf|-inf) \("):
-        fastgpt.attention(*qkv(), scale=scale, backend=backend)
+        fastgpt.attention(*QKV, scale=scale, backend=backend)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
@@ -74,12 +73,12 @@ def test_head_dim_zero_is_a_clear_error(backend):
     if backend not in fastgpt.available_backends("cpu"):
         pytest.skip(f"backend {backend} is not available on cpu")
     with pytest.raises(ValueError, match=r"head dim.*got 0 \(q \(2, 4, 8, 0\)"):
-        fastgpt.attention(*qkv((2, 4, 8, 0), (2, 2, 8, 0)), backend=backend)
+        fastgpt.attention(*random_qkv(2, 4, 2, 8, 8, 0, device="cpu"), backend=backend)
 
 
 def test_zero_kv_heads_is_a_clear_error():
     with pytest.raises(ValueError, match=r"key/value heads \(0\)"):
-        fastgpt.attention(*qkv(k_shape=(2, 0, 8, 16)), backend="reference")
+        fastgpt.attention(*with_kv_shape((2, 0, 8, 16)), backend="reference")
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -89,7 +88,7 @@ def test_unsupported_reason_is_the_sentence_attention_raises(case):
     with pytest.raises(error) as info:
         fastgpt.attention(*tensors, backend="reference")
     assert unsupported_reason(*tensors, "reference") == str(info.value)
-    assert unsupported_reason(*qkv(), "reference") is None
+    assert unsupported_reason(*QKV, "reference") is None
 
 
 def test_last_dim_contiguous_copies_only_what_kernels_cannot_read():
@@ -126,11 +125,11 @@ def test_float64_is_rejected_by_triton_with_a_clear_error():
 
 def test_unknown_backend():
     with pytest.raises(ValueError, match="Unknown attention backend 'cuda'"):
-        fastgpt.attention(*qkv(), backend="cuda")
+        fastgpt.attention(*QKV, backend="cuda")
 
 
 def test_tensors_on_different_devices():
-    q, k, v = qkv()
+    q, k, v = QKV
     other = "cuda" if torch.cuda.is_available() else "meta"
     with pytest.raises(ValueError, match="one device"):
         fastgpt.attention(q, k.to(other), v, backend="reference")
@@ -139,7 +138,7 @@ def test_tensors_on_different_devices():
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="Triton kernels need CUDA tensors"):
-        fastgpt.attention(*qkv(), backend="triton")
+        fastgpt.attention(*QKV, backend="triton")
 
 
 def test_env_var_overrides_the_automatic_pick(monkeypatch):
@@ -147,10 +146,10 @@ def test_env_var_overrides_the_automatic_pick(monkeypatch):
     assert select_backend(torch.device("cpu")) == ("reference", "FASTGPT_BACKEND")
     monkeypatch.setenv("FASTGPT_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="FASTGPT_BACKEND"):
-        fastgpt.attention(*qkv())
+        fastgpt.attention(*QKV)
     # an explicit argument wins over the environment
     monkeypatch.setenv("FASTGPT_BACKEND", "nonsense")
-    assert fastgpt.attention(*qkv(), backend="reference").shape == (2, 4, 8, 16)
+    assert fastgpt.attention(*QKV, backend="reference").shape == (2, 4, 8, 16)
 
 
 def test_auto_pick(monkeypatch):
@@ -168,5 +167,5 @@ def test_auto_pick(monkeypatch):
 def test_debug_logs_the_decision(monkeypatch, caplog):
     monkeypatch.setenv("FASTGPT_DEBUG", "1")
     with caplog.at_level(logging.DEBUG, logger="fastgpt"):
-        fastgpt.attention(*qkv(), backend="reference")
+        fastgpt.attention(*QKV, backend="reference")
     assert "-> reference (requested)" in caplog.text
