@@ -187,7 +187,7 @@ def test_presets():
     assert round(gpt2.num_params(non_embedding=False) / 1e6) == 124
     with pytest.raises(ValueError, match="Unknown preset 'huge'"):
         preset_config("huge")
-    with pytest.raises(ValueError, match="activation must be 'gelu' or 'relu'"):
+    with pytest.raises(ValueError, match="must be one of gelu, gelu_tanh, relu, got 'tanh'"):
         preset_config("tiny", vocab_size=5, activation="tanh")
 
 
