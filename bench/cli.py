@@ -24,7 +24,6 @@ is --out, by default the source checkout's bench/results (./bench-results for an
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -38,7 +37,7 @@ from fastgpt.bench.machine import (
 )
 from fastgpt.bench.providers import available_providers
 from fastgpt.bench.report import plot, summary
-from fastgpt.bench.suite import run_decode, run_kernels, speedups
+from fastgpt.bench.suite import Run, run_decode, run_kernels, speedups
 from fastgpt.bench.timing import DTYPES, MIB, MODES, copy_bandwidth_gbps
 
 
@@ -148,28 +147,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.from_json is not None:
-        results = json.loads(args.from_json.read_text())
-        pngs = [] if args.no_plot else plot(results, args.from_json)
-        print("\n".join(["", *map(str, pngs), "", summary(results, args.full_table)]))
-        return 0
-    device = args.device
-    provs = available_providers(device)
+def _providers(args: argparse.Namespace) -> dict | None:
+    """The providers this run measures; None (and a line on stderr) for unknown names."""
+    provs = available_providers(args.device)
     if args.providers is not None:
         unknown = [n for n in args.providers if n not in provs]
         if unknown:
             have = ", ".join(provs)
             print(f"not available here: {', '.join(unknown)} (have {have})", file=sys.stderr)
-            return 2
+            return None
         provs = {n: provs[n] for n in args.providers}
-    provs = {n: p for n, p in provs.items() if n not in args.skip_providers}
-    path = results_path(args.out, device, "-tiny" if args.tiny else "")
-    started = time.perf_counter()
-    results = {
+    return {n: p for n, p in provs.items() if n not in args.skip_providers}
+
+
+def _new_results(args: argparse.Namespace, provs: dict) -> dict:
+    """The results dict a run fills: machine, arguments, providers, empty record lists."""
+    return {
         "schema": 1,
-        "machine": machine_info(device),
+        "machine": machine_info(args.device),
         "args": {k: jsonable(v) for k, v in vars(args).items()},
         "providers": list(provs),
         "flops": "4*B*H*Tq*Tk*D, x0.5 causal, x2.5 bwd, x3.5 fwd_bwd (flash-attn)",
@@ -180,6 +175,21 @@ def main(argv: list[str] | None = None) -> int:
         "skipped": [],
         "complete": False,
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.from_json is not None:
+        results = json.loads(args.from_json.read_text())
+        pngs = [] if args.no_plot else plot(results, args.from_json)
+        print("\n".join(["", *map(str, pngs), "", summary(results, args.full_table)]))
+        return 0
+    device, provs = args.device, _providers(args)
+    if provs is None:
+        return 2
+    path = results_path(args.out, device, "-tiny" if args.tiny else "")
+    run = Run(args, provs, device, _new_results(args, provs), path)
+    results = run.results
     print(
         f"fastgpt bench on {results['machine']['name']}: {', '.join(provs)} -> {path}", flush=True
     )
@@ -188,12 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  copy bandwidth: {results['copy_gbps']:.0f} GB/s", flush=True)
     # Decode first: it is quick, and the run may stop on budget before the last kernel shapes.
     if not args.no_decode:
-        run_decode(args, provs, device, results, path, started)
+        run_decode(run)
     if not args.no_kernel:
-        run_kernels(args, provs, device, results, path, started)
+        run_kernels(run)
     results["speedups"] = speedups(results["kernel"], {n: p.fastgpt for n, p in provs.items()})
     results["complete"] = not results["skipped"]
-    results["seconds"] = round(time.perf_counter() - started, 1)
+    results["seconds"] = round(run.seconds(), 1)
     write_json(path, results)
     print(summary(results, full=True) if args.full_table else "")
     pngs = [] if args.no_plot else plot(results, path)

@@ -6,6 +6,7 @@ cut short keeps what it measured; a run past its budget lists what it skipped.
 
 import argparse
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,26 +40,41 @@ def _kernel_configs(args: argparse.Namespace) -> list[tuple[str, int, bool]]:
     return [(dt, d, c) for dt in args.dtypes for c in causal for d in args.head_dims]
 
 
-def run_kernels(
-    args: argparse.Namespace,
-    provs: dict[str, Provider],
-    device: torch.device,
-    results: dict,
-    path: Path,
-    started: float,
-) -> None:
+@dataclass
+class Run:
+    """One benchmark run: its options, providers, device, results dict and results file."""
+
+    args: argparse.Namespace
+    provs: dict[str, Provider]
+    device: torch.device
+    results: dict
+    path: Path
+    started: float = field(default_factory=time.perf_counter)
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def over_budget(self, label: str) -> bool:
+        """True (and label listed as skipped) once the run has used its --budget-s."""
+        if self.seconds() > self.args.budget_s:
+            self.results["skipped"].append(label)
+            return True
+        return False
+
+
+def run_kernels(run: Run) -> None:
     """Prefill/training shapes: every (dtype, D, causal, T), provider and mode into results."""
+    args, device, results = run.args, run.device, run.results
     timing = (args.warmup_ms, args.rep_ms)
     for dtype_name, d, causal in _kernel_configs(args):
         h = args.hidden // d
         for t in args.seqlens:
             label = f"{dtype_name} D={d} causal={causal} T={t}"
-            if time.perf_counter() - started > args.budget_s:
-                results["skipped"].append(label)
+            if run.over_budget(label):
                 continue
             b = max(1, args.tokens // t)
             shape = dict(batch=b, heads=h, kv_heads=h, tq=t, tk=t, d=d)
-            for p in provs.values():
+            for p in run.provs.values():
                 for mode in args.modes:
                     check = mode == "fwd" and t == args.seqlens[0]
                     dtype = DTYPES[dtype_name]
@@ -67,19 +83,13 @@ def run_kernels(
                         flops = attention_flops(b, h, t, t, d, causal, mode)
                         r["tflops"] = flops / (r["ms"] * 1e-3) / 1e12
                     results["kernel"].append({**r, "dtype": dtype_name, "causal": causal, **shape})
-            print(f"  {label}: done ({time.perf_counter() - started:.0f} s)", flush=True)
-            write_json(path, results)
+            print(f"  {label}: done ({run.seconds():.0f} s)", flush=True)
+            write_json(run.path, results)
 
 
-def run_decode(
-    args: argparse.Namespace,
-    provs: dict[str, Provider],
-    device: torch.device,
-    results: dict,
-    path: Path,
-    started: float,
-) -> None:
+def run_decode(run: Run) -> None:
     """Decode: one query against KV caches of args.decode_lens keys, in GB/s, into results."""
+    args, results = run.args, run.results
     dtype = DTYPES[args.dtypes[0]]
     d = args.decode_head_dim
     h = args.hidden // d
@@ -87,17 +97,16 @@ def run_decode(
     elem = torch.finfo(dtype).bits // 8
     timing = (args.warmup_ms, args.rep_ms)
     for tk in args.decode_lens:
-        if time.perf_counter() - started > args.budget_s:
-            results["skipped"].append(f"decode Tk={tk}")
+        if run.over_budget(f"decode Tk={tk}"):
             continue
         shape = dict(batch=args.decode_batch, heads=h, kv_heads=hkv, tq=1, tk=tk, d=d)
         nbytes = (2 * args.decode_batch * hkv * tk * d + 2 * args.decode_batch * h * d) * elem
-        for p in provs.values():
+        for p in run.provs.values():
             check = tk == args.decode_lens[0]
-            r = measure(p, shape, dtype, True, "fwd", device, *timing, check=check)
+            r = measure(p, shape, dtype, True, "fwd", run.device, *timing, check=check)
             if r["ms"] is not None:
                 r["gbps"] = nbytes / (r["ms"] * 1e-3) / 1e9
                 r["copy_fraction"] = r["gbps"] / results["copy_gbps"]
             results["decode"].append({**r, "dtype": args.dtypes[0], "causal": True, **shape})
-        write_json(path, results)
-    print(f"  decode: done ({time.perf_counter() - started:.0f} s)", flush=True)
+        write_json(run.path, results)
+    print(f"  decode: done ({run.seconds():.0f} s)", flush=True)
