@@ -92,7 +92,7 @@ def _read_folder(folder: Path) -> tuple[dict, dict[str, Tensor]]:
 
 
 def _fastgpt_name(gpt2_name: str) -> str:
-    """ "h.3.attn.c_attn.weight" -> "blocks.3.attn.c_attn.weight"; others keep their name."""
+    """GPT-2's "h.3.attn.c_attn.weight" is fastgpt's "blocks.3.attn.c_attn.weight"; others agree."""
     return "blocks." + gpt2_name.removeprefix("h.") if gpt2_name.startswith("h.") else gpt2_name
 
 
@@ -163,7 +163,7 @@ def from_hf(source: "str | Path | torch.nn.Module", **overrides) -> GPT:
 
 
 def to_hf(model: GPT) -> "torch.nn.Module":
-    """A transformers GPT2LMHeadModel with model's weights (same logits), in model's dtype.
+    """A transformers GPT2LMHeadModel with model's weights (same logits), in model's dtype, on CPU.
 
     Needs transformers (pip install 'fastgpt[hf]'); save it with .save_pretrained(folder).
     """
