@@ -197,7 +197,7 @@ def test_finite_extreme_inputs_give_finite_outputs_and_grads(backend, case):
 
 
 @pytest.mark.xfail(
-    strict=True,
+    strict=INTERPRETED,  # seen under the interpreter; compiled rounding may land on either side
     reason="Triton's backward recomputes p = exp2(s - lse) from a float32 lse whose rounding at "
     "scores near 1e10 is far above 128: exp2 overflows (the forward and the cpp backend are fine)",
 )
