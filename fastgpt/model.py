@@ -8,13 +8,21 @@ the loss at step 0 is close to ln(vocab_size).
 """
 
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastgpt.nn import CausalSelfAttention, KVCache
+from fastgpt.nn import AttentionFn, CausalSelfAttention, KVCache
+
+# MLP non-linearities by config name; "gelu_tanh" is GPT-2's tanh approximation ("gelu_new").
+ACTIVATIONS = {
+    "gelu": lambda: nn.GELU(),
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": lambda: nn.ReLU(),
+}
 
 
 @dataclass
@@ -27,13 +35,16 @@ class GPTConfig:
     n_embd: int = 768  # model width; head dim is n_embd // n_head
     dropout: float = 0.0  # on embeddings, attention output and MLP output (training only)
     bias: bool = True  # biases in the linear layers and LayerNorms, as GPT-2
-    activation: str = "gelu"  # MLP non-linearity: "gelu" or "relu"
+    activation: str = "gelu"  # MLP non-linearity: "gelu", "gelu_tanh" (GPT-2's) or "relu"
+    layer_norm_eps: float = 1e-5  # epsilon of every LayerNorm (GPT-2: 1e-5)
     tie_head: bool = True  # the LM head shares the token embedding's matrix (GPT-2); False: its own
     backend: str | None = None  # fastgpt.attention backend name; None picks automatically
 
     def __post_init__(self) -> None:
-        if self.activation not in ("gelu", "relu"):
-            raise ValueError(f"activation must be 'gelu' or 'relu', got {self.activation!r}.")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}."
+            )
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}.")
@@ -69,7 +80,7 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.act = nn.GELU() if config.activation == "gelu" else nn.ReLU()
+        self.act = ACTIVATIONS[config.activation]()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -78,9 +89,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, attention_fn: AttentionFn | None = None) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.attn = CausalSelfAttention(
             config.n_embd,
             config.n_head,
@@ -88,8 +99,9 @@ class Block(nn.Module):
             bias=config.bias,
             dropout=config.dropout,
             backend=config.backend,
+            attention_fn=attention_fn,
         )
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, kv_cache: KVCache | None = None) -> Tensor:
@@ -98,14 +110,20 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    """The model of config; attention_fn replaces fastgpt.attention in every block (None: keep).
+
+    attention_fn is not part of the config (it is not saved): a seam for comparing attentions
+    (bench/train.py swaps in torch SDPA) with everything else the same.
+    """
+
+    def __init__(self, config: GPTConfig, attention_fn: AttentionFn | None = None) -> None:
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.blocks = nn.ModuleList(Block(config, attention_fn) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_head:
             self.lm_head.weight = self.wte.weight  # tied: one matrix embeds and predicts tokens
@@ -212,3 +230,17 @@ class GPT(nn.Module):
                 next_id = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
             idx = torch.cat([idx, next_id], dim=1)
         return idx
+
+    @classmethod
+    def from_hf(cls, source: "str | os.PathLike | nn.Module", **overrides) -> "GPT":
+        """A GPT with the weights of a local Hugging Face GPT-2 (a save_pretrained folder, or a
+        transformers GPT2LMHeadModel); overrides are GPTConfig fields. See fastgpt.hf_convert."""
+        from fastgpt.hf_convert import from_hf
+
+        return from_hf(source, **overrides)
+
+    def to_hf(self) -> nn.Module:
+        """This model as a transformers GPT2LMHeadModel (same logits). See fastgpt.hf_convert."""
+        from fastgpt.hf_convert import to_hf
+
+        return to_hf(self)

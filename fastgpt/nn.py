@@ -6,12 +6,18 @@ the encoder-decoder pieces (CrossAttention, EncoderBlock, DecoderBlock, sinusoid
     y = attn(x)  # x, y: (B, T, n_embd)
 
 One fused linear layer computes q, k and v; they are cut out of its output as views (no copy) and
-handed to fastgpt.attention with the backend name given at construction (None = automatic pick).
+handed to fastgpt.attention with the backend name given at construction (None = automatic pick),
+or to another function with its signature given as attention_fn (e.g. torch SDPA, to compare).
 """
+
+from collections.abc import Callable
 
 from torch import Tensor, nn
 
 from fastgpt.attention import attention
+
+# fastgpt.attention's signature: (q, k, v, *, causal, backend) -> out (B, H, Tq, D).
+AttentionFn = Callable[..., Tensor]
 
 
 class KVCache:
@@ -30,6 +36,16 @@ class KVCache:
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v (B, Hkv, T, D) after the cached ones; return views of all keys and values."""
         start, end = self.length, self.length + k.shape[2]
+        if self.k is not None and (k.shape[0], k.shape[1], k.shape[3]) != (
+            self.k.shape[0],
+            self.k.shape[1],
+            self.k.shape[3],
+        ):
+            B, Hkv, _, D = self.k.shape
+            raise ValueError(
+                f"The KV cache holds (B, Hkv, D) = ({B}, {Hkv}, {D}); cannot append keys of shape "
+                f"{tuple(k.shape)}: start a new cache for a new batch."
+            )
         if end > self.max_len:
             raise ValueError(
                 f"The KV cache holds {self.max_len} positions; appending {k.shape[2]} to "
@@ -55,6 +71,9 @@ class CausalSelfAttention(nn.Module):
         bias: biases in the QKV and output projections.
         dropout: dropout on the output projection (fastgpt's kernels have no attention dropout).
         backend: fastgpt.attention backend name ("triton", "cpp", "reference"), None for auto.
+        attention_fn: what computes attention, called as fastgpt.attention is:
+            attention_fn(q, k, v, causal=True, backend=backend) with q (B, H, T, D), k and v
+            (B, Hkv, Tk, D) -> (B, H, T, D). None means fastgpt.attention.
     """
 
     def __init__(
@@ -65,6 +84,7 @@ class CausalSelfAttention(nn.Module):
         bias: bool = True,
         dropout: float = 0.0,
         backend: str | None = None,
+        attention_fn: AttentionFn | None = None,
     ) -> None:
         super().__init__()
         n_kv_head = n_head if n_kv_head is None else n_kv_head
@@ -77,6 +97,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head = n_head, n_kv_head
         self.head_dim = n_embd // n_head
         self.backend = backend
+        self.attention_fn = attention_fn
         self.c_attn = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
@@ -93,7 +114,8 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)  # (B, Hkv, Tk, D), Tk = cached + T
         # Causal bottom-right: with a cache, query i sees every cached key and new keys up to i.
-        y = attention(q, k, v, causal=True, backend=self.backend)  # (B, H, T, D)
+        attend = attention if self.attention_fn is None else self.attention_fn
+        y = attend(q, k, v, causal=True, backend=self.backend)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
