@@ -70,7 +70,11 @@ def config_from_hf(hf: dict, **overrides) -> GPTConfig:
         activation=HF_ACTIVATIONS[act],
         layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
     )
-    return GPTConfig(**{**fields, **overrides})
+    config = GPTConfig(**{**fields, **overrides})
+    _check(
+        config.tie_head, "GPT-2 ties its head to wte; tie_head=False has no GPT-2 weights to load."
+    )
+    return config
 
 
 def _read_folder(folder: Path) -> tuple[dict, dict[str, Tensor]]:
@@ -173,6 +177,7 @@ def to_hf(model: GPT) -> "torch.nn.Module":
     _check(
         c.n_kv_head in (None, c.n_head), f"GPT-2 has no grouped kv heads (n_kv_head {c.n_kv_head})."
     )
+    _check(c.tie_head, "GPT-2 ties its head to wte; this model has its own head (tie_head=False).")
     hf_config = GPT2Config(
         vocab_size=c.vocab_size,
         n_positions=c.block_size,

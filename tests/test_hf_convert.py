@@ -118,3 +118,10 @@ def test_unsupported_checkpoints_are_one_line_errors(tmp_path):
     gqa = GPT(GPTConfig(vocab_size=61, block_size=8, n_layer=1, n_head=4, n_kv_head=2, n_embd=32))
     with pytest.raises(ValueError, match="no grouped kv heads"):
         gqa.to_hf()
+    untied = GPT(
+        GPTConfig(vocab_size=61, block_size=8, n_layer=1, n_head=2, n_embd=32, tie_head=False)
+    )
+    with pytest.raises(ValueError, match="has its own head"):
+        untied.to_hf()
+    with pytest.raises(ValueError, match="tie_head=False has no GPT-2 weights"):
+        GPT.from_hf(tiny_gpt2(), tie_head=False)
