@@ -121,3 +121,21 @@ def test_ptxas_log_is_read_and_judged():
     assert not clean["wgmma_serialized"] and clean["spill_bytes"] == 0
     assert clean["mma"] == "mma.sync" and not clean["tma"]
     assert problems({**clean, "shared": 1, "limit": 2}, strict=True) == []
+
+
+def test_markdown_table_replaces_only_its_block(tmp_path):
+    from fastgpt.kernels.compile_table import END, START, write_table
+
+    record = {"kernel": "fwd", "arch": 90, "dtype": "bf16", "head_dim": 64}
+    record |= {"config": [128, 64, 4, 4], "shared": 81920, "registers": 245, "spill_bytes": 0}
+    record |= {"wgmma_serialized": False, "ptxas_warnings": [], "mma": "wgmma", "tma": False}
+    record["loops"] = [{"dots": 2, "exp2": 2}]
+    notes = tmp_path / "NOTES.md"
+    notes.write_text("# Notes\n\nkept above\n")
+    write_table(notes, [record])
+    write_table(notes, [record, {**record, "head_dim": 128}])  # rewritten in place, not appended
+    text = notes.read_text()
+    assert text.startswith("# Notes\n\nkept above\n") and text.count(START) == 1
+    rows = text.split(START)[1].split(END)[0].strip().splitlines()
+    assert len(rows) == 2 + 2  # header, rule, two records
+    assert rows[2].startswith("| fwd | sm_90 | bf16 | 64 | 128, 64, 4, 4 | 81920 | 245 | 0 | no |")
