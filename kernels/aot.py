@@ -5,12 +5,15 @@
     report = ptxas_report(compiled.asm["ptx"], arch=90)   # registers, spills, wgmma, TMA
 
 Triton builds a cubin for any target without a GPU, through the same ptxas a GPU machine would use
-(the wheel ships it); Triton drops the ptxas log, so `ptxas_report` assembles the PTX once more
-with `-v` and the same flags and reads registers, spills and the "wgmma serialized" warnings
-(C7510-C7519) off it. Must run without TRITON_INTERPRET (the interpreter replaces @triton.jit
-functions).
+(the wheel ships it). `compile_with_log` keeps the `ptxas -v` log Triton prints with its
+dump_ptxas_log knob; where there is none (a hit in Triton's cache), `ptxas_report` assembles the
+PTX once more with `-v` and Triton's flags. Either way it reads registers, spills and the "wgmma
+serialized" warnings (C7510-C7519) off the log. Must run without TRITON_INTERPRET (the
+interpreter replaces @triton.jit functions).
 """
 
+import contextlib
+import io
 import os
 import re
 import subprocess
@@ -49,10 +52,28 @@ def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
 def compile_kernel(fn, arch: int, dtype: str, constexprs: dict, num_warps: int, num_stages: int):
     """Compile one kernel for sm_<arch>; the result's metadata.shared is its shared memory and
     .asm["ptx"] / .asm["ttgir"] its code."""
+    return compile_with_log(fn, arch, dtype, constexprs, num_warps, num_stages)[0]
+
+
+def compile_with_log(
+    fn, arch: int, dtype: str, constexprs: dict, num_warps: int, num_stages: int
+) -> tuple[object, str]:
+    """compile_kernel, plus the `ptxas -v` log Triton printed if it ran ptxas ("" on a hit in
+    Triton's cache, or on a Triton without the dump_ptxas_log knob)."""
     signature, attrs = _signature(fn, dtype, constexprs)
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": num_warps, "num_stages": num_stages}
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    nvidia = getattr(getattr(triton, "knobs", None), "nvidia", None)
+    if nvidia is None or not hasattr(nvidia, "dump_ptxas_log"):
+        return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options), ""
+    printed, before = io.StringIO(), nvidia.dump_ptxas_log
+    try:
+        nvidia.dump_ptxas_log = True
+        with contextlib.redirect_stdout(printed):
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    finally:
+        nvidia.dump_ptxas_log = before
+    return compiled, printed.getvalue()
 
 
 def ptxas_version(arch: int) -> str:
@@ -79,7 +100,7 @@ def _one(pattern: str, text: str) -> int:
     return int(found.group(1)) if found else 0
 
 
-def ptxas_report(ptx: str, arch: int) -> dict:
+def ptxas_report(ptx: str, arch: int, log: str = "") -> dict:
     """Registers, spill bytes, serialized wgmma and instruction kinds of one compiled kernel.
 
     wgmma_serialized: ptxas inserted a wait after tensor-core instructions (warnings C7510-C7519:
@@ -87,7 +108,9 @@ def ptxas_report(ptx: str, arch: int) -> dict:
     mma: "wgmma" (Hopper warpgroup MMA), "mma.sync" (Ampere-style) or "none" (FMA dots).
     tma: the kernel moves tiles with TMA (cp.async.bulk.tensor) rather than pointer loads.
     """
-    return parse_ptxas_log(_ptxas_log(ptx, arch), ptx)
+    if "registers" not in log:  # no log from the compile (Triton's cache hit): run ptxas here
+        log = _ptxas_log(ptx, arch)
+    return parse_ptxas_log(log, ptx)
 
 
 def parse_ptxas_log(log: str, ptx: str) -> dict:

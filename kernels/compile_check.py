@@ -121,9 +121,10 @@ def _compile_case(arch, kind, dtype, block_d, row, override) -> dict:
     record = {}
     try:
         constexprs = {**constexprs_of(kind, block_d, row, dtype), **(override or {})}
-        compiled = aot.compile_kernel(FUNCTIONS[kind], arch, dtype, constexprs, row[2], row[3])
+        fn = FUNCTIONS[kind]
+        compiled, log = aot.compile_with_log(fn, arch, dtype, constexprs, row[2], row[3])
         record["shared"] = compiled.metadata.shared
-        record.update(aot.ptxas_report(compiled.asm["ptx"], arch))
+        record.update(aot.ptxas_report(compiled.asm["ptx"], arch, log))
         record["loops"] = aot.loop_ops(compiled.asm["ttgir"])
     except Exception as e:  # reported per case; the caller decides
         record["error"] = f"{type(e).__name__}: {str(e)[-800:]}"
