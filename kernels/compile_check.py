@@ -64,10 +64,11 @@ def cases(arch: int, dtypes=("bf16", "fp32")):
 
 
 # Code paths the table runs do not take (they compile causal, even head dims, positive scale,
-# unspecialised lengths): kernel -> constexpr overrides, each compiled with one small config.
+# unspecialised lengths, group and dK/dV split; Triton specialises an int argument equal to 1):
+# kernel -> constexpr overrides, each compiled with one small config.
 VARIANTS = {
     "fwd": [{"CAUSAL": False}, {"HEAD_DIM": 40}, {"SCALE_NEG": True}, {"Tq": 1, "Tk": 1}],
-    "dkdv": [{"CAUSAL": False}, {"HEAD_DIM": 40}, {"Tq": 1, "GROUP": 1}],
+    "dkdv": [{"CAUSAL": False}, {"HEAD_DIM": 40}, {"Tq": 1, "GROUP": 1, "SPLITS": 1}],
     "dq": [{"CAUSAL": False}, {"HEAD_DIM": 40}, {"Tk": 1, "GROUP": 1}],
     "decode": [{"HEAD_DIM": 40}, {"SCALE_NEG": True}, {"GROUP": 1}],
 }
