@@ -4,7 +4,8 @@ Each kernel has a table {family: {BLOCK_D: [(BLOCK_M, BLOCK_N, num_warps, num_st
 At autotune time `prune_*` keeps the rows of the running GPU's family for the call's padded head
 dim whose estimated shared memory fits the device (fp32 inputs need twice the bytes of fp16), so a
 config that cannot launch is never tried. tests/test_triton_compile.py compiles every kept config
-for sm_80 and sm_90 and checks the real shared memory against the limits.
+for sm_80 and sm_90 at every head-dim bucket and checks the real shared memory against the limits,
+and that no 16-bit row spills registers or serializes wgmma (compile_check).
 Under TRITON_INTERPRET=1 each kernel has one small config: tuning is meaningless there.
 """
 
