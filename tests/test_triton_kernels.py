@@ -273,3 +273,15 @@ def test_dkdv_split_fills_a_small_grid_with_divisors_of_the_group():
     out, lse = ka.attention_forward(q, k, v, True, 0.3)
     with pytest.raises(ValueError, match="must divide the GQA group 3"):
         ka.attention_backward(out, q, k, v, out, lse, True, 0.3, dkdv_split=2)
+
+
+def test_default_dkdv_split_of_a_small_grid_matches_float64():
+    # One KV head, one key tile: the default splits the group of 4 across programs.
+    q, k, v = qkv(1, 4, 1, 9, 11, 16, seed=7)
+    assert ka.dkdv_splits(1, 1, 4, 11, DEVICE) > 1
+    out, lse = ka.attention_forward(q, k, v, True, 0.3)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    got = ka.attention_backward(grad_out, q, k, v, out, lse, True, 0.3)
+    ref = grads_float64(q, k, v, grad_out, True, 0.3)
+    plain = grads_plain(q, k, v, grad_out, True, 0.3)
+    assert_grads_close(got, ref, plain, q.dtype, "default split")
