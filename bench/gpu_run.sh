@@ -60,9 +60,11 @@ timeout -s INT "$T_TEST" python3 -m pytest -q -p no:cacheprovider --durations=15
 say "pytest exit code $? : $(grep -E '(passed|failed|error)' "$OUT/pytest.log" | tail -1)"
 
 # 3. Kernel + decode benchmark (decode first, then bf16 causal D=128, D=64, non-causal, fp16).
+#    TRITON_PRINT_AUTOTUNING: run.log records which Triton config won for each autotune key, to
+#    compare with the compile_check table in bench/NOTES_triton.md.
 T_BENCH=$(($(left) - 75))
 say "kernel benchmark (budget $((T_BENCH - 40)) s, hard stop $T_BENCH s)"
-timeout "$T_BENCH" python3 -m fastgpt.bench --out "$OUT" --budget-s $((T_BENCH - 40)) \
+TRITON_PRINT_AUTOTUNING=1 timeout "$T_BENCH" python3 -m fastgpt.bench --out "$OUT" --budget-s $((T_BENCH - 40)) \
     --warmup-ms 10 --rep-ms 50 --full-table 2>&1 | tee -a "$LOG"
 
 # 4. Training benchmark: gpt2 preset, every backend and torch SDPA (GPT's attention_fn).

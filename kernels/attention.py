@@ -8,6 +8,7 @@ validated by fastgpt.attention; these functions trust them. out/dq/dk/dv are con
 input dtype; lse is (B, H, Tq) float32, natural log, +inf for a row that sees no key.
 """
 
+import functools
 import math
 
 import torch
@@ -34,15 +35,16 @@ from .flash_fwd import LOG2E, attn_fwd_kernel
 if INTERPRET:
     patch_scalar_index()
 
-# Autotune keys: head dim, causal and the lengths rounded up to a power of two (so a new length
-# in the same bucket reuses the tuned config). Tensor dtypes are added by the autotuner itself.
-_KEY = ["HEAD_DIM", "CAUSAL", "TQ_BUCKET", "TK_BUCKET"]
+# Autotune keys: head dim, causal, the GQA group and the lengths rounded up to a power of two (so
+# a new length in the same bucket reuses the tuned config). dK/dV adds its group split (the work
+# per program). Tensor dtypes are added by the autotuner itself.
+_KEY = ["HEAD_DIM", "CAUSAL", "GROUP", "TQ_BUCKET", "TK_BUCKET"]
 
 _fwd = triton.autotune(FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": prune_fwd})(
     attn_fwd_kernel
 )
 _dkdv = triton.autotune(
-    DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": prune_dkdv}
+    DKDV_CONFIGS, key=[*_KEY, "SPLITS"], prune_configs_by={"early_config_prune": prune_dkdv}
 )(bwd_dkdv_kernel)
 _dq = triton.autotune(DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": prune_dq})(
     bwd_dq_kernel
@@ -53,6 +55,7 @@ _decode = triton.autotune(
     prune_configs_by={"early_config_prune": prune_decode},
 )(decode_split_kernel)
 
+_DKDV_MAX_BLOCK_N = max(c.kwargs["BLOCK_N"] for c in DKDV_CONFIGS)
 DECODE_MIN_KEYS = 256  # Tq == 1 with at least this many keys takes the split-K decode kernel
 DECODE_MAX_SPLITS = 64  # the merge holds all partials of a row in registers: (splits, D) fp32
 _DECODE_CHUNK_ALIGN = max(c.kwargs["BLOCK_N"] for c in DECODE_CONFIGS)  # every BLOCK_N divides it
@@ -95,7 +98,7 @@ def attention_forward(
     _fwd[grid](
         q, k, v, out, lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        H, H // Hkv, Tq, Tk, abs(scale) * LOG2E, abs(scale),
+        H, H // Hkv, Tq, Tk, abs(scale) * LOG2E.value, abs(scale),
         _bucket(Tq), _bucket(Tk),
         HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=bool(causal), SCALE_NEG=scale < 0,
         DOT_PRECISION=_dot_precision(q.dtype),
@@ -128,7 +131,7 @@ def decode_forward(
     _decode[(splits, Hkv, B)](
         q, k, v, acc, m, l,
         q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3],
-        Hkv, group, Tk, abs(scale) * LOG2E, chunk,
+        Hkv, group, Tk, abs(scale) * LOG2E.value, chunk,
         _bucket(Tk),
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_G=max(16, triton.next_power_of_2(group)),
         SCALE_NEG=scale < 0,
@@ -138,7 +141,7 @@ def decode_forward(
     lse = torch.empty((B, H, 1), dtype=torch.float32, device=q.device)
     decode_combine_kernel[(H, B)](
         acc, m, l, out, lse, out.stride(0), out.stride(1),
-        H, splits, abs(scale) * LOG2E, abs(scale),
+        H, splits, abs(scale) * LOG2E.value, abs(scale),
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_S=triton.next_power_of_2(splits),
     )  # fmt: skip
     return out, lse
@@ -153,8 +156,13 @@ def attention_backward(
     lse: torch.Tensor,
     causal: bool,
     scale: float,
+    dkdv_split: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused attention backward. Returns dq like q, dk and dv like k, contiguous, input dtype."""
+    """Fused attention backward. Returns dq like q, dk and dv like k, contiguous, input dtype.
+
+    dkdv_split: how many programs share one KV head's GQA group in the dK/dV pass (a divisor of
+    the group); default dkdv_splits(...), more than 1 only when the grid would not fill the GPU.
+    """
     grad_out, q, k, v, out = (last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -178,14 +186,25 @@ def attention_backward(
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
     buckets = (_bucket(Tq), _bucket(Tk))
 
+    group = H // Hkv
+    splits = dkdv_splits(B, Hkv, group, Tk, q.device) if dkdv_split is None else dkdv_split
+    if group % splits:
+        raise ValueError(
+            f"dkdv_split={splits} must divide the GQA group {group} (H={H}, Hkv={Hkv})"
+        )
+    dk_out, dv_out = _dkdv_targets(dk, dv, splits)
+
     def dkdv_grid(meta):
-        return (triton.cdiv(Tk, meta["BLOCK_N"]), Hkv, B)
+        return (triton.cdiv(Tk, meta["BLOCK_N"]), Hkv * splits, B)
 
     _dkdv[dkdv_grid](
-        q, k, v, grad_out, lse, delta, dk, dv,
-        *strides, *dk.stride()[:3], *dv.stride()[:3],
-        H, Hkv, H // Hkv, Tq, Tk, scale, *buckets, **common, SCORES_AS_FORWARD=INTERPRET,
+        q, k, v, grad_out, lse, delta, dk_out, dv_out,
+        *strides, *dk_out.stride()[:3], *dv_out.stride()[:3],
+        H, Hkv, group, splits, Tq, Tk, scale, *buckets, **common, SCORES_AS_FORWARD=INTERPRET,
     )  # fmt: skip
+    if splits > 1:
+        _sum_partials(dk, dk_out, splits)
+        _sum_partials(dv, dv_out, splits)
 
     def dq_grid(meta):
         return (triton.cdiv(Tq, meta["BLOCK_M"]), H, B)
@@ -196,6 +215,39 @@ def attention_backward(
         H, H // Hkv, Tq, Tk, scale, *buckets, **common,
     )  # fmt: skip
     return dq, dk, dv
+
+
+def _dkdv_targets(
+    dk: torch.Tensor, dv: torch.Tensor, splits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the dK/dV kernel writes: dk, dv themselves for one slice per KV head, else fp32
+    partials (B, Hkv * splits, Tk, D), one per slice of the group."""
+    if splits == 1:
+        return dk, dv
+    B, Hkv, Tk, D = dk.shape
+    return tuple(
+        torch.empty((B, Hkv * splits, Tk, D), dtype=torch.float32, device=dk.device)
+        for _ in range(2)
+    )
+
+
+def _sum_partials(out: torch.Tensor, parts: torch.Tensor, splits: int) -> None:
+    """out (B, Hkv, Tk, D) = sum of the partials (B, Hkv * splits, Tk, D) over the splits, in a
+    fixed order (no atomics: bit-identical run to run)."""
+    B, Hkv, Tk, D = out.shape
+    out.copy_(functools.reduce(torch.add, parts.view(B, Hkv, splits, Tk, D).unbind(2)))
+
+
+def dkdv_splits(B: int, Hkv: int, group: int, Tk: int, device: torch.device) -> int:
+    """Programs per KV head in the dK/dV pass: 1 when cdiv(Tk, BLOCK_N) * Hkv * B programs fill
+    the GPU, else the largest divisor of the GQA group that brings the grid to about one wave
+    (BLOCK_N taken at its largest, so the grid is never under-counted)."""
+    programs = triton.cdiv(Tk, _DKDV_MAX_BLOCK_N) * Hkv * B
+    sms = _sm_count(device)
+    if programs >= sms or group == 1:
+        return 1
+    want = triton.cdiv(sms, programs)
+    return max(d for d in range(1, group + 1) if group % d == 0 and d <= want)
 
 
 def _sm_count(device: torch.device) -> int:

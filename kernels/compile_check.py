@@ -1,30 +1,34 @@
-"""Ahead-of-time compile of every kernel and autotune config for a GPU this machine may not have.
+"""Ahead-of-time compile of every kernel and autotune config, and what ptxas says about each.
 
-    python -m fastgpt.kernels.compile_check --arch 90 [--arch 80]   # one JSON line per kernel
+    python -m fastgpt.kernels.compile_check --arch 90 --arch 80 --dtype bf16   # JSON lines
+    python -m fastgpt.kernels.compile_check --arch 90 --arch 80 --dtype bf16 \\
+        --markdown bench/NOTES_triton.md                      # also rewrite the table there
 
-Triton builds a cubin for any target without a GPU; its metadata says how much shared memory a
-block needs, which must fit the architecture or the launch fails on a real device. Must run
-without TRITON_INTERPRET (the interpreter replaces @triton.jit functions).
+One JSON line per (kernel, arch, dtype, head_dim, config): shared memory, registers, spill bytes,
+whether wgmma is serialized, the tensor-core instruction kind (wgmma / mma.sync) and whether TMA
+is used (see aot.ptxas_report). Exits 1 when a config the autotuner may choose fails to compile,
+does not fit the shared memory, or, for 16-bit inputs, spills or serializes wgmma.
+
+Results are cached per case under $FASTGPT_CACHE_DIR (default ~/.cache/fastgpt)/compile_check,
+keyed by a hash of the kernel sources, the case and the Triton / ptxas versions, so a warm run
+takes seconds. Cases run in parallel (--jobs, default the CPU count).
 """
 
 import argparse
+import concurrent.futures
+import hashlib
 import json
+import os
 import sys
 import time
+from pathlib import Path
 
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
-from . import configs
+from . import aot, configs
 from .decode import decode_combine_kernel, decode_split_kernel
 from .flash_bwd import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
 from .flash_fwd import attn_fwd_kernel
-
-_FP32_ARGS = {"Lse", "Delta", "Acc", "M", "L"}
-_TENSOR_ARGS = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", *_FP32_ARGS}
-_FLOAT_ARGS = {"qk_scale", "scale"}
-_DTYPES = {"fp16": 2, "bf16": 2, "fp32": 4}
 
 # Tuned kernels: (kind in configs.TABLES, jit function).
 TUNED = {
@@ -33,70 +37,52 @@ TUNED = {
     "dq": bwd_dq_kernel,
     "decode": decode_split_kernel,
 }
+FUNCTIONS = {**TUNED, "preprocess": bwd_preprocess_kernel, "combine": decode_combine_kernel}
+HEAD_DIMS = (16, 32, 64, 128, 256)  # BLOCK_D buckets: every padded head dim a launch can have
+_SOURCES = ("flash_fwd.py", "flash_bwd.py", "decode.py", "aot.py")  # what a compile depends on
 
-
-def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
-    """Triton signature {name: type} and divisibility attrs, as a launch with aligned tensors."""
-    signature, attrs = {}, {}
-    for i, param in enumerate(fn.params):
-        name = param.name
-        if param.is_constexpr or name in constexprs:
-            signature[name] = "constexpr"
-        elif name in _FLOAT_ARGS:
-            signature[name] = "fp32"
-        elif name in _TENSOR_ARGS:
-            signature[name] = "*fp32" if name in _FP32_ARGS else f"*{dtype}"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "i32"
-            if name.startswith("stride_") and constexprs["HEAD_DIM"] % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return signature, attrs
-
-
-def compile_kernel(fn, arch: int, dtype: str, constexprs: dict, num_warps: int, num_stages: int):
-    """Compile one kernel for sm_<arch>; the result's metadata.shared is its shared memory."""
-    signature, attrs = _signature(fn, dtype, constexprs)
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = {"num_warps": num_warps, "num_stages": num_stages}
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+# A case: (arch, kind, dtype, head_dim, (BLOCK_M, BLOCK_N, warps, stages), overrides or None).
 
 
 def cases(arch: int, dtypes=("bf16", "fp32")):
-    """Every (kernel, config) the autotuner of sm_<arch> may launch, at the largest head dim of
-    each table row group (shared memory grows with it), for each element size."""
+    """Every (kernel, config) the autotuner of sm_<arch> may launch. 16-bit inputs: at every
+    head-dim bucket. fp32 (one small config, slow full-precision dots): at the largest head dim
+    of each table row group, where shared memory and registers peak."""
     capability = (arch // 10, arch % 10)
     limit = configs.SMEM_LIMIT[capability]
     for kind in TUNED:
-        for dims in configs.TABLES[kind][configs.family(capability)]:
-            block_d = max(dims)
-            for dtype in dtypes:
-                for row in configs.select_rows(kind, capability, block_d, _DTYPES[dtype], limit):
-                    yield kind, dtype, block_d, row
+        groups = configs.TABLES[kind][configs.family(capability)]
+        for dtype in dtypes:
+            elem = aot.ELEMENT_SIZE[dtype]
+            dims = HEAD_DIMS if elem == 2 else tuple(max(g) for g in groups)
+            for block_d in dims:
+                for row in configs.select_rows(kind, capability, block_d, elem, limit):
+                    yield arch, kind, dtype, block_d, row, None
     for dtype in dtypes:  # untuned helpers: one fixed config each
-        yield "preprocess", dtype, 256, (128, 0, 4, 1)
-        yield "combine", dtype, 256, (0, 0, 4, 1)
+        yield arch, "preprocess", dtype, 256, (128, 0, 4, 1), None
+        yield arch, "combine", dtype, 256, (0, 0, 4, 1), None
 
 
 # Code paths the table runs do not take (they compile causal, even head dims, positive scale,
-# unspecialised lengths): kernel -> constexpr overrides, each compiled with one small config.
+# unspecialised lengths, group and dK/dV split; Triton specialises an int argument equal to 1):
+# kernel -> constexpr overrides, each compiled with one small config.
 VARIANTS = {
     "fwd": [{"CAUSAL": False}, {"HEAD_DIM": 40}, {"SCALE_NEG": True}, {"Tq": 1, "Tk": 1}],
-    "dkdv": [{"CAUSAL": False}, {"HEAD_DIM": 40}, {"Tq": 1, "GROUP": 1}],
+    "dkdv": [{"CAUSAL": False}, {"HEAD_DIM": 40}, {"Tq": 1, "GROUP": 1, "SPLITS": 1}],
     "dq": [{"CAUSAL": False}, {"HEAD_DIM": 40}, {"Tk": 1, "GROUP": 1}],
     "decode": [{"HEAD_DIM": 40}, {"SCALE_NEG": True}, {"GROUP": 1}],
 }
 
 
-def variant_cases(dtypes=("fp16",)):
+def variant_cases(arch: int, dtypes=("fp16",)):
     for kind, overrides in VARIANTS.items():
         row = (16, 64, 4, 2) if kind == "decode" else (64, 64, 4, 2)
         for dtype in dtypes:
             for override in overrides:
-                yield kind, dtype, 64, row, override
+                yield arch, kind, dtype, 64, row, override
 
 
-def _constexprs(kind: str, block_d: int, row: tuple[int, int, int, int], dtype: str) -> dict:
+def constexprs_of(kind: str, block_d: int, row: tuple[int, int, int, int], dtype: str) -> dict:
     block_m, block_n, _, _ = row
     base = {"HEAD_DIM": block_d, "BLOCK_D": block_d}
     precision = {"DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
@@ -111,38 +97,113 @@ def _constexprs(kind: str, block_d: int, row: tuple[int, int, int, int], dtype: 
     return {**base, "BLOCK_S": 64}  # combine, at attention.DECODE_MAX_SPLITS
 
 
-_FUNCTIONS = {**TUNED, "preprocess": bwd_preprocess_kernel, "combine": decode_combine_kernel}
+def _sources_digest() -> str:
+    """Hash of the code a compile depends on, read once at import (as the kernels were)."""
+    digest = hashlib.sha256(triton.__version__.encode())
+    for name in _SOURCES:
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()
 
 
-def run_case(arch: int, kind: str, dtype: str, block_d: int, row, override=None) -> dict:
-    start = time.perf_counter()
-    record = {"arch": arch, "kernel": kind, "dtype": dtype, "block_d": block_d, "row": list(row)}
-    if override:
-        record["override"] = override
+_SOURCES_DIGEST = _sources_digest()
+
+
+def _cache_key(case) -> str:
+    text = json.dumps([_SOURCES_DIGEST, aot.ptxas_version(case[0]), list(case)])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FASTGPT_CACHE_DIR") or Path.home() / ".cache" / "fastgpt"
+    return Path(root) / "compile_check"
+
+
+def _compile_case(arch, kind, dtype, block_d, row, override) -> dict:
+    record = {}
     try:
-        constexprs = {**_constexprs(kind, block_d, row, dtype), **(override or {})}
-        compiled = compile_kernel(_FUNCTIONS[kind], arch, dtype, constexprs, row[2], row[3])
+        constexprs = {**constexprs_of(kind, block_d, row, dtype), **(override or {})}
+        fn = FUNCTIONS[kind]
+        compiled, log = aot.compile_with_log(fn, arch, dtype, constexprs, row[2], row[3])
         record["shared"] = compiled.metadata.shared
+        record.update(aot.ptxas_report(compiled.asm["ptx"], arch, log))
+        record["loops"] = aot.loop_ops(compiled.asm["ttgir"])
     except Exception as e:  # reported per case; the caller decides
         record["error"] = f"{type(e).__name__}: {str(e)[-800:]}"
+    return record
+
+
+def run_case(case, use_cache: bool = True) -> dict:
+    """Compile one case (or read it from the cache) and return its JSON record."""
+    arch, kind, dtype, block_d, row, override = case
+    start = time.perf_counter()
+    record = {"kernel": kind, "arch": arch, "dtype": dtype, "head_dim": block_d}
+    record["config"] = list(row)  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    if override:
+        record["override"] = override
+    path = cache_dir() / f"{_cache_key(case)}.json"
+    cached = use_cache and path.is_file()
+    result = json.loads(path.read_text()) if cached else _compile_case(*case)
+    if use_cache and not cached and "error" not in result:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(result))
+        tmp.replace(path)
+    record.update(result)
     record["limit"] = configs.SMEM_LIMIT[(arch // 10, arch % 10)]
+    record["cached"] = cached
     record["seconds"] = round(time.perf_counter() - start, 2)
     return record
+
+
+def problems(record: dict, strict: bool) -> list[str]:
+    """What is wrong with one record: errors and overflows always; spills and serialized wgmma
+    when `strict` (a 16-bit config the autotuner may pick)."""
+    if "error" in record:
+        return [record["error"]]
+    found = []
+    if record["shared"] > record["limit"]:
+        found.append(f"shared memory {record['shared']} > {record['limit']}")
+    if strict and record["spill_bytes"]:
+        found.append(f"spills {record['spill_bytes']} bytes")
+    if strict and record["wgmma_serialized"]:
+        found.append(f"wgmma serialized ({', '.join(record['ptxas_warnings'])})")
+    return found
+
+
+def run_all(all_cases: list, jobs: int, use_cache: bool = True):
+    """Yield the records of `all_cases` in order, compiling up to `jobs` at a time."""
+    if jobs <= 1:
+        yield from (run_case(c, use_cache) for c in all_cases)
+        return
+    with concurrent.futures.ProcessPoolExecutor(jobs) as pool:
+        yield from pool.map(run_case, all_cases, [use_cache] * len(all_cases))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", choices=[80, 90], required=True)
-    parser.add_argument("--dtype", action="append", choices=sorted(_DTYPES))
+    parser.add_argument("--dtype", action="append", choices=sorted(aot.ELEMENT_SIZE))
     parser.add_argument("--variants", action="store_true", help="the VARIANTS code paths instead")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--no-cache", action="store_true", help="compile every case again")
+    parser.add_argument("--markdown", type=Path, help="rewrite the table in this markdown file")
     args = parser.parse_args(argv)
-    failed = False
     dtypes = tuple(args.dtype or ("bf16", "fp32"))
-    for arch in args.arch:
-        for case in variant_cases(dtypes) if args.variants else cases(arch, dtypes):
-            record = run_case(arch, *case)
-            failed |= "error" in record or record["shared"] > record["limit"]
-            print(json.dumps(record), flush=True)
+    make = variant_cases if args.variants else cases
+    all_cases = [c for arch in args.arch for c in make(arch, dtypes)]
+    failed, records = False, []
+    for record in run_all(all_cases, args.jobs, not args.no_cache):
+        strict = not args.variants and record["dtype"] != "fp32" and record["kernel"] in TUNED
+        found = problems(record, strict)
+        failed |= bool(found)
+        if found:
+            record["problems"] = found
+        records.append(record)
+        print(json.dumps(record), flush=True)
+    if args.markdown:
+        from .compile_table import write_table
+
+        write_table(args.markdown, records)
     return 1 if failed else 0
 
 

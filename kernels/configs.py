@@ -4,7 +4,8 @@ Each kernel has a table {family: {BLOCK_D: [(BLOCK_M, BLOCK_N, num_warps, num_st
 At autotune time `prune_*` keeps the rows of the running GPU's family for the call's padded head
 dim whose estimated shared memory fits the device (fp32 inputs need twice the bytes of fp16), so a
 config that cannot launch is never tried. tests/test_triton_compile.py compiles every kept config
-for sm_80 and sm_90 and checks the real shared memory against the limits.
+for sm_80 and sm_90 at every head-dim bucket and checks the real shared memory against the limits,
+and that no 16-bit row spills registers or serializes wgmma (compile_check).
 Under TRITON_INTERPRET=1 each kernel has one small config: tuning is meaningless there.
 """
 
@@ -20,42 +21,45 @@ SMEM_LIMIT = {(8, 0): 166912, (9, 0): 232448}
 
 _D_SMALL = (16, 32, 64)
 
+# Every 16-bit row below compiles without register spills or serialized wgmma on its family at
+# every head dim of its group (compile_check; the table in bench/NOTES_triton.md).
 # Forward: BLOCK_M query rows resident, BLOCK_N keys streamed per step.
 _FWD = {
     "hopper": {
-        _D_SMALL: [(128, 128, 8, 3), (128, 64, 4, 4), (128, 128, 4, 3), (64, 64, 4, 4)],
-        (128,): [(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
-        (256,): [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],
+        _D_SMALL: [(128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4)],
+        (128,): [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
+        (256,): [(128, 32, 8, 2), (64, 32, 8, 2)],
     },
     "ampere": {
-        _D_SMALL: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
-        (128,): [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
-        (256,): [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
+        _D_SMALL: [(128, 64, 4, 3), (64, 64, 4, 3)],
+        (128,): [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+        (256,): [(64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2)],
     },
 }
 # dK/dV: BLOCK_N keys resident (k, v, dk, dv), BLOCK_M query rows streamed.
 _DKDV = {
     "hopper": {
-        _D_SMALL: [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)],
-        (128,): [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)],
-        (256,): [(32, 32, 8, 2), (16, 32, 4, 2), (32, 64, 8, 1)],
+        _D_SMALL: [(32, 128, 8, 3), (32, 64, 4, 3)],
+        (128,): [(16, 128, 8, 2), (16, 64, 8, 2)],
+        (256,): [(32, 32, 8, 2), (16, 32, 8, 2), (32, 32, 8, 1)],
     },
     "ampere": {
-        _D_SMALL: [(32, 128, 4, 3), (64, 64, 4, 3)],
-        (128,): [(32, 128, 8, 2), (64, 64, 4, 2)],
-        (256,): [(16, 32, 4, 2), (32, 32, 8, 1)],
+        (16, 32): [(32, 128, 4, 3), (64, 64, 4, 3)],  # (32, 128, 8, 3) spills 40 B at D=16
+        (64,): [(32, 128, 8, 3), (32, 64, 4, 3)],
+        (128,): [(32, 64, 8, 2), (64, 64, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2)],
+        (256,): [(32, 32, 8, 1), (16, 32, 8, 2)],
     },
 }
 # dQ: BLOCK_M query rows resident (q, dO, dq), BLOCK_N keys streamed.
 _DQ = {
     "hopper": {
         _D_SMALL: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
-        (128,): [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)],
-        (256,): [(32, 32, 8, 2), (64, 32, 8, 1), (32, 16, 4, 2)],
+        (128,): [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
+        (256,): [(32, 32, 8, 2), (32, 16, 4, 2), (64, 16, 4, 2)],
     },
     "ampere": {
         _D_SMALL: [(128, 32, 4, 3), (64, 64, 4, 3)],
-        (128,): [(128, 32, 8, 2), (64, 64, 4, 2)],
+        (128,): [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)],
         (256,): [(32, 16, 4, 2), (32, 32, 8, 1)],
     },
 }

@@ -14,38 +14,22 @@ Causal needs no mask here: the single query row sits at the bottom right and see
 import triton
 import triton.language as tl
 
-from .flash_fwd import _fwd_tiles, head_base_offset, load_tile, natural_lse
+from .flash_fwd import fwd_tiles, head_base_offset, load_tile, natural_lse
 
 
 @triton.jit
 def decode_split_kernel(
-    Q,
-    K,
-    V,
-    Acc,
-    M,
-    L,
-    stride_qb,
-    stride_qh,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    H_KV,
-    GROUP,
-    Tk,
+    Q, K, V, Acc, M, L,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    H_KV, GROUP, Tk,
     qk_scale,  # |scale| * log2(e)
     chunk,
     TK_BUCKET,  # autotune key only
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    SCALE_NEG: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+    SCALE_NEG: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     # Grid: (S, H_KV, B). Partials Acc: (B, H, S, HEAD_DIM) fp32; M, L: (B, H, S) fp32.
     pid_s = tl.program_id(0)
     n_splits = tl.num_programs(0)
@@ -71,56 +55,16 @@ def decode_split_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    acc, m_i, l_i, k_ptrs, v_ptrs = _fwd_tiles(
-        acc,
-        m_i,
-        l_i,
-        q,
-        k_ptrs,
-        v_ptrs,
-        stride_kn,
-        stride_vn,
-        offs_g,
-        offs_n,
-        offs_d,
-        lo,
-        hi_full,
-        Tk,
-        HEAD_DIM,
-        0,
-        qk_scale,
-        False,
-        False,
-        SCALE_NEG,
-        BLOCK_N,
-        BLOCK_D,
-        DOT_PRECISION,
-    )
-    acc, m_i, l_i, k_ptrs, v_ptrs = _fwd_tiles(
-        acc,
-        m_i,
-        l_i,
-        q,
-        k_ptrs,
-        v_ptrs,
-        stride_kn,
-        stride_vn,
-        offs_g,
-        offs_n,
-        offs_d,
-        hi_full,
-        hi,
-        Tk,
-        HEAD_DIM,
-        0,
-        qk_scale,
-        True,
-        False,
-        SCALE_NEG,
-        BLOCK_N,
-        BLOCK_D,
-        DOT_PRECISION,
-    )
+    acc, m_i, l_i, k_ptrs, v_ptrs = fwd_tiles(
+        acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_g, offs_n, offs_d,
+        lo, hi_full, Tk, HEAD_DIM, 0, qk_scale,
+        False, False, SCALE_NEG, BLOCK_N, BLOCK_D, DOT_PRECISION,
+    )  # fmt: skip
+    acc, m_i, l_i, k_ptrs, v_ptrs = fwd_tiles(
+        acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_g, offs_n, offs_d,
+        hi_full, hi, Tk, HEAD_DIM, 0, qk_scale,
+        True, False, SCALE_NEG, BLOCK_N, BLOCK_D, DOT_PRECISION,
+    )  # fmt: skip
 
     # Row of a partial: ((b * H + h) * S + s), with h = h_kv * GROUP + g.
     rows = (pid_bh.to(tl.int64) * GROUP + offs_g) * n_splits + pid_s  # (BLOCK_G,)
@@ -164,7 +108,9 @@ def decode_combine_kernel(
         other=0.0,
     )
     m = tl.max(m_s, 0)  # running maxima of q.k; every split holds a key, so m is finite
-    w = tl.exp2(m_s * qk_scale - m * qk_scale)  # the shifts the splits used, bit for bit
+    # The shifts the splits used, bit for bit; padding splits weigh 0 (m_s = -inf, and
+    # -inf * qk_scale is NaN when qk_scale = 0).
+    w = tl.where(s_ok, tl.exp2(m_s * qk_scale - m * qk_scale), 0.0)
     l = tl.sum(w * l_s, 0)
     out = tl.sum(w[:, None] * acc_s, 0) / l  # (BLOCK_D,)
     lse = natural_lse(m, l, qk_scale, scale)

@@ -9,8 +9,10 @@ for scores ~1e3):
 
 Three passes, no atomics (deterministic by construction):
   1. preprocess: delta per query row;
-  2. dK/dV: one program per key tile of one KV head, looping over the query tiles of every query
-     head of its GQA group (it alone writes its dk/dv rows);
+  2. dK/dV: one program per key tile of one KV head and a slice of its GQA group's query heads,
+     looping over their query tiles. With one slice (SPLITS = 1) it alone writes its dk/dv rows;
+     with more (a grid smaller than the GPU) each slice writes an fp32 partial that the host sums
+     in a fixed order;
   3. dQ: one program per query tile, looping over the key tiles it sees.
 Both loops skip tiles the causal mask hides and mask only the diagonal / ragged tiles.
 """
@@ -18,28 +20,17 @@ Both loops skip tiles the causal mask hides and mask only the diagonal / ragged 
 import triton
 import triton.language as tl
 
-from .flash_fwd import head_base_offset, load_tile
-
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+from .flash_fwd import LOG2E, head_base_offset, load_tile
 
 
 @triton.jit
 def bwd_preprocess_kernel(
-    Out,
-    DO,
-    Delta,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_dob,
-    stride_doh,
-    stride_dom,
-    H,
-    Tq,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
+    Out, DO, Delta,
+    stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom,
+    H, Tq,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
     # Grid: (cdiv(Tq, BLOCK_M), H, B). Delta: (B, H, Tq) fp32, contiguous.
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -58,35 +49,17 @@ def bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_tiles(
-    dk,
-    dv,
-    k,
-    v,  # (BLOCK_N, BLOCK_D): fp32 accumulators, then this program's K and V tiles
-    q_ptrs,
-    do_ptrs,
-    lse_ptr,
-    delta_ptr,
-    stride_qm,
-    stride_dom,  # pointers at query tile `lo`
-    offs_n,
-    offs_m,
-    offs_d,
-    lo,
-    hi,
-    Tq,
-    HEAD_DIM,
-    causal_shift,
-    scale,
-    MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    SCORES_AS_FORWARD: tl.constexpr,
-):
+def dkdv_tiles(
+    dk, dv, k, v,  # (BLOCK_N, BLOCK_D): fp32 accumulators, then this program's K and V tiles
+    q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom,  # pointers at query tile `lo`
+    offs_n, offs_m, offs_d,
+    lo, hi, Tq, HEAD_DIM, causal_shift, scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SCORES_AS_FORWARD: tl.constexpr,
+):  # fmt: skip
     """Accumulate the query tiles [lo, hi) into dk, dv, kept transposed (keys x queries)."""
-    for start_m in range(lo, hi, BLOCK_M):
+    # Masked (diagonal, ragged) tiles are not software-pipelined, as in the forward.
+    for start_m in tl.range(lo, hi, BLOCK_M, num_stages=1 if MASKED else None):
         rows = start_m + offs_m
         q = load_tile(q_ptrs, rows, offs_d, Tq, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
         do = load_tile(do_ptrs, rows, offs_d, Tq, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
@@ -121,53 +94,29 @@ def _dkdv_tiles(
 
 @triton.jit
 def bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    Lse,
-    Delta,
-    DK,
-    DV,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_dob,
-    stride_doh,
-    stride_dom,
-    stride_dkb,
-    stride_dkh,
-    stride_dkn,
-    stride_dvb,
-    stride_dvh,
-    stride_dvn,
-    H,
-    H_KV,
-    GROUP,
-    Tq,
-    Tk,
-    scale,
-    TQ_BUCKET,
-    TK_BUCKET,  # autotune keys only
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    Q, K, V, DO, Lse, Delta, DK, DV,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    H, H_KV, GROUP, SPLITS, Tq, Tk, scale,
+    TQ_BUCKET, TK_BUCKET,  # autotune keys only
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SCORES_AS_FORWARD: tl.constexpr,
-):
-    # Grid: (cdiv(Tk, BLOCK_N), H_KV, B). Early key tiles see the most queries under the causal
-    # mask, so they are launched first.
+):  # fmt: skip
+    # Grid: (cdiv(Tk, BLOCK_N), H_KV * SPLITS, B). Early key tiles see the most queries under the
+    # causal mask, so they are launched first. Program (n, h_out, b) covers the query heads
+    # [split * per_split, (split + 1) * per_split) of KV head h_kv's group and writes head h_out
+    # of DK / DV: the result itself when SPLITS = 1, else an fp32 partial (B, H_KV * SPLITS, ...).
     pid_n = tl.program_id(0)
-    h_kv = tl.program_id(1)
+    h_out = tl.program_id(1)
     b = tl.program_id(2)
+    h_kv = h_out // SPLITS
+    per_split = GROUP // SPLITS
+    first_head = h_kv * GROUP + h_out % SPLITS * per_split
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -200,9 +149,9 @@ def bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for g in range(0, GROUP):
-        # Every query head of the group in a fixed order: deterministic, no atomics.
-        h = h_kv * GROUP + g
+    for g in range(0, per_split):
+        # The query heads of this slice in a fixed order: deterministic, no atomics.
+        h = first_head + g
         bh = b * H + h
         q_ptrs = Q + head_base_offset(b, h, stride_qb, stride_qh)
         q_ptrs += m_lo.to(tl.int64) * stride_qm + offs_m[:, None] * stride_qm + offs_d[None, :]
@@ -210,126 +159,44 @@ def bwd_dkdv_kernel(
         do_ptrs += m_lo.to(tl.int64) * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :]
         lse_ptr = Lse + bh.to(tl.int64) * Tq
         delta_ptr = Delta + bh.to(tl.int64) * Tq
-        dk, dv, q_ptrs, do_ptrs = _dkdv_tiles(
-            dk,
-            dv,
-            k,
-            v,
-            q_ptrs,
-            do_ptrs,
-            lse_ptr,
-            delta_ptr,
-            stride_qm,
-            stride_dom,
-            offs_n,
-            offs_m,
-            offs_d,
-            m_lo,
-            m_full,
-            Tq,
-            HEAD_DIM,
-            causal_shift,
-            scale,
-            True,
-            CAUSAL,
-            BLOCK_M,
-            BLOCK_D,
-            DOT_PRECISION,
-            SCORES_AS_FORWARD,
-        )
-        dk, dv, q_ptrs, do_ptrs = _dkdv_tiles(
-            dk,
-            dv,
-            k,
-            v,
-            q_ptrs,
-            do_ptrs,
-            lse_ptr,
-            delta_ptr,
-            stride_qm,
-            stride_dom,
-            offs_n,
-            offs_m,
-            offs_d,
-            m_full,
-            m_tail,
-            Tq,
-            HEAD_DIM,
-            causal_shift,
-            scale,
-            False,
-            CAUSAL,
-            BLOCK_M,
-            BLOCK_D,
-            DOT_PRECISION,
-            SCORES_AS_FORWARD,
-        )
-        dk, dv, q_ptrs, do_ptrs = _dkdv_tiles(
-            dk,
-            dv,
-            k,
-            v,
-            q_ptrs,
-            do_ptrs,
-            lse_ptr,
-            delta_ptr,
-            stride_qm,
-            stride_dom,
-            offs_n,
-            offs_m,
-            offs_d,
-            m_tail,
-            Tq,
-            Tq,
-            HEAD_DIM,
-            causal_shift,
-            scale,
-            True,
-            CAUSAL,
-            BLOCK_M,
-            BLOCK_D,
-            DOT_PRECISION,
-            SCORES_AS_FORWARD,
-        )
+        dk, dv, q_ptrs, do_ptrs = dkdv_tiles(
+            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom,
+            offs_n, offs_m, offs_d, m_lo, m_full, Tq, HEAD_DIM, causal_shift, scale,
+            True, CAUSAL, BLOCK_M, BLOCK_D, DOT_PRECISION, SCORES_AS_FORWARD,
+        )  # fmt: skip
+        dk, dv, q_ptrs, do_ptrs = dkdv_tiles(
+            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom,
+            offs_n, offs_m, offs_d, m_full, m_tail, Tq, HEAD_DIM, causal_shift, scale,
+            False, CAUSAL, BLOCK_M, BLOCK_D, DOT_PRECISION, SCORES_AS_FORWARD,
+        )  # fmt: skip
+        dk, dv, q_ptrs, do_ptrs = dkdv_tiles(
+            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom,
+            offs_n, offs_m, offs_d, m_tail, Tq, Tq, HEAD_DIM, causal_shift, scale,
+            True, CAUSAL, BLOCK_M, BLOCK_D, DOT_PRECISION, SCORES_AS_FORWARD,
+        )  # fmt: skip
 
     dk *= scale
     mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
-    dk_ptrs = DK + head_base_offset(b, h_kv, stride_dkb, stride_dkh)
+    dk_ptrs = DK + head_base_offset(b, h_out, stride_dkb, stride_dkh)
     dk_ptrs += offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :]
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask)
-    dv_ptrs = DV + head_base_offset(b, h_kv, stride_dvb, stride_dvh)
+    dv_ptrs = DV + head_base_offset(b, h_out, stride_dvb, stride_dvh)
     dv_ptrs += offs_n[:, None].to(tl.int64) * stride_dvn + offs_d[None, :]
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _dq_tiles(
-    dq,
-    q,
-    do,
-    lse,
-    delta,  # (BLOCK_M, BLOCK_D) fp32 acc, q, dO tiles; (BLOCK_M,) fp32 x2
-    k_ptrs,
-    v_ptrs,
-    stride_kn,
-    stride_vn,  # (BLOCK_N, BLOCK_D) pointers at key tile `lo`
-    offs_m,
-    offs_n,
-    offs_d,
-    lo,
-    hi,
-    Tk,
-    HEAD_DIM,
-    causal_shift,
-    scale,
-    MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+def dq_tiles(
+    dq, q, do, lse, delta,  # (BLOCK_M, BLOCK_D) fp32 acc, q, dO tiles; (BLOCK_M,) fp32 x2
+    k_ptrs, v_ptrs, stride_kn, stride_vn,  # (BLOCK_N, BLOCK_D) pointers at key tile `lo`
+    offs_m, offs_n, offs_d,
+    lo, hi, Tk, HEAD_DIM, causal_shift, scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-):
+):  # fmt: skip
     """Accumulate the key tiles [lo, hi) into dq (unscaled)."""
-    for start_n in range(lo, hi, BLOCK_N):
+    # Masked (diagonal, ragged) tiles are not software-pipelined, as in the forward.
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASKED else None):
         cols = start_n + offs_n
         k = load_tile(k_ptrs, cols, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
         v = load_tile(v_ptrs, cols, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
@@ -350,42 +217,17 @@ def _dq_tiles(
 
 @triton.jit
 def bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    Lse,
-    Delta,
-    DQ,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_dob,
-    stride_doh,
-    stride_dom,
-    stride_dqb,
-    stride_dqh,
-    stride_dqm,
-    H,
-    GROUP,
-    Tq,
-    Tk,
-    scale,
-    TQ_BUCKET,
-    TK_BUCKET,  # autotune keys only
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    Q, K, V, DO, Lse, Delta, DQ,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    H, GROUP, Tq, Tk, scale,
+    TQ_BUCKET, TK_BUCKET,  # autotune keys only
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     # Grid: (cdiv(Tq, BLOCK_M), H, B), diagonal-heavy (late) query tiles first under causal.
     n_m_blocks = tl.cdiv(Tq, BLOCK_M)
     pid_m = n_m_blocks - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
@@ -425,56 +267,16 @@ def bwd_dq_kernel(
     v_ptrs = V + head_base_offset(b, h_kv, stride_vb, stride_vh)
     v_ptrs += offs_n[:, None] * stride_vn + offs_d[None, :]
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq, k_ptrs, v_ptrs = _dq_tiles(
-        dq,
-        q,
-        do,
-        lse,
-        delta,
-        k_ptrs,
-        v_ptrs,
-        stride_kn,
-        stride_vn,
-        offs_m,
-        offs_n,
-        offs_d,
-        0,
-        n_full,
-        Tk,
-        HEAD_DIM,
-        causal_shift,
-        scale,
-        False,
-        CAUSAL,
-        BLOCK_N,
-        BLOCK_D,
-        DOT_PRECISION,
-    )
-    dq, k_ptrs, v_ptrs = _dq_tiles(
-        dq,
-        q,
-        do,
-        lse,
-        delta,
-        k_ptrs,
-        v_ptrs,
-        stride_kn,
-        stride_vn,
-        offs_m,
-        offs_n,
-        offs_d,
-        n_full,
-        n_end,
-        Tk,
-        HEAD_DIM,
-        causal_shift,
-        scale,
-        True,
-        CAUSAL,
-        BLOCK_N,
-        BLOCK_D,
-        DOT_PRECISION,
-    )
+    dq, k_ptrs, v_ptrs = dq_tiles(
+        dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+        0, n_full, Tk, HEAD_DIM, causal_shift, scale,
+        False, CAUSAL, BLOCK_N, BLOCK_D, DOT_PRECISION,
+    )  # fmt: skip
+    dq, k_ptrs, v_ptrs = dq_tiles(
+        dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+        n_full, n_end, Tk, HEAD_DIM, causal_shift, scale,
+        True, CAUSAL, BLOCK_N, BLOCK_D, DOT_PRECISION,
+    )  # fmt: skip
 
     dq *= scale
     dq_ptrs = DQ + head_base_offset(b, h, stride_dqb, stride_dqh)

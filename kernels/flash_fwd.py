@@ -15,7 +15,8 @@ ragged last tile) run with one. Tiles no row sees are never visited.
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # 1 / ln(2), host side: qk_scale = scale * LOG2E
+# 1 / ln(2): the kernels' base-2 exponent. Host code reads LOG2E.value (qk_scale = scale * log2 e).
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
@@ -52,36 +53,23 @@ def natural_lse(m, l, qk_scale, scale):
 
 
 @triton.jit
-def _fwd_tiles(
-    acc,
-    m_i,
-    l_i,
-    q,  # (BLOCK_M, BLOCK_D) fp32, (BLOCK_M,) fp32 x2, (BLOCK_M, BLOCK_D) input dtype
-    k_ptrs,
-    v_ptrs,
-    stride_kn,
-    stride_vn,  # (BLOCK_N, BLOCK_D) pointers at key tile `lo`
-    offs_m,
-    offs_n,
-    offs_d,
-    lo,
-    hi,
-    Tk,
-    HEAD_DIM,
-    causal_shift,
-    qk_scale,
-    MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    SCALE_NEG: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
+def fwd_tiles(
+    acc, m_i, l_i, q,  # (BLOCK_M, BLOCK_D) fp32, (BLOCK_M,) fp32 x2, (BLOCK_M, BLOCK_D) input dtype
+    k_ptrs, v_ptrs, stride_kn, stride_vn,  # (BLOCK_N, BLOCK_D) pointers at key tile `lo`
+    offs_m, offs_n, offs_d,
+    lo, hi, Tk, HEAD_DIM, causal_shift, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, SCALE_NEG: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
     """Fold key tiles [lo, hi) into the running (acc, m_i, l_i). MASKED adds causal + length masks.
 
     Returns the pointers advanced past `hi`, so the masked pass continues where the unmasked ended.
+    qk_scale may be 0 (scale 0, -0.0 or below fp32's range): no -inf score is ever multiplied by
+    it, so scores are then all 0 and the softmax is uniform over the visible keys.
     """
-    for start_n in range(lo, hi, BLOCK_N):
+    # The masked (diagonal) tiles are not software-pipelined: pipelining them made ptxas
+    # serialize wgmma in every pipelined loop of the kernel (C7515, measured by compile_check).
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASKED else None):
         cols = start_n + offs_n
         k = load_tile(k_ptrs, cols, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
         v = load_tile(v_ptrs, cols, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
@@ -101,7 +89,10 @@ def _fwd_tiles(
             # A row with nothing visible yet keeps m = -inf; shift by 0 so no inf - inf appears.
             shift = tl.where(m_new == float("-inf"), 0.0, shift)
         p = tl.exp2(qk * qk_scale - shift[:, None])
-        alpha = tl.exp2(m_i * qk_scale - shift)
+        if MASKED:
+            p = tl.where(visible, p, 0.0)  # masked after scaling: -inf * 0 would be NaN
+        # Per row: m_i = -inf (no key seen yet) gives alpha = 0 even when qk_scale = 0.
+        alpha = tl.exp2(tl.where(m_i == float("-inf"), float("-inf"), m_i * qk_scale) - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -113,39 +104,19 @@ def _fwd_tiles(
 
 @triton.jit
 def attn_fwd_kernel(
-    Q,
-    K,
-    V,
-    Out,
-    Lse,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    H,
-    GROUP,
-    Tq,
-    Tk,
+    Q, K, V, Out, Lse,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    H, GROUP, Tq, Tk,
     qk_scale,  # |scale| * log2(e)
     scale,  # |scale|
-    TQ_BUCKET,
-    TK_BUCKET,  # autotune keys only (lengths rounded up to a power of two)
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    SCALE_NEG: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    TQ_BUCKET, TK_BUCKET,  # autotune keys only (lengths rounded up to a power of two)
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    SCALE_NEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     # Grid: (cdiv(Tq, BLOCK_M), H, B). Diagonal-heavy query blocks first, so the longest programs
     # start early and the short ones fill the tail; programs of one head run together (K/V in L2).
     n_m_blocks = tl.cdiv(Tq, BLOCK_M)
@@ -186,56 +157,16 @@ def attn_fwd_kernel(
 
     k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]  # (BLOCK_N, BLOCK_D) at key 0
     v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
-    acc, m_i, l_i, k_ptrs, v_ptrs = _fwd_tiles(
-        acc,
-        m_i,
-        l_i,
-        q,
-        k_ptrs,
-        v_ptrs,
-        stride_kn,
-        stride_vn,
-        offs_m,
-        offs_n,
-        offs_d,
-        0,
-        n_full,
-        Tk,
-        HEAD_DIM,
-        causal_shift,
-        qk_scale,
-        False,
-        CAUSAL,
-        SCALE_NEG,
-        BLOCK_N,
-        BLOCK_D,
-        DOT_PRECISION,
-    )
-    acc, m_i, l_i, k_ptrs, v_ptrs = _fwd_tiles(
-        acc,
-        m_i,
-        l_i,
-        q,
-        k_ptrs,
-        v_ptrs,
-        stride_kn,
-        stride_vn,
-        offs_m,
-        offs_n,
-        offs_d,
-        n_full,
-        n_end,
-        Tk,
-        HEAD_DIM,
-        causal_shift,
-        qk_scale,
-        True,
-        CAUSAL,
-        SCALE_NEG,
-        BLOCK_N,
-        BLOCK_D,
-        DOT_PRECISION,
-    )
+    acc, m_i, l_i, k_ptrs, v_ptrs = fwd_tiles(
+        acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+        0, n_full, Tk, HEAD_DIM, causal_shift, qk_scale,
+        False, CAUSAL, SCALE_NEG, BLOCK_N, BLOCK_D, DOT_PRECISION,
+    )  # fmt: skip
+    acc, m_i, l_i, k_ptrs, v_ptrs = fwd_tiles(
+        acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+        n_full, n_end, Tk, HEAD_DIM, causal_shift, qk_scale,
+        True, CAUSAL, SCALE_NEG, BLOCK_N, BLOCK_D, DOT_PRECISION,
+    )  # fmt: skip
 
     # A row that saw no key has l = 0 and acc = 0: output 0 and lse = +inf (never NaN).
     empty = l_i == 0.0

@@ -215,3 +215,70 @@ def test_autotune_pruning_picks_the_device_family(monkeypatch, capability):
             ]
             assert [(c.num_warps, c.num_stages) for c in kept] == [(r[2], r[3]) for r in rows]
             assert len(kept) == 1 if elem == 4 else len(kept) >= 1
+
+
+# Scales whose fp32 |scale| * log2(e) is 0 (0, -0.0, a float64 denormal), an fp32 denormal and a
+# negative scale: a -inf mask times a zero scale must never turn into NaN.
+TINY_SCALES = {"zero": 0.0, "minus_zero": -0.0, "f64_denormal": 5e-324, "f32_denormal": 1e-40}
+TINY_SCALES["negative"] = -0.3
+
+
+@pytest.mark.parametrize("tq", [21, 1], ids=["flash", "decode"])
+@pytest.mark.parametrize("scale", list(TINY_SCALES.values()), ids=list(TINY_SCALES))
+def test_zero_and_denormal_scales_match_float64(scale, tq):
+    # 21 queries over 37 keys: unmasked interior, diagonal and ragged tiles; one query over 300
+    # keys takes the split-K decode kernel (3 splits, the last one ragged).
+    q, k, v = random_qkv(1, 4, 2, tq, 300 if tq == 1 else 37, 24, seed=3)
+    out, lse = ka.attention_forward(q, k, v, True, scale)
+    ref_out, ref_lse = reference_attention_with_lse(q.double(), k.double(), v.double(), True, scale)
+    plain_out, plain_lse = reference_attention_with_lse(q, k, v, True, scale, q.dtype)
+    assert_close_2x(out, ref_out, plain_out, q.dtype, "out")
+    assert_close_2x(lse, ref_lse, plain_lse, q.dtype, "lse")
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    got = ka.attention_backward(grad_out, q, k, v, out, lse, True, scale)
+    ref = grads_float64(q, k, v, grad_out, True, scale)
+    plain = grads_plain(q, k, v, grad_out, True, scale)
+    assert_grads_close(got, ref, plain, q.dtype, f"scale {scale}")
+
+
+@pytest.mark.parametrize("split", [1, 2, 4])
+def test_gqa_dkdv_split_matches_float64_and_is_deterministic(split):
+    # A GQA group of 4 shared by `split` programs per KV head, fp32 partials summed in order.
+    q, k, v = random_qkv(1, 8, 2, 29, 43, 24, seed=5)
+    out, lse = ka.attention_forward(q, k, v, True, 0.3)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    got = ka.attention_backward(grad_out, q, k, v, out, lse, True, 0.3, dkdv_split=split)
+    ref = grads_float64(q, k, v, grad_out, True, 0.3)
+    plain = grads_plain(q, k, v, grad_out, True, 0.3)
+    assert_grads_close(got, ref, plain, q.dtype, f"split {split}")
+    again = ka.attention_backward(grad_out, q, k, v, out, lse, True, 0.3, dkdv_split=split)
+    for a, b in zip(got, again, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_dkdv_split_fills_a_small_grid_with_divisors_of_the_group():
+    sms = ka._sm_count(DEVICE)
+    block_n = ka._DKDV_MAX_BLOCK_N
+    # One KV head, one key tile: as many slices as the group allows, up to the SM count.
+    assert ka.dkdv_splits(1, 1, 1, block_n, DEVICE) == 1
+    assert ka.dkdv_splits(1, 1, 2, block_n, DEVICE) == min(2, sms)
+    want = min(sms, 6)
+    assert ka.dkdv_splits(1, 1, 6, block_n, DEVICE) == max(d for d in (1, 2, 3, 6) if d <= want)
+    # A grid that already fills the GPU is not split.
+    assert ka.dkdv_splits(1, sms, 8, block_n, DEVICE) == 1
+    q, k, v = random_qkv(1, 6, 2, 5, 5, 16)
+    out, lse = ka.attention_forward(q, k, v, True, 0.3)
+    with pytest.raises(ValueError, match="must divide the GQA group 3"):
+        ka.attention_backward(out, q, k, v, out, lse, True, 0.3, dkdv_split=2)
+
+
+def test_default_dkdv_split_of_a_small_grid_matches_float64():
+    # One KV head, one key tile: the default splits the group of 4 across programs.
+    q, k, v = random_qkv(1, 4, 1, 9, 11, 16, seed=7)
+    assert ka.dkdv_splits(1, 1, 4, 11, DEVICE) > 1
+    out, lse = ka.attention_forward(q, k, v, True, 0.3)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    got = ka.attention_backward(grad_out, q, k, v, out, lse, True, 0.3)
+    ref = grads_float64(q, k, v, grad_out, True, 0.3)
+    plain = grads_plain(q, k, v, grad_out, True, 0.3)
+    assert_grads_close(got, ref, plain, q.dtype, "default split")
