@@ -19,14 +19,13 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import safetensors.torch
 import torch
 
 from fastgpt.errors import FastGPTError
-from fastgpt.files import write_atomic
+from fastgpt.files import make_folder, write_atomic
 from fastgpt.model import GPT, GPTConfig
 from fastgpt.tokenizer import load_tokenizer, save_tokenizer
 
@@ -35,6 +34,8 @@ CKPT_NAME = re.compile(r"ckpt-\d{6,}")
 TMP_PREFIX = ".tmp-ckpt-"
 # Files a run writes directly in OUT besides its checkpoints (removed by --overwrite).
 RUN_FILES = ("metrics.json", "metrics.jsonl", "loss.png")
+# Training options that steer one invocation, not the run: left out of train.toml.
+RUN_CONTROL = ("resume", "overwrite", "stop_after")
 
 
 def _first_line(e: BaseException) -> str:
@@ -49,7 +50,7 @@ def save_checkpoint(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f"{TMP_PREFIX}{step:06d}-"))
+    tmp = make_folder(out_dir, f"{TMP_PREFIX}{step:06d}-")
     safetensors.torch.save_model(
         model, str(tmp / "model.safetensors"), metadata={"step": str(step)}
     )
@@ -66,7 +67,7 @@ def save_checkpoint(
     if final.is_symlink():
         final.unlink()
     elif final.exists():  # the same step saved again: move the old copy aside first
-        os.rename(final, tempfile.mkdtemp(dir=out_dir, prefix=f"{TMP_PREFIX}old-") + "/old")
+        os.rename(final, make_folder(out_dir, f"{TMP_PREFIX}old-") / "old")
     os.rename(tmp, final)
     write_atomic(out_dir / LATEST, name)
     if previous is not None and previous != final:
@@ -79,7 +80,7 @@ def to_toml(train: dict) -> str:
     """A training configuration as TOML (None values left out: they mean "the default")."""
     lines = ["# fastgpt train --config this-file (resolved configuration of the run)"]
     for key, value in train.items():
-        if value is not None:
+        if value is not None and key not in RUN_CONTROL:
             lines.append(f"{key} = {json.dumps(value)}")  # JSON str/int/float/bool are TOML
     return "\n".join(lines) + "\n"
 

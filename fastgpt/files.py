@@ -34,6 +34,7 @@ def replacing(path: str | os.PathLike) -> Iterator[BinaryIO]:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600; a plain file follows the umask
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -43,6 +44,20 @@ def replacing(path: str | os.PathLike) -> Iterator[BinaryIO]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_folder(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new, empty folder in parent with a random name after prefix, created exclusively."""
+    folder = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    folder.chmod(0o777 & ~umask())  # mkdtemp makes 0700; a plain folder follows the umask
+    return folder
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:

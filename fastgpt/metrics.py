@@ -8,12 +8,14 @@ OUT/metrics.json    everything at the end of a complete run (losses per step, co
 
 import json
 import math
+import time
 from pathlib import Path
 
 from fastgpt.errors import FastGPTError
 from fastgpt.files import append_line, replacing, write_atomic
 
 LOGGERS = ("tensorboard",)
+PLOT_BUDGET = 10
 
 
 def tensorboard_writer(folder: Path):
@@ -48,6 +50,7 @@ class MetricsLog:
                 except (ValueError, KeyError, TypeError):
                     continue  # a line cut by a kill
         write_atomic(self.path, "".join(kept))
+        self.plotted_at, self.plot_cost = -math.inf, 0.0
         self.writer = tensorboard_writer(out / "tb") if log == "tensorboard" else None
 
     def evaluation(self, record: dict, plot: dict) -> None:
@@ -58,7 +61,13 @@ class MetricsLog:
                 if key != "step" and isinstance(value, float):
                     self.writer.add_scalar(key, value, record["step"])
             self.writer.flush()
-        plot_losses(plot, self.out / "loss.png")
+        # Redraw unless the last drawing is younger than PLOT_BUDGET times its own cost, so that
+        # drawing takes at most ~1/PLOT_BUDGET of the run (the end of the run always draws).
+        if time.perf_counter() - self.plotted_at >= PLOT_BUDGET * self.plot_cost:
+            start = time.perf_counter()
+            plot_losses(plot, self.out / "loss.png")
+            self.plotted_at = time.perf_counter()
+            self.plot_cost = self.plotted_at - start
 
     def close(self) -> None:
         if self.writer is not None:
@@ -75,12 +84,11 @@ def plot_losses(result: dict, path: Path) -> None:
     result: "losses" (one per step), "val" ([step, loss] pairs), "vocab_size", "preset",
     "n_params", "device", "backend".
     """
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+    from matplotlib.ticker import FormatStrFormatter
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot(range(1, len(result["losses"]) + 1), result["losses"], lw=1, label="train")
     if result["val"]:
         steps, vals = zip(*result["val"], strict=True)
@@ -92,13 +100,14 @@ def plot_losses(result: dict, path: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy loss")
     ax.set_yscale("log")
+    for axis_format in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis_format(FormatStrFormatter("%g"))  # plain numbers: cheaper to draw than mathtext
     ax.set_title(
         f"fastgpt {result['preset']}: {result['n_params'] / 1e6:.2f}M params, "
         f"{result['device']}, attention {result['backend']}"
     )
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.1, right=0.98, top=0.92, bottom=0.12)
     with replacing(path) as f:
         fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
