@@ -14,8 +14,9 @@ from fastgpt.errors import FastGPTError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICE_TYPES = ("cuda", "mps", "cpu")
 
-# Datasheet dense bf16 peak TFLOP/s (no sparsity), matched as substrings of the GPU's name; ordered
-# so that a longer name wins ("H100 PCIe" before "H100").
+# Datasheet dense bf16 tensor-core peak TFLOP/s (no sparsity), matched in order as substrings of
+# torch.cuda.get_device_name (the SXM H100 reports "NVIDIA H100 80GB HBM3"), so "H100 PCIe" comes
+# before "H100".
 PEAK_BF16_TFLOPS = {
     "H200": 989.4,
     "H100 PCIe": 756.0,
