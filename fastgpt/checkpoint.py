@@ -143,20 +143,21 @@ def run_step(ckpt: Path) -> int:
 
 
 def prepare_out(out_dir: str | os.PathLike, resume: bool, overwrite: bool) -> Path | None:
-    """Make OUT ready for a run (its lock held): the checkpoint to resume from, or None.
+    """Check OUT (its lock held) for a run: the checkpoint to resume from, or None.
 
-    A new run into a folder holding a run is refused unless overwrite, which removes that run's
-    checkpoints and metrics (the token cache OUT/data stays). Leftovers of killed runs are removed.
+    A new run into a folder holding a run is refused unless overwrite; the run is then removed by
+    clear_run once the new run is set up (a new run that fails to start removes nothing).
+    Leftovers of killed runs are removed here.
     """
     out_dir = Path(out_dir)
     if resume and overwrite:
         raise FastGPTError("--resume and --overwrite contradict each other; give one.")
     try:
         latest = latest_checkpoint(out_dir)
-    except FastGPTError:
-        if not overwrite:
-            raise
-        latest = None
+    except FastGPTError as e:
+        if overwrite:
+            return None
+        raise FastGPTError(f"{e} (--overwrite replaces it)" if not resume else str(e)) from None
     if resume:
         if latest is None:
             raise FastGPTError(f"--resume: no checkpoint in {out_dir} to resume from.")
@@ -167,13 +168,20 @@ def prepare_out(out_dir: str | os.PathLike, resume: bool, overwrite: bool) -> Pa
             f"{out_dir} holds a run at step {run_step(latest)}; use --resume to continue it, "
             "--overwrite to replace it, or another --out."
         )
-    if overwrite:
-        for name in (LATEST, *RUN_FILES):
-            path = out_dir / name
-            if path.is_symlink() or path.is_file():
-                path.unlink()
-    clean_orphans(out_dir, keep=None)
+    if not overwrite:
+        clean_orphans(out_dir, keep=None)  # no run here: only leftovers of killed ones
     return None
+
+
+def clear_run(out_dir: str | os.PathLike) -> None:
+    """Remove the run in OUT (--overwrite): `latest`, its checkpoints, metrics and leftovers.
+    The token cache OUT/data stays (it is checked against its source before each use)."""
+    out_dir = Path(out_dir)
+    for name in (LATEST, *RUN_FILES):
+        path = out_dir / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+    clean_orphans(out_dir, keep=None)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

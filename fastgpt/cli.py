@@ -136,10 +136,13 @@ def _run_sample(options: dict) -> None:
 
     if options["backend"] == "auto":
         options["backend"] = None
-    for piece in stream(**options):  # each token printed as it is drawn
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    try:
+        for piece in stream(**options):  # each token printed as it is drawn
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    except BrokenPipeError:  # `fastgpt sample ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 COMMANDS = {"train": (_train_parser, _run_train), "sample": (_sample_parser, _run_sample)}

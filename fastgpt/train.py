@@ -269,7 +269,8 @@ def _tokenizer_and_data(cfg: TrainConfig, ckpt: Path | None, rank: int, world: i
     """(tokenizer, train ids, val ids). Rank 0 learns the tokenizer (or it comes from the
     checkpoint) and writes the token cache; the other ranks receive the one and read the other."""
     if ckpt is not None:
-        tok = checkpoint.load_checkpoint_tokenizer(ckpt)
+        vocab = checkpoint.read_config(ckpt)["model"].get("vocab_size")
+        tok = checkpoint.load_checkpoint_tokenizer(ckpt, vocab)
     else:
         tok = None
         if rank == 0:
@@ -559,6 +560,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device, ckpt: Path | None) -
     run = setup_run(cfg, rank, world, device, ckpt)
     say = print if run.main and cfg.progress else (lambda *a, **k: None)
     if run.main:
+        if cfg.overwrite:  # only now that the new run is set up
+            checkpoint.clear_run(run.out)
         run.log = MetricsLog(run.out, run.start, cfg.log)
     tokens_per_step = run.global_batch * cfg.block_size
     if (
@@ -580,8 +583,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, device, ckpt: Path | None) -
             if at_eval:
                 if run.main:
                     val = evaluate(run, done, progress.speed)
-                    train_loss = run.history["losses"][-1]
-                    note_line(f"step {done}: train loss {train_loss:.4f}, val loss {val:.4f}")
+                    note_line(
+                        f"step {done}: train loss {run.history['losses'][-1]:.4f}, "
+                        f"val loss {val:.4f} (held-out)"
+                    )
                 save(run, done)
                 progress.restart_clock()
     finally:

@@ -76,6 +76,12 @@ def test_second_run_into_a_run_folder_is_refused(tmp_path, capsys):
 
     rc, _, err = cli(capsys, "train", "--out", out, "--resume", "--overwrite", *TINY)
     assert rc == 2 and "contradict" in err
+    # A replacement that cannot start (missing data) leaves the old run as it was.
+    missing = tmp_path / "missing.txt"
+    rc, _, err = cli(capsys, "train", "--out", out, "--overwrite", "--data", missing, *TINY)
+    assert rc == 2 and "No file or folder" in err
+    assert (out / "ckpt-000002" / "model.safetensors").read_bytes() == weights
+    assert (out / "latest").read_text() == "ckpt-000002"
 
     argv = ["train", "--out", out, "--steps", "3", "--eval-every", "2", "--overwrite", *TINY]
     rc, _, _ = cli(capsys, *argv)
