@@ -197,7 +197,7 @@ class GPT(nn.Module):
         use_cache: bool = True,
     ) -> Iterator[Tensor]:
         """generate() one token at a time: yields each new token (B, 1) as soon as it is drawn."""
-        if not temperature >= 0:  # NaN included
+        if not 0 <= temperature < math.inf:  # NaN fails too
             raise ValueError(f"temperature must be >= 0 and finite, got {temperature}.")
         if idx.shape[1] == 0:
             raise ValueError(f"generate needs at least one token to start from, got {idx.shape}.")
