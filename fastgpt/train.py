@@ -489,7 +489,7 @@ class Progress:
     """The progress bar and the loss history: one device sync per 10 steps (and at evaluations),
     tokens/s and MFU, and the check that every loss is a finite number."""
 
-    def __init__(self, run: Run, end: int) -> None:
+    def __init__(self, run: Run) -> None:
         self.run, self.pending, self.speed = run, [], {}
         cfg = run.cfg
         self.bar = tqdm(
@@ -570,7 +570,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device, ckpt: Path | None) -
     ):
         torch.set_num_threads(1)  # a step this small runs slower on several threads (sync cost)
     _announce(run, note, say)
-    progress = Progress(run, cfg.steps)
+    progress = Progress(run)
     note_line = progress.bar.write if run.main and cfg.progress else say
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
     try:
