@@ -438,12 +438,13 @@ def diverged(run: Run, what: str, step: int, value: float) -> FastGPTError:
 
 
 def evaluate(run: Run, done: int, speed: dict) -> float:
-    """Validation loss after `done` steps (rank 0): history, printed line, metrics log, plot."""
+    """Validation loss after `done` steps (rank 0), recorded in the history, the metrics log and
+    the plot when it is a finite number (the caller stops the run when it is not)."""
     val = estimate_loss(
         run.raw_model, run.val_ids, run.cfg, run.global_batch, run.device, run.autocast()
     )
     if not math.isfinite(val):
-        raise diverged(run, "validation loss", done, val)
+        return val
     run.history["val"].append([done, val])
     since = run.history["losses"][-run.cfg.eval_every :]
     record = {
@@ -581,8 +582,13 @@ def _train(cfg: TrainConfig, rank: int, world: int, device, ckpt: Path | None) -
             if done % 10 == 0 or at_eval:  # one device sync per 10 steps
                 progress.flush(done)
             if at_eval:
+                # Every rank learns rank 0's validation loss, so that all stop together on a NaN.
+                val = _broadcast(
+                    evaluate(run, done, progress.speed) if run.main else None, rank, world
+                )
+                if not math.isfinite(val):
+                    raise diverged(run, "validation loss", done, val)
                 if run.main:
-                    val = evaluate(run, done, progress.speed)
                     note_line(
                         f"step {done}: train loss {run.history['losses'][-1]:.4f}, "
                         f"val loss {val:.4f} (held-out)"

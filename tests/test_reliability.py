@@ -217,6 +217,22 @@ def test_a_non_finite_loss_stops_without_overwriting_the_last_checkpoint(
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_non_finite_validation_loss_stops_the_run_too(tmp_path, capsys, monkeypatch):
+    real_estimate = fastgpt.train.estimate_loss
+    calls = []
+
+    def nan_at_the_second_evaluation(*args):
+        calls.append(1)
+        return float("inf") if len(calls) == 2 else real_estimate(*args)
+
+    monkeypatch.setattr(fastgpt.train, "estimate_loss", nan_at_the_second_evaluation)
+    out = tmp_path / "run"
+    rc, _, err = cli(capsys, "train", "--out", out, "--steps", "6", "--eval-every", "2", *TINY)
+    assert rc == 2
+    one_line_error(err, "the validation loss at step 4 is inf", "ckpt-000002")
+    assert (out / "latest").read_text() == "ckpt-000002"
+
+
 # 8. OUT is checked to be a writable folder before any training.
 def test_out_that_is_a_file_or_under_a_file_is_refused(tmp_path, capsys):
     file = tmp_path / "file"
