@@ -1,4 +1,4 @@
-"""Attention kernel benchmark: the same as `fastgpt bench` (see fastgpt/bench/ or --help).
+"""Attention kernel benchmark: the same as `fastgpt bench` (see bench/cli.py or --help).
 
 python bench/attention.py              # GPU: flash-attn's configuration, bf16 and fp16
 python bench/attention.py --tiny       # CPU smoke run

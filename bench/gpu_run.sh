@@ -65,7 +65,7 @@ say "kernel benchmark (budget $((T_BENCH - 40)) s, hard stop $T_BENCH s)"
 timeout "$T_BENCH" python3 -m fastgpt.bench --out "$OUT" --budget-s $((T_BENCH - 40)) \
     --warmup-ms 10 --rep-ms 50 --full-table 2>&1 | tee -a "$LOG"
 
-# 4. Training benchmark: gpt2 preset, every backend and torch SDPA swapped in.
+# 4. Training benchmark: gpt2 preset, every backend and torch SDPA (GPT's attention_fn).
 T_TRAIN=$(($(left) - 12))
 say "training benchmark (hard stop $T_TRAIN s)"
 timeout "$T_TRAIN" python3 bench/train.py --out "$OUT" --budget-s $((T_TRAIN - 40)) 2>&1 |

@@ -6,28 +6,26 @@
 
 The same model (same initial weights) trains on the same random token batches once per attention:
 fastgpt's backends ("triton", "cpp", "reference") through GPTConfig.backend, and torch SDPA
-swapped into fastgpt.nn in place of fastgpt.attention ("sdpa"). Only the attention differs.
+("sdpa") given to the model as GPT(config, attention_fn=...). Only the attention differs.
 
 FLOPs per token are counted as nanoGPT does, 6 N + 12 L H Q T (N parameters without the position
 embedding, L layers, H heads, Q head dim, T context), and MFU is against the GPU's dense bf16 peak
 (datasheet; a measured bf16 matrix product where the GPU is not listed) or, on CPU, against a
-measured fp32 matrix product. Results go to <out>/<machine>-<date>-train.json.
+measured fp32 matrix product. Results go to <out>/<machine>-<date>-train.json (--out, by default
+the source checkout's bench/results).
 """
 
 import argparse
-import contextlib
 import json
 import math
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
 import fastgpt
-import fastgpt.nn
 from fastgpt import bench
 from fastgpt.model import GPT, preset_config
 
@@ -41,41 +39,33 @@ PROFILES = {
 
 def sdpa_attention(q, k, v, *, causal=True, scale=None, backend=None):
     """torch SDPA with fastgpt.attention's signature (training: Tq == Tk, so is_causal agrees)."""
-    sdpa_attention.calls += 1
     extra = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, **extra)
-
-
-sdpa_attention.calls = 0
 
 
 def train_steps(attention: str, args, batches: torch.Tensor, device: torch.device) -> dict:
     """Train a fresh model (seeded) on `batches`; time the steps after the warm-up ones."""
     backend = None if attention == "sdpa" else attention
     overrides = dict(vocab_size=args.vocab, block_size=args.seq_len, dropout=0.0, backend=backend)
+    attention_fn = sdpa_attention if attention == "sdpa" else None
     torch.manual_seed(0)  # same initial weights for every attention
-    model = GPT(preset_config(args.preset, **overrides)).to(device)
+    model = GPT(preset_config(args.preset, **overrides), attention_fn).to(device)
     fused = {"fused": True} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, **fused)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    swap = mock.patch.object(fastgpt.nn, "attention", sdpa_attention)  # raises if it moved
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    sdpa_attention.calls = 0
-    with swap if attention == "sdpa" else contextlib.nullcontext():
-        for i, batch in enumerate(batches):  # batch: (B, T + 1) token ids
-            if i == args.warmup:
-                bench._sync(device)
-                start = time.perf_counter()
-            with autocast:
-                _, loss = model(batch[:, :-1], batch[:, 1:])
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        last_loss = loss.item()  # also waits for the device
+    for i, batch in enumerate(batches):  # batch: (B, T + 1) token ids
+        if i == args.warmup:
+            bench.sync(device)
+            start = time.perf_counter()
+        with autocast:
+            _, loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    last_loss = loss.item()  # also waits for the device
     elapsed = time.perf_counter() - start
-    if attention == "sdpa" and sdpa_attention.calls == 0:
-        raise RuntimeError("torch SDPA was not swapped in: fastgpt.nn no longer calls attention")
     steps = len(batches) - args.warmup
     tokens_per_s = steps * args.batch * args.seq_len / elapsed
     cuda = device.type == "cuda"
@@ -111,14 +101,16 @@ def parse_args(argv):
     ap.add_argument("--steps", type=int, default=None, help="timed steps")
     ap.add_argument("--attention", default=None, help=f"comma list of {','.join(ATTENTIONS)}")
     ap.add_argument("--budget-s", type=float, default=math.inf, help="start no new run after")
-    ap.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="results folder (default: as fastgpt bench --help)"
+    )
     ap.add_argument("--from-json", type=Path, default=None, help="print a results file's table")
     args = ap.parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     args.device = torch.device(args.device)
     profile = "tiny" if args.tiny else "cpu" if args.device.type == "cpu" else "gpu"
-    out = Path("bench/results/tiny" if args.tiny else "bench/results")
+    out = bench.default_results_dir() / "tiny" if args.tiny else bench.default_results_dir()
     for key, value in {**PROFILES[profile], "out": out}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -147,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "schema": 1,
         "machine": bench.machine_info(device),
-        "args": {k: bench._jsonable(v) for k, v in vars(args).items()},
+        "args": {k: bench.jsonable(v) for k, v in vars(args).items()},
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "flops_per_token": None,
         "peak_tflops": peak,
@@ -167,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             record["mfu"] = record["flops_per_token"] * record["tokens_per_s"] / (peak * 1e12)
             results["flops_per_token"] = record["flops_per_token"]
         except Exception as exc:  # a backend may fail (e.g. out of memory): record, go on
-            record["error"] = bench._error_text(exc)
+            record["error"] = bench.error_text(exc)
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -6,12 +6,15 @@ from fastgpt.dropin import flash_attn_func, scaled_dot_product_attention
 from fastgpt.hf import register_hf_attention
 from fastgpt.model import GPT, GPTConfig
 from fastgpt.reference import reference_attention
+from fastgpt.seq2seq import Seq2Seq, Seq2SeqConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GPT",
     "GPTConfig",
+    "Seq2Seq",
+    "Seq2SeqConfig",
     "attention",
     "available_backends",
     "flash_attn_func",

@@ -8,17 +8,19 @@ kernel runs. Set FASTGPT_DEBUG=1 to log each decision and its reason.
 import functools
 import importlib.util
 import logging
+import math
 import numbers
 import os
 
 import torch
 from torch import Tensor
 
+from fastgpt.envflags import env_flag
 from fastgpt.reference import reference_attention
 
 BACKENDS = ("triton", "cpp", "reference")
 MAX_HEAD_DIM = 256
-_DTYPES = {
+BACKEND_DTYPES = {  # the dtypes each backend takes
     "triton": (torch.float16, torch.bfloat16, torch.float32),
     "cpp": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
     "reference": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
@@ -29,7 +31,7 @@ logger = logging.getLogger("fastgpt")
 
 def debug(message: str) -> None:
     """Log a dispatch decision when FASTGPT_DEBUG=1 (silent while torch.compile traces)."""
-    if torch.compiler.is_compiling() or os.environ.get("FASTGPT_DEBUG", "0") in ("", "0"):
+    if torch.compiler.is_compiling() or not env_flag("FASTGPT_DEBUG"):
         return
     if not logger.handlers:
         handler = logging.StreamHandler()
@@ -37,6 +39,11 @@ def debug(message: str) -> None:
         logger.addHandler(handler)
         logger.setLevel(logging.DEBUG)
     logger.debug(message)
+
+
+def log_path(entry: str, path: str, reason: str) -> None:
+    """With FASTGPT_DEBUG=1, log which path an entry point's call took and why."""
+    debug(f"{entry} -> {path} ({reason})")
 
 
 @functools.cache
@@ -52,7 +59,8 @@ def triton_importable() -> bool:
 
 
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when TRITON_INTERPRET is on: Triton kernels then run interpreted on CPU tensors."""
+    return env_flag("TRITON_INTERPRET")
 
 
 def _cpp_supports(device_type: str) -> bool:
@@ -113,51 +121,80 @@ def select_backend(device: torch.device, requested: str | None = None) -> tuple[
     return requested, why
 
 
-def _validate(q: Tensor, k: Tensor, v: Tensor, backend: str, scale) -> None:
-    """Raise TypeError/ValueError with one sentence naming the problem and the shapes."""
+def _problem(
+    q: Tensor, k: Tensor, v: Tensor, backend: str, scale: object
+) -> tuple[type[Exception], str] | None:
+    """(exception type, one sentence naming the problem and the shapes), or None: the rules."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
-            raise TypeError(f"attention expects tensors, got {type(t).__name__} for {name}.")
+            return TypeError, f"attention expects tensors, got {type(t).__name__} for {name}."
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
+        return ValueError, (
             f"attention expects 4-d q (B, H, Tq, D) and k, v (B, Hkv, Tk, D), got {shapes}."
         )
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(
+        return TypeError, (
             f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype} ({shapes})."
         )
     if not q.is_floating_point():
-        raise TypeError(f"attention needs floating-point tensors, got {q.dtype} ({shapes}).")
-    if q.dtype not in _DTYPES[backend]:
-        allowed = ", ".join(str(d).removeprefix("torch.") for d in _DTYPES[backend])
-        raise TypeError(f"The {backend} backend supports {allowed}, got {q.dtype} ({shapes}).")
+        return TypeError, f"attention needs floating-point tensors, got {q.dtype} ({shapes})."
+    if q.dtype not in BACKEND_DTYPES[backend]:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in BACKEND_DTYPES[backend])
+        return TypeError, f"The {backend} backend supports {allowed}, got {q.dtype} ({shapes})."
     if not (q.device == k.device == v.device):
-        raise ValueError(
+        return ValueError, (
             f"q, k and v must be on one device, got {q.device}, {k.device} and {v.device}."
         )
     (B, H, _, D), (Bk, Hkv, _, Dk) = q.shape, k.shape
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {shapes}.")
+        return ValueError, f"k and v must have the same shape, got {shapes}."
     if Bk != B:
-        raise ValueError(f"q and k/v must have the same batch size, got {shapes}.")
+        return ValueError, f"q and k/v must have the same batch size, got {shapes}."
     if Dk != D:
-        raise ValueError(f"q and k/v must have the same head dim, got {shapes}.")
+        return ValueError, f"q and k/v must have the same head dim, got {shapes}."
     if Hkv == 0 or H % Hkv != 0:
-        raise ValueError(
+        return ValueError, (
             f"The number of query heads ({H}) must be a multiple of the number of key/value "
             f"heads ({Hkv}), got {shapes}."
         )
     if backend != "reference" and not 1 <= D <= MAX_HEAD_DIM:
-        raise ValueError(
+        return ValueError, (
             f"The {backend} backend supports head dims 1..{MAX_HEAD_DIM}, got {D} ({shapes})."
         )
+    if D == 0:
+        return ValueError, f"attention needs a head dim of at least 1, got 0 ({shapes})."
     if scale is not None and not isinstance(scale, numbers.Real | torch.SymFloat):
-        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}.")
+        return TypeError, f"scale must be a real number or None, got {type(scale).__name__}."
+    if isinstance(scale, numbers.Real) and not math.isfinite(scale):
+        return ValueError, f"scale must be a finite number, got {scale} ({shapes})."
+    return None
 
 
-def _last_dim_contiguous(t: Tensor) -> Tensor:
-    # Kernels take every stride but need unit stride along the head dim.
+def unsupported_reason(
+    q: Tensor, k: Tensor, v: Tensor, backend: str, scale: float | None = None
+) -> str | None:
+    """Why `backend` cannot run attention(q, k, v, scale=scale), in one sentence; None if it can.
+
+    The one set of input rules: attention() raises on it, the drop-ins fall back to their
+    ecosystem's own implementation on it. q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D).
+    """
+    problem = _problem(q, k, v, backend, scale)
+    return None if problem is None else problem[1]
+
+
+def _validate(q: Tensor, k: Tensor, v: Tensor, backend: str, scale: object) -> None:
+    """Raise TypeError/ValueError with one sentence naming the problem and the shapes."""
+    problem = _problem(q, k, v, backend, scale)
+    if problem is not None:
+        error, message = problem
+        raise error(message)
+
+
+def last_dim_contiguous(t: Tensor) -> Tensor:
+    """t itself when the kernels can read it (unit stride along the last dim, or a last dim of
+    size 1, where that stride is never used); else a contiguous copy. Kernels take every other
+    stride as it is."""
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
@@ -178,7 +215,9 @@ def attention(
         v: (B, Hkv, Tk, D) values.
         causal: mask aligned bottom-right: query i sees keys j <= i + (Tk - Tq), as flash-attn
             >= 2.1 and KV-cache decoding need. A query that sees no key outputs zeros.
-        scale: multiplies q.k; defaults to 1 / sqrt(D).
+            Inputs must be finite: a NaN or inf in q, k or v may make any output of its (batch,
+            head) non-finite, on every backend (as in torch SDPA and flash-attn).
+        scale: multiplies q.k; defaults to 1 / sqrt(D); must be finite.
         backend: "triton", "cpp", "reference", or None / "auto" (FASTGPT_BACKEND overrides auto).
 
     Returns:
@@ -198,7 +237,7 @@ def attention(
     )
     if name == "reference":
         return reference_attention(q, k, v, causal, scale)
-    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     from fastgpt import ops
 
     return ops.forward_op(name)(q, k, v, causal, scale)[0]

@@ -1,8 +1,11 @@
-"""The `fastgpt` command: train, sample, bench.
+"""The `fastgpt` command: train, sample, tokenize, bench.
 
     fastgpt train                      # tiny GPT, embedded corpus, best device; prints a sample
     fastgpt train --config run.toml    # options from a TOML file (given options override it)
     fastgpt sample --ckpt out --prompt "mary had a"
+    fastgpt train --task seq2seq       # encoder-decoder: rhyme lines -> reversed
+    fastgpt sample --ckpt out --prompt "mary had a little lamb"   # translates (seq2seq ckpt)
+    fastgpt tokenize --data embedded:poem --vocab-size 300   # tokenizers: vocabulary vs length
     fastgpt bench ...                  # kernel benchmarks (fastgpt.bench)
 
 Bad input (fastgpt's own FastGPTError, and ValueError, TypeError, OSError) ends with one line
@@ -21,6 +24,7 @@ import typing
 from dataclasses import fields
 
 from fastgpt.errors import FastGPTError
+from fastgpt.tokenizer import KINDS
 from fastgpt.train import PRESET_TRAINING, TrainConfig
 
 BACKENDS = ["auto", "triton", "cpp", "reference"]
@@ -41,9 +45,12 @@ def _train_parser(sub) -> None:
         argument_default=argparse.SUPPRESS,
     )
     t.add_argument("--config", help="TOML file of options (names as below, - or _; CLI wins)")
-    t.add_argument("--data", help="UTF-8 text file or folder of .txt files (default: embedded)")
-    t.add_argument("--tokenizer", choices=["word", "char", "bpe"], help="default: the preset's")
-    t.add_argument("--bpe-vocab-size", type=_positive_int, help="default: 50257 (gpt2), 1024")
+    t.add_argument("--task", choices=["lm", "seq2seq"], help="seq2seq: translation (default: lm)")
+    t.add_argument("--data", help="UTF-8 text file or folder, or embedded:poem (default: rhyme)")
+    t.add_argument("--tokenizer", choices=KINDS, help="default: the preset's")
+    t.add_argument(
+        "--bpe-vocab-size", type=_positive_int, help="subword vocabulary: 50257 (gpt2), else 1024"
+    )
     t.add_argument("--preset", choices=list(PRESET_TRAINING), help="default: tiny")
     t.add_argument("--steps", type=_positive_int)
     t.add_argument("--batch-size", type=_positive_int, help="sequences per process per micro-step")
@@ -72,12 +79,22 @@ def _sample_parser(sub) -> None:
     s = sub.add_parser("sample", help="sample text from a trained checkpoint")
     s.add_argument("--ckpt", default="out", help="training output folder or checkpoint folder")
     s.add_argument("--prompt", default="", help="text to continue (default: a new line)")
+    s.add_argument("--task", choices=["lm", "seq2seq"], help="default: the checkpoint's")
     s.add_argument("--tokens", type=int, default=40, help="tokens to sample (printed as they come)")
-    s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    s.add_argument("--temperature", type=float, help="0 = greedy (default: 1; seq2seq: 0)")
     s.add_argument("--top-k", type=_positive_int)
     s.add_argument("--seed", type=int)
     s.add_argument("--device", help="cuda, mps, cpu (default: the best available)")
     s.add_argument("--backend", choices=BACKENDS)
+
+
+def _tokenize_parser(sub) -> None:
+    k = sub.add_parser("tokenize", help="train tokenizers on a text; vocabulary vs length")
+    k.add_argument("--data", help="UTF-8 text file or folder, or embedded:poem (default: rhyme)")
+    k.add_argument("--tokenizer", choices=["all", *KINDS], default="all")
+    k.add_argument(
+        "--vocab-size", type=_positive_int, default=1024, help="for bpe, wordpiece, unigram"
+    )
 
 
 def _field_types() -> dict[str, tuple[type, ...]]:
@@ -128,14 +145,26 @@ def _run_train(options: dict) -> None:
     merged = {**(read_config_file(path) if path else {}), **options}
     if merged.get("backend") == "auto":
         merged["backend"] = None
+    if merged.pop("task", "lm") == "seq2seq":
+        from fastgpt.translation import train_from_options
+
+        train_from_options(merged)
+        return
     train(TrainConfig(**merged))
 
 
 def _run_sample(options: dict) -> None:
     from fastgpt.sample import stream
+    from fastgpt.translation import is_translation_checkpoint, sample_from_options
 
-    if options["backend"] == "auto":
-        options["backend"] = None
+    task = options.pop("task") or (
+        "seq2seq" if is_translation_checkpoint(options["ckpt"]) else "lm"
+    )
+    if options["temperature"] is None:  # a translation is decoded greedily, text sampled
+        options["temperature"] = 0.0 if task == "seq2seq" else 1.0
+    if task == "seq2seq":
+        print(sample_from_options(options))
+        return
     try:
         for piece in stream(**options):  # each token printed as it is drawn
             sys.stdout.write(piece)
@@ -145,7 +174,17 @@ def _run_sample(options: dict) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-COMMANDS = {"train": (_train_parser, _run_train), "sample": (_sample_parser, _run_sample)}
+def _run_tokenize(options: dict) -> None:
+    from fastgpt.tokenizer import tokenize_report
+
+    print(tokenize_report(**options))
+
+
+COMMANDS = {
+    "train": (_train_parser, _run_train),
+    "sample": (_sample_parser, _run_sample),
+    "tokenize": (_tokenize_parser, _run_tokenize),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(argv[1:]) or 0
     options = vars(build_parser().parse_args(argv))
     command = options.pop("command")
+    if options.get("backend") == "auto":
+        options["backend"] = None
     try:
         COMMANDS[command][1](options)
     except (FastGPTError, ValueError, TypeError, OSError) as e:

@@ -16,8 +16,28 @@ from torch import Tensor
 from fastgpt.errors import FastGPTError
 from fastgpt.files import replacing, write_atomic
 
-# "Mary Had a Little Lamb" (Sarah Josepha Hale, 1830; public domain): the seed notebook's corpus.
-DEFAULT_CORPUS = """\
+# The seed notebook's corpus: "Mary Had a Little Lamb" as sung, 16 lines, 34 distinct words.
+RHYME = """\
+mary had a little lamb
+little lamb little lamb
+mary had a little lamb
+its fleece was white as snow
+and everywhere that mary went
+mary went mary went
+everywhere that mary went
+the lamb was sure to go
+it followed her to school one day
+school one day school one day
+it followed her to school one day
+which was against the rules
+it made the children laugh and play
+laugh and play laugh and play
+it made the children laugh and play
+to see a lamb at school
+"""
+
+# The poem as printed (Sarah Josepha Hale, 1830; public domain): `--data embedded:poem`.
+POEM = """\
 Mary had a little lamb,
 Its fleece was white as snow;
 And everywhere that Mary went
@@ -36,7 +56,12 @@ The eager children cry;
 The teacher did reply.
 """
 
+EMBEDDED = {"rhyme": RHYME, "poem": POEM}  # --data embedded:NAME
+DEFAULT_CORPUS = RHYME
+
 VAL_FRACTION = 0.1
+# A held-out split needs this many windows of block_size + 1 tokens to estimate a loss at all.
+MIN_VAL_WINDOWS = 8
 
 
 def text_files(path: str | os.PathLike) -> list[Path]:
@@ -92,14 +117,48 @@ def encode(tok, text: str) -> np.ndarray:
     return np.asarray(ids, dtype=dtype)
 
 
-def split(ids: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val): the last VAL_FRACTION of the tokens (at least block_size + 1) is validation."""
-    n_val = max(int(len(ids) * VAL_FRACTION), block_size + 1)
-    if len(ids) - n_val < block_size + 1:
+def embedded_text(data: str | None) -> str | None:
+    """The embedded text that --data names (None: the rhyme; "embedded:NAME"), else None."""
+    if data is None:
+        return DEFAULT_CORPUS
+    if not data.startswith("embedded:"):
+        return None
+    name = data.removeprefix("embedded:")
+    if name not in EMBEDDED:
         raise ValueError(
-            f"The corpus has {len(ids)} tokens, too few for a context of {block_size} tokens in "
-            f"both the training and the validation split (need {2 * (block_size + 1)})."
+            f"No embedded text {name!r}; expected embedded:{' or embedded:'.join(EMBEDDED)}."
         )
+    return EMBEDDED[name]
+
+
+def too_small_for_validation(n_tokens: int, block_size: int) -> bool:
+    """True when VAL_FRACTION of n_tokens holds fewer than MIN_VAL_WINDOWS windows of context."""
+    return int(n_tokens * VAL_FRACTION) < MIN_VAL_WINDOWS * (block_size + 1)
+
+
+def no_validation_note(n_tokens: int, block_size: int) -> str:
+    """The one line `fastgpt train` prints when it trains on every token and reports no val loss."""
+    return (
+        f"no validation: {VAL_FRACTION:.0%} of {n_tokens} tokens holds fewer than "
+        f"{MIN_VAL_WINDOWS} windows of {block_size + 1} tokens, too few to estimate a held-out "
+        "loss (a model this size memorises the text); every token trains, training loss only"
+    )
+
+
+def split(ids: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val): the last VAL_FRACTION of the tokens is validation.
+
+    A corpus too small for a held-out estimate (too_small_for_validation) is all training: val is
+    empty, and the trainer reports training loss only.
+    """
+    if len(ids) < block_size + 1:
+        raise ValueError(
+            f"The corpus has {len(ids)} tokens, too few for a context of {block_size} tokens "
+            f"(need {block_size + 1})."
+        )
+    if too_small_for_validation(len(ids), block_size):
+        return ids, ids[:0]
+    n_val = int(len(ids) * VAL_FRACTION)
     return ids[:-n_val], ids[-n_val:]
 
 
@@ -124,6 +183,8 @@ def cached_split(
     meta = json.loads(meta_path.read_text())
     return tuple(
         np.memmap(cache_dir / f"{name}.bin", dtype=meta["dtype"], mode="r", shape=(meta[name],))
+        if meta[name]
+        else np.empty(0, dtype=meta["dtype"])  # no validation split: nothing to map
         for name in ("train", "val")
     )
 

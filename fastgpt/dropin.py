@@ -25,7 +25,7 @@ the rest see every key, so top-left is a causal call on q[..., :Tk, :] and a ful
 import torch
 from torch import Tensor
 
-from fastgpt.attention import _DTYPES, MAX_HEAD_DIM, attention, debug, select_backend
+from fastgpt.attention import attention, log_path, select_backend, unsupported_reason
 
 # torch's own SDPA, taken once at import. F.scaled_dot_product_attention is this very builtin, so
 # after `F.scaled_dot_product_attention = fastgpt.scaled_dot_product_attention` the fallback still
@@ -33,9 +33,9 @@ from fastgpt.attention import _DTYPES, MAX_HEAD_DIM, attention, debug, select_ba
 _torch_sdpa = torch._C._nn.scaled_dot_product_attention
 
 
-def _log_path(entry: str, path: str, reason: str) -> None:
-    """With FASTGPT_DEBUG=1, log which path a call took and why (logger "fastgpt")."""
-    debug(f"{entry} -> {path} ({reason})")
+def _lift(t: Tensor) -> Tensor:
+    """A rank 2 or 3 SDPA tensor as a (B, H, T, E) view: torch reads dim -3 as the head dim."""
+    return t[(None,) * (4 - t.dim())]
 
 
 def _sdpa_fallback_reason(
@@ -44,9 +44,14 @@ def _sdpa_fallback_reason(
     value: Tensor,
     attn_mask: Tensor | None,
     dropout_p: float,
+    scale: float | None,
     enable_gqa: bool,
 ) -> str | None:
-    """Why this SDPA call cannot run on fastgpt's kernels, or None when it can."""
+    """Why this SDPA call cannot run on fastgpt's kernels, or None when it can.
+
+    SDPA's own terms first (masks, dropout, ranks, torch's head broadcasting); the input rules
+    are fastgpt.attention's, asked once through unsupported_reason.
+    """
     tensors = (query, key, value)
     if attn_mask is not None:
         return "an explicit attn_mask"
@@ -58,25 +63,17 @@ def _sdpa_fallback_reason(
         return "nested tensors"
     if not query.dim() == key.dim() == value.dim() or query.dim() not in (2, 3, 4):
         return f"ranks {query.dim()}, {key.dim()}, {value.dim()} (fastgpt takes 2, 3 or 4)"
-    if not query.dtype == key.dtype == value.dtype:
-        return f"mixed dtypes {query.dtype}, {key.dtype}, {value.dtype}"
-    if not query.device == key.device == value.device:
-        return "tensors on different devices"
     try:
         backend = select_backend(query.device)[0]
     except ValueError as error:  # e.g. FASTGPT_BACKEND names a backend that cannot run here
         return str(error)
-    if query.dtype not in _DTYPES[backend]:
-        return f"dtype {query.dtype} on the {backend} backend"
-    if query.shape[:-3] != key.shape[:-3] or key.shape[:-1] != value.shape[:-1]:
-        return f"batch shapes {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
-    head_dim = query.shape[-1]
-    if not key.shape[-1] == value.shape[-1] == head_dim or not 1 <= head_dim <= MAX_HEAD_DIM:
-        return f"head dims {head_dim}, {key.shape[-1]}, {value.shape[-1]}"
+    reason = unsupported_reason(_lift(query), _lift(key), _lift(value), backend, scale)
+    if reason is not None:
+        return reason
     q_heads = query.shape[-3] if query.dim() >= 3 else 1
     kv_heads = key.shape[-3] if key.dim() >= 3 else 1
-    if q_heads != kv_heads and not (enable_gqa and q_heads % kv_heads == 0):
-        return f"{q_heads} query heads and {kv_heads} key heads with enable_gqa={enable_gqa}"
+    if q_heads != kv_heads and not enable_gqa:  # torch broadcasts or refuses; fastgpt would not
+        return f"{q_heads} query heads and {kv_heads} key heads with enable_gqa=False"
     if any(t.numel() == 0 for t in tensors):
         return "an empty tensor"
     return None
@@ -99,21 +96,20 @@ def scaled_dot_product_attention(
     sees keys j <= i). With enable_gqa=True, Hq may be a multiple of Hkv (query head h reads key
     head h // (Hq // Hkv)). scale defaults to 1/sqrt(E).
 
-    Runs on fastgpt.attention for ranks 2 to 4, in the dtypes of the backend fastgpt picks, with
-    equal head dims up to 256 and no attn_mask or dropout; anything else goes to torch's
+    Runs on fastgpt.attention for ranks 2 to 4 and no attn_mask or dropout when the inputs meet
+    fastgpt.attention's rules (fastgpt.attention.unsupported_reason: dtypes of the backend fastgpt
+    picks, equal head dims up to 256, a finite scale); anything else goes to torch's
     implementation, with torch's results and errors. FASTGPT_DEBUG=1 logs the path each call
     took and why.
     """
-    reason = _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, enable_gqa)
+    reason = _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     if reason is not None:
-        _log_path("scaled_dot_product_attention", "torch", reason)
+        log_path("scaled_dot_product_attention", "torch", reason)
         # enable_gqa only when set: torch 2.4 does not know the argument.
         gqa = {"enable_gqa": True} if enable_gqa else {}
         return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **gqa)
 
-    # Lift ranks 2 and 3 to (B, H, T, E) with views: torch reads dim -3 as the head dim.
-    lifted = 4 - query.dim()
-    q, k, v = (t[(None,) * lifted] for t in (query, key, value))  # (B, H, T, E)
+    q, k, v = _lift(query), _lift(key), _lift(value)  # (B, H, T, E) views
     tq, tk = q.shape[-2], k.shape[-2]
     if not is_causal or tq == tk:
         why = "causal, Tq == Tk" if is_causal else "not causal"
@@ -128,7 +124,7 @@ def scaled_dot_product_attention(
         head = attention(q[..., :tk, :], k, v, causal=True, scale=scale)  # (B, Hq, Tk, E)
         tail = attention(q[..., tk:, :], k, v, causal=False, scale=scale)  # (B, Hq, Tq-Tk, E)
         out = torch.cat([head, tail], dim=-2)  # (B, Hq, Tq, E)
-    _log_path("scaled_dot_product_attention", "fastgpt.attention", why)
+    log_path("scaled_dot_product_attention", "fastgpt.attention", why)
     return out.view(query.shape)
 
 
@@ -143,7 +139,7 @@ def _check_flash_layout(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"flash_attn_func expects k and v of one shape (B, Tk, Hkv, D): {shapes}.")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"flash_attn_func expects one batch size and head dim in {shapes}.")
-    if q.shape[2] % k.shape[2] != 0:
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
         raise ValueError(
             f"flash_attn_func needs the query heads a multiple of the kv heads: {shapes}."
         )
@@ -192,5 +188,5 @@ def flash_attn_func(
     out = attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, scale=softmax_scale
     )  # (B, H, Tq, D)
-    _log_path("flash_attn_func", "fastgpt.attention", f"causal={causal}")
+    log_path("flash_attn_func", "fastgpt.attention", f"causal={causal}")
     return out.transpose(1, 2)  # (B, Tq, H, D)

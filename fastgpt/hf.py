@@ -18,7 +18,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fastgpt.dropin import _log_path, scaled_dot_product_attention
+from fastgpt.attention import log_path
+from fastgpt.dropin import scaled_dot_product_attention
 
 # transformers' sdpa attention function, looked up by register_hf_attention.
 _hf_sdpa_forward: Callable | None = None
@@ -44,7 +45,7 @@ def fastgpt_attention_forward(
     extras = [name for name in _FALLBACK_KWARGS if kwargs.get(name) is not None]
     if attention_mask is not None or dropout > 0.0 or extras:
         why = "an attention mask" if attention_mask is not None else f"dropout={dropout}"
-        _log_path("hf_attention", "transformers sdpa", ", ".join(extras) or why)
+        log_path("hf_attention", "transformers sdpa", ", ".join(extras) or why)
         return _hf_sdpa_forward(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
         )
@@ -53,7 +54,7 @@ def fastgpt_attention_forward(
     # mask are causal with torch's top-left alignment (an empty cache, static slots past Tq).
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = is_causal and query.shape[2] > 1
-    _log_path("hf_attention", "fastgpt", f"causal={causal}")
+    log_path("hf_attention", "fastgpt", f"causal={causal}")
     out = scaled_dot_product_attention(
         query, key, value, is_causal=causal, scale=scaling, enable_gqa=True
     )  # (B, H, Tq, D)

@@ -1,12 +1,14 @@
 """A GPT (decoder-only transformer) whose attention runs on fastgpt's kernels.
 
 Token + learned position embeddings, pre-LayerNorm blocks (causal self-attention, then a 4x MLP,
-each added to the residual stream), a final LayerNorm and an LM head tied to the token embedding.
+each added to the residual stream), a final LayerNorm and an LM head (tied to the token embedding
+unless tie_head=False).
 GPT-2 initialisation, with the residual output projections scaled by 1/sqrt(2 * n_layer), so
 the loss at step 0 is close to ln(vocab_size).
 """
 
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 
@@ -14,7 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastgpt.nn import CausalSelfAttention, KVCache
+from fastgpt.nn import AttentionFn, CausalSelfAttention, KVCache
+
+# MLP non-linearities by config name; "gelu_tanh" is GPT-2's tanh approximation ("gelu_new").
+ACTIVATIONS = {
+    "gelu": lambda: nn.GELU(),
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": lambda: nn.ReLU(),
+}
 
 
 @dataclass
@@ -27,12 +36,16 @@ class GPTConfig:
     n_embd: int = 768  # model width; head dim is n_embd // n_head
     dropout: float = 0.0  # on embeddings, attention output and MLP output (training only)
     bias: bool = True  # biases in the linear layers and LayerNorms, as GPT-2
-    activation: str = "gelu"  # MLP non-linearity: "gelu" or "relu"
+    activation: str = "gelu"  # MLP non-linearity: "gelu", "gelu_tanh" (GPT-2's) or "relu"
+    layer_norm_eps: float = 1e-5  # epsilon of every LayerNorm (GPT-2: 1e-5)
+    tie_head: bool = True  # the LM head shares the token embedding's matrix (GPT-2); False: its own
     backend: str | None = None  # fastgpt.attention backend name; None picks automatically
 
     def __post_init__(self) -> None:
-        if self.activation not in ("gelu", "relu"):
-            raise ValueError(f"activation must be 'gelu' or 'relu', got {self.activation!r}.")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}."
+            )
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}.")
@@ -48,8 +61,8 @@ class GPTConfig:
 
 # Architectures only; the vocabulary size comes from the tokenizer at training time.
 PRESETS: dict[str, dict] = {
-    # The seed notebook's model: 2 layers, 2 heads, 32 dims, a 6-word context.
-    "tiny": dict(block_size=6, n_layer=2, n_head=2, n_embd=32),
+    # The seed notebook's model: 2 layers, 2 heads, 32 dims, a 6-word context, ReLU, own head.
+    "tiny": dict(block_size=6, n_layer=2, n_head=2, n_embd=32, activation="relu", tie_head=False),
     # A character-level Shakespeare-class model (as nanoGPT's shakespeare_char).
     "small": dict(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
     # GPT-2 small: 124M parameters with GPT-2's 50257-token vocabulary.
@@ -68,7 +81,7 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.act = nn.GELU() if config.activation == "gelu" else nn.ReLU()
+        self.act = ACTIVATIONS[config.activation]()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -77,9 +90,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, attention_fn: AttentionFn | None = None) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.attn = CausalSelfAttention(
             config.n_embd,
             config.n_head,
@@ -87,8 +100,9 @@ class Block(nn.Module):
             bias=config.bias,
             dropout=config.dropout,
             backend=config.backend,
+            attention_fn=attention_fn,
         )
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, kv_cache: KVCache | None = None) -> Tensor:
@@ -97,16 +111,23 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    """The model of config; attention_fn replaces fastgpt.attention in every block (None: keep).
+
+    attention_fn is not part of the config (it is not saved): a seam for comparing attentions
+    (bench/train.py swaps in torch SDPA) with everything else the same.
+    """
+
+    def __init__(self, config: GPTConfig, attention_fn: AttentionFn | None = None) -> None:
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.blocks = nn.ModuleList(Block(config, attention_fn) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied: one matrix embeds and predicts tokens
+        if config.tie_head:
+            self.lm_head.weight = self.wte.weight  # tied: one matrix embeds and predicts tokens
 
         self.apply(self._init_weights)
         # GPT-2: each residual branch's output projection scaled by 1/sqrt(2 * n_layer), so the
@@ -224,3 +245,17 @@ class GPT(nn.Module):
                 next_id = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
             idx = torch.cat([idx, next_id], dim=1)
             yield next_id
+
+    @classmethod
+    def from_hf(cls, source: "str | os.PathLike | nn.Module", **overrides) -> "GPT":
+        """A GPT with the weights of a local Hugging Face GPT-2 (a save_pretrained folder, or a
+        transformers GPT2LMHeadModel); overrides are GPTConfig fields. See fastgpt.hf_convert."""
+        from fastgpt.hf_convert import from_hf
+
+        return from_hf(source, **overrides)
+
+    def to_hf(self) -> nn.Module:
+        """This model as a transformers GPT2LMHeadModel (same logits). See fastgpt.hf_convert."""
+        from fastgpt.hf_convert import to_hf
+
+        return to_hf(self)

@@ -1,16 +1,23 @@
-"""fastgpt.nn: the causal self-attention module the GPT model is built on, usable on its own.
+"""fastgpt.nn: the causal self-attention module the GPT model is built on, usable on its own, and
+the encoder-decoder pieces (CrossAttention, EncoderBlock, DecoderBlock, sinusoidal_positions).
 
     from fastgpt.nn import CausalSelfAttention
     attn = CausalSelfAttention(n_embd=256, n_head=8, n_kv_head=2)  # GQA: 8 query heads, 2 kv heads
     y = attn(x)  # x, y: (B, T, n_embd)
 
 One fused linear layer computes q, k and v; they are cut out of its output as views (no copy) and
-handed to fastgpt.attention with the backend name given at construction (None = automatic pick).
+handed to fastgpt.attention with the backend name given at construction (None = automatic pick),
+or to another function with its signature given as attention_fn (e.g. torch SDPA, to compare).
 """
+
+from collections.abc import Callable
 
 from torch import Tensor, nn
 
 from fastgpt.attention import attention
+
+# fastgpt.attention's signature: (q, k, v, *, causal, backend) -> out (B, H, Tq, D).
+AttentionFn = Callable[..., Tensor]
 
 
 class KVCache:
@@ -29,6 +36,16 @@ class KVCache:
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v (B, Hkv, T, D) after the cached ones; return views of all keys and values."""
         start, end = self.length, self.length + k.shape[2]
+        if self.k is not None and (k.shape[0], k.shape[1], k.shape[3]) != (
+            self.k.shape[0],
+            self.k.shape[1],
+            self.k.shape[3],
+        ):
+            B, Hkv, _, D = self.k.shape
+            raise ValueError(
+                f"The KV cache holds (B, Hkv, D) = ({B}, {Hkv}, {D}); cannot append keys of shape "
+                f"{tuple(k.shape)}: start a new cache for a new batch."
+            )
         if end > self.max_len:
             raise ValueError(
                 f"The KV cache holds {self.max_len} positions; appending {k.shape[2]} to "
@@ -54,6 +71,9 @@ class CausalSelfAttention(nn.Module):
         bias: biases in the QKV and output projections.
         dropout: dropout on the output projection (fastgpt's kernels have no attention dropout).
         backend: fastgpt.attention backend name ("triton", "cpp", "reference"), None for auto.
+        attention_fn: what computes attention, called as fastgpt.attention is:
+            attention_fn(q, k, v, causal=True, backend=backend) with q (B, H, T, D), k and v
+            (B, Hkv, Tk, D) -> (B, H, T, D). None means fastgpt.attention.
     """
 
     def __init__(
@@ -64,6 +84,7 @@ class CausalSelfAttention(nn.Module):
         bias: bool = True,
         dropout: float = 0.0,
         backend: str | None = None,
+        attention_fn: AttentionFn | None = None,
     ) -> None:
         super().__init__()
         n_kv_head = n_head if n_kv_head is None else n_kv_head
@@ -76,6 +97,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head = n_head, n_kv_head
         self.head_dim = n_embd // n_head
         self.backend = backend
+        self.attention_fn = attention_fn
         self.c_attn = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
@@ -92,6 +114,194 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)  # (B, Hkv, Tk, D), Tk = cached + T
         # Causal bottom-right: with a cache, query i sees every cached key and new keys up to i.
-        y = attention(q, k, v, causal=True, backend=self.backend)  # (B, H, T, D)
+        attend = attention if self.attention_fn is None else self.attention_fn
+        y = attend(q, k, v, causal=True, backend=self.backend)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+
+# --- Encoder-decoder pieces: cross-attention, encoder and decoder blocks, sinusoidal positions ---
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of queries from x to keys/values from another sequence (GQA / MQA).
+
+    Not causal: every query sees every key, and Tq != Tk is allowed. Called with context = x it
+    is the encoder's (bidirectional) self-attention; the decoder calls it with the encoder output.
+
+    Args:
+        n_embd: width C of x (B, Tq, C) and of the output.
+        n_head: query heads H; the head dim is C // H.
+        n_kv_head: key/value heads Hkv (H % Hkv == 0); None means n_head.
+        context_dim: width of the context (B, Tk, Cc); None means n_embd.
+        bias: biases in the projections.
+        dropout: dropout on the output projection.
+        backend: fastgpt.attention backend name, None for auto.
+    """
+
+    def __init__(
+        self,
+        n_embd: int,
+        n_head: int,
+        n_kv_head: int | None = None,
+        context_dim: int | None = None,
+        bias: bool = True,
+        dropout: float = 0.0,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        n_kv_head = n_head if n_kv_head is None else n_kv_head
+        if n_head <= 0 or n_embd % n_head != 0:
+            raise ValueError(f"n_embd ({n_embd}) must be a positive multiple of n_head ({n_head}).")
+        if n_kv_head <= 0 or n_head % n_kv_head != 0:
+            raise ValueError(
+                f"n_head ({n_head}) must be a positive multiple of n_kv_head ({n_kv_head})."
+            )
+        self.n_head, self.n_kv_head = n_head, n_kv_head
+        self.head_dim = n_embd // n_head
+        self.context_dim = n_embd if context_dim is None else context_dim
+        self.backend = backend
+        self.q_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.kv_proj = nn.Linear(self.context_dim, 2 * n_kv_head * self.head_dim, bias=bias)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def project_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """context (B, Tk, Cc) -> keys, values (B, Hkv, Tk, D): computed once per sequence."""
+        B, Tk, Cc = context.shape
+        if Cc != self.context_dim:
+            raise ValueError(
+                f"CrossAttention expects a context of width {self.context_dim}, got context "
+                f"{tuple(context.shape)}."
+            )
+        Hkv, D = self.n_kv_head, self.head_dim
+        kv = self.kv_proj(context)  # (B, Tk, 2 Hkv D)
+        k = kv[..., : Hkv * D].view(B, Tk, Hkv, D).transpose(1, 2)  # (B, Hkv, Tk, D)
+        v = kv[..., Hkv * D :].view(B, Tk, Hkv, D).transpose(1, 2)  # (B, Hkv, Tk, D)
+        return k, v
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        kv: tuple[Tensor, Tensor] | None = None,
+        key_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """x: (B, Tq, C), context: (B, Tk, Cc) or its project_kv(...) as kv -> (B, Tq, C)."""
+        if key_padding_mask is not None:
+            raise NotImplementedError(
+                "CrossAttention has no key padding yet (fastgpt.attention has no variable-length "
+                "path): batch sequences of one length, or run them one at a time."
+            )
+        if (context is None) == (kv is None):
+            raise ValueError("CrossAttention needs exactly one of context or kv.")
+        B, Tq, C = x.shape
+        k, v = self.project_kv(context) if kv is None else kv  # (B, Hkv, Tk, D) each
+        if k.shape[0] != B:
+            raise ValueError(
+                f"x and the context must have the same batch size, got x {tuple(x.shape)} and "
+                f"keys {tuple(k.shape)}."
+            )
+        q = self.q_proj(x).view(B, Tq, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, Tq, D)
+        y = attention(q, k, v, causal=False, backend=self.backend)  # (B, H, Tq, D)
+        y = y.transpose(1, 2).reshape(B, Tq, C)  # (B, Tq, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class FeedForward(nn.Module):
+    """The position-wise 4x MLP: Linear, ReLU (or GELU), Linear, dropout. (B, T, C) -> (B, T, C)."""
+
+    def __init__(
+        self, n_embd: int, activation: str = "relu", bias: bool = True, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        if activation not in ("gelu", "relu"):
+            raise ValueError(f"activation must be 'gelu' or 'relu', got {activation!r}.")
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
+        self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
+        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))  # (B, T, C)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LayerNorm encoder block: bidirectional self-attention, then the feed-forward layer."""
+
+    def __init__(
+        self,
+        n_embd: int,
+        n_head: int,
+        n_kv_head: int | None = None,
+        activation: str = "relu",
+        bias: bool = True,
+        dropout: float = 0.0,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
+        self.attn = CrossAttention(
+            n_embd, n_head, n_kv_head, bias=bias, dropout=dropout, backend=backend
+        )
+        self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
+        self.mlp = FeedForward(n_embd, activation, bias, dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, Ts, C) source positions -> (B, Ts, C); every position sees every other."""
+        h = self.ln_1(x)
+        x = x + self.attn(h, h)  # (B, Ts, C)
+        return x + self.mlp(self.ln_2(x))  # (B, Ts, C)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-LayerNorm decoder block: masked self-attention, cross-attention to the encoder's
+    output (queries from the decoder, keys/values from the encoder), then the feed-forward layer."""
+
+    def __init__(
+        self,
+        n_embd: int,
+        n_head: int,
+        n_kv_head: int | None = None,
+        activation: str = "relu",
+        bias: bool = True,
+        dropout: float = 0.0,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        kw = dict(bias=bias, dropout=dropout, backend=backend)
+        self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
+        self.self_attn = CausalSelfAttention(n_embd, n_head, n_kv_head, **kw)
+        self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
+        self.cross_attn = CrossAttention(n_embd, n_head, n_kv_head, **kw)
+        self.ln_3 = nn.LayerNorm(n_embd, bias=bias)
+        self.mlp = FeedForward(n_embd, activation, bias, dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor | None = None,
+        memory_kv: tuple[Tensor, Tensor] | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> Tensor:
+        """x: (B, Tt, C) target positions, memory: (B, Ts, C) encoder output -> (B, Tt, C).
+
+        For decoding, memory_kv = cross_attn.project_kv(memory) computed once replaces memory, and
+        kv_cache holds the self-attention keys/values of the positions before x.
+        """
+        x = x + self.self_attn(self.ln_1(x), kv_cache)  # (B, Tt, C)
+        x = x + self.cross_attn(self.ln_2(x), memory, memory_kv)  # (B, Tt, C)
+        return x + self.mlp(self.ln_3(x))  # (B, Tt, C)
+
+
+def sinusoidal_positions(length: int, n_embd: int, start: int = 0) -> Tensor:
+    """The Transformer's fixed positional encoding, (length, n_embd) float32, positions from start:
+    PE[p, 2i] = sin(p / 10000^(2i/C)), PE[p, 2i+1] = cos(p / 10000^(2i/C))."""
+    import torch
+
+    pos = torch.arange(start, start + length, dtype=torch.float32)[:, None]  # (T, 1)
+    freq = 10000.0 ** (-torch.arange(0, n_embd, 2, dtype=torch.float32) / n_embd)  # (ceil(C/2),)
+    pe = torch.zeros(length, n_embd)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq[: n_embd // 2])
+    return pe  # (T, C)

@@ -1,6 +1,8 @@
-"""Tokenizers: word-level (the seed notebook's), character-level, and byte-level BPE.
+"""Tokenizers: word-level (the seed notebook's), character-level, and three subword tokenizers
+trained with Hugging Face `tokenizers`: byte-level BPE (GPT-2's), WordPiece (BERT's) and Unigram
+(SentencePiece's algorithm).
 
-All three learn their vocabulary from the training text (nothing is downloaded) and are saved with
+All of them learn their vocabulary from the training text (nothing is downloaded) and are saved with
 the checkpoint as one JSON file (`to_dict` / `tokenizer_from_dict`).
 
     tok = build_tokenizer("word", text)
@@ -14,7 +16,7 @@ import re
 END = "<END>"  # the word tokenizer's token closing each line
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")  # lowercase words, inner apostrophes kept
 
-KINDS = ("word", "char", "bpe")
+KINDS = ("word", "char", "bpe", "wordpiece", "unigram")
 
 
 class _VocabTokenizer:
@@ -108,30 +110,13 @@ class CharTokenizer(_VocabTokenizer):
         return self.index.get("\n", 0)
 
 
-class BPETokenizer:
-    """Byte-level BPE (as GPT-2's) trained on the training text with Hugging Face `tokenizers`."""
+class HFTokenizer:
+    """A subword tokenizer trained on the training text with Hugging Face `tokenizers`."""
 
-    kind = "bpe"
+    kind = ""
 
     def __init__(self, hf_tokenizer) -> None:
         self.hf = hf_tokenizer
-
-    @classmethod
-    def train(cls, text: str, vocab_size: int = 1024) -> "BPETokenizer":
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-        if not text:
-            raise ValueError("The training text is empty.")
-        hf = Tokenizer(models.BPE())
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        hf.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte: no unknown input
-            show_progress=False,
-        )
-        hf.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
-        return cls(hf)
 
     @property
     def vocab_size(self) -> int:
@@ -154,17 +139,123 @@ class BPETokenizer:
         return {"kind": self.kind, "hf": json.loads(self.hf.to_str())}
 
 
-Tokenizer = WordTokenizer | CharTokenizer | BPETokenizer
+class BPETokenizer(HFTokenizer):
+    """Byte-level BPE (as GPT-2's): merges the likeliest pair of symbols, starting from the 256
+    bytes, until the vocabulary is full. Every text encodes: nothing is unknown."""
+
+    kind = "bpe"
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int = 1024) -> "BPETokenizer":
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        if not text:
+            raise ValueError("The training text is empty.")
+        hf = Tokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte: no unknown input
+            show_progress=False,
+        )
+        hf.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+        return cls(hf)
+
+
+SPACE = "\u2581"  # "▁": SentencePiece's visible space; words keep their leading space as it
+
+
+class _MetaspaceTokenizer(HFTokenizer):
+    """Spaces become "▁" and start a new word (SentencePiece's convention, no space prepended);
+    punctuation, newlines and other whitespace are pieces of their own. So decoding is joining
+    the pieces and turning "▁" back into spaces: exact for any text of known characters.
+    Characters the training text lacks decode as the unknown token."""
+
+    continuation = ""  # prefix of a piece that continues a word (WordPiece's "##")
+
+    @classmethod
+    def new_hf(cls, model):
+        from tokenizers import Regex, Tokenizer, pre_tokenizers
+
+        hf = Tokenizer(model)
+        hf.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never"),
+                # Newlines, other whitespace and punctuation stand alone, as the words do.
+                pre_tokenizers.Split(Regex(rf"[^\w{SPACE}]"), behavior="isolated"),
+            ]
+        )
+        return hf
+
+    def decode(self, ids: list[int]) -> str:
+        pieces = (self.hf.id_to_token(i) for i in ids)
+        n = len(self.continuation)
+        text = "".join(p[n:] if n and p.startswith(self.continuation) else p for p in pieces)
+        return text.replace(SPACE, " ")
+
+
+class WordPieceTokenizer(_MetaspaceTokenizer):
+    """WordPiece (BERT's): from the characters up, merges the pair with the highest
+    count(ab) / (count(a) count(b)); a word is encoded greedily by its longest known prefix, and
+    pieces after the first carry "##"."""
+
+    kind, continuation = "wordpiece", "##"
+    unknown = "[UNK]"
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int = 1024) -> "WordPieceTokenizer":
+        from tokenizers import models, trainers
+
+        if not text:
+            raise ValueError("The training text is empty.")
+        hf = cls.new_hf(models.WordPiece(unk_token=cls.unknown, max_input_chars_per_word=1000))
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size, special_tokens=[cls.unknown], show_progress=False
+        )
+        hf.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+        return cls(hf)
+
+
+class UnigramTokenizer(_MetaspaceTokenizer):
+    """Unigram language model (SentencePiece's default): starts from many candidate pieces and
+    drops those whose removal costs the corpus likelihood least; a text is encoded as its most
+    likely segmentation (Viterbi)."""
+
+    kind = "unigram"
+    unknown = "<unk>"
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int = 1024) -> "UnigramTokenizer":
+        from tokenizers import models, trainers
+
+        if not text:
+            raise ValueError("The training text is empty.")
+        hf = cls.new_hf(models.Unigram())
+        trainer = trainers.UnigramTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[cls.unknown],
+            unk_token=cls.unknown,
+            show_progress=False,
+        )
+        hf.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+        return cls(hf)
+
+
+SUBWORD = {"bpe": BPETokenizer, "wordpiece": WordPieceTokenizer, "unigram": UnigramTokenizer}
+Tokenizer = WordTokenizer | CharTokenizer | BPETokenizer | WordPieceTokenizer | UnigramTokenizer
 
 
 def build_tokenizer(kind: str, text: str, vocab_size: int = 1024) -> Tokenizer:
-    """Learn a tokenizer of `kind` ("word", "char", "bpe") from text (vocab_size for BPE)."""
+    """Learn a tokenizer of `kind` (one of KINDS) from text (vocab_size for the subword ones)."""
     if kind == "word":
         return WordTokenizer.train(text)
     if kind == "char":
         return CharTokenizer.train(text)
-    if kind == "bpe":
-        return BPETokenizer.train(text, vocab_size)
+    if kind in SUBWORD:
+        if vocab_size <= 0:
+            raise ValueError(f"The vocabulary size must be positive, got {vocab_size}.")
+        return SUBWORD[kind].train(text, vocab_size)
     raise ValueError(f"Unknown tokenizer {kind!r}; expected one of {', '.join(KINDS)}.")
 
 
@@ -174,10 +265,10 @@ def tokenizer_from_dict(d: dict) -> Tokenizer:
         return WordTokenizer(d["vocab"])
     if kind == "char":
         return CharTokenizer(d["vocab"])
-    if kind == "bpe":
-        from tokenizers import Tokenizer as HFTokenizer
+    if kind in SUBWORD:
+        from tokenizers import Tokenizer as HFTokenizerModel
 
-        return BPETokenizer(HFTokenizer.from_str(json.dumps(d["hf"])))
+        return SUBWORD[kind](HFTokenizerModel.from_str(json.dumps(d["hf"])))
     raise ValueError(f"Unknown tokenizer kind {kind!r} in the saved tokenizer.")
 
 
@@ -189,3 +280,58 @@ def save_tokenizer(tok: Tokenizer, path) -> None:
 def load_tokenizer(path) -> Tokenizer:
     with open(path, encoding="utf-8") as f:
         return tokenizer_from_dict(json.load(f))
+
+
+def round_trip(tok: Tokenizer, text: str) -> str:
+    """ "exact" when decode(encode(text)) == text, else where and how the two first differ."""
+    decoded = tok.decode(tok.encode(text))
+    if decoded == text:
+        return "exact"
+    i = next((i for i, (a, b) in enumerate(zip(text, decoded, strict=False)) if a != b), None)
+    i = min(len(text), len(decoded)) if i is None else i
+    return f"lossy: {text[i : i + 8]!r} came back as {decoded[i : i + 8]!r} (character {i})"
+
+
+def tokenizer_stats(kind: str, text: str, vocab_size: int = 1024) -> dict:
+    """Train a `kind` tokenizer on text and measure it on the same text: vocabulary size,
+    tokens, tokens per word (whitespace-separated), characters per token, round trip."""
+    tok = build_tokenizer(kind, text, vocab_size)
+    n_tokens, n_words = len(tok.encode(text)), max(len(text.split()), 1)
+    return {
+        "tokenizer": kind,
+        "vocab_size": tok.vocab_size,
+        "tokens": n_tokens,
+        "tokens_per_word": n_tokens / n_words,
+        "chars_per_token": len(text) / max(n_tokens, 1),
+        "round_trip": round_trip(tok, text),
+    }
+
+
+def stats_table(rows: list[dict]) -> str:
+    """tokenizer_stats rows as an aligned text table."""
+    head = ("tokenizer", "vocabulary", "tokens", "tokens/word", "chars/token")
+    lines = ["{:<10} {:>10} {:>7} {:>11} {:>11}  round trip".format(*head)]
+    for r in rows:
+        lines.append(
+            f"{r['tokenizer']:<10} {r['vocab_size']:>10,} {r['tokens']:>7,} "
+            f"{r['tokens_per_word']:>11.2f} {r['chars_per_token']:>11.2f}  {r['round_trip']}"
+        )
+    return "\n".join(lines)
+
+
+def tokenize_report(data: str | None, tokenizer: str = "all", vocab_size: int = 1024) -> str:
+    """`fastgpt tokenize`: train tokenizers on a text (a file, a folder, embedded:NAME; None =
+    the rhyme) and report on the same text; tokenizer "all" gives one row per kind."""
+    from fastgpt import data as corpus
+
+    text = corpus.embedded_text(data) or corpus.read_text(data)
+    kinds = KINDS if tokenizer == "all" else (tokenizer,)
+    if tokenizer != "all" and tokenizer not in KINDS:
+        raise ValueError(f"Unknown tokenizer {tokenizer!r}; expected one of {', '.join(KINDS)}.")
+    rows = [tokenizer_stats(kind, text, vocab_size) for kind in kinds]
+    name = data or "embedded:rhyme"
+    title = (
+        f"{name}: {len(text):,} characters, {len(text.split()):,} words; subword vocabularies "
+        f"asked for {vocab_size:,} (trained on this text, measured on it)"
+    )
+    return title + "\n" + stats_table(rows)

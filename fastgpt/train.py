@@ -36,7 +36,7 @@ from fastgpt.tokenizer import build_tokenizer, tokenizer_from_dict
 
 # Defaults per preset: tokenizer, steps, batch size, learning rate, warm-up steps, BPE vocabulary.
 PRESET_TRAINING = {
-    "tiny": dict(tokenizer="word", steps=1500, batch_size=32, lr=1e-2, warmup=50),
+    "tiny": dict(tokenizer="word", steps=1500, batch_size=4, lr=1e-3, warmup=0),  # the notebook's
     "small": dict(tokenizer="char", steps=5000, batch_size=64, lr=1e-3, warmup=100),
     "gpt2": dict(tokenizer="bpe", steps=5000, batch_size=8, lr=6e-4, warmup=200),
 }
@@ -52,8 +52,8 @@ RESUME_OWN += ("resume", "overwrite")
 
 @dataclass
 class TrainConfig:
-    data: str | None = None  # UTF-8 text file or folder of .txt files; None = embedded corpus
-    tokenizer: str | None = None  # "word", "char" or "bpe"; None = the preset's
+    data: str | None = None  # .txt file or folder, or embedded:poem; None = the embedded rhyme
+    tokenizer: str | None = None  # one of tokenizer.KINDS ("word", "bpe"...); None = the preset's
     bpe_vocab_size: int | None = None  # BPE vocabulary; None = 50257 for gpt2, else 1024
     preset: str = "tiny"  # model architecture: "tiny", "small" or "gpt2"
     steps: int | None = None  # optimizer steps; None = the preset's
@@ -274,11 +274,12 @@ def _tokenizer_and_data(cfg: TrainConfig, ckpt: Path | None, rank: int, world: i
     else:
         tok = None
         if rank == 0:
-            text = data.read_text(cfg.data) if cfg.data else data.DEFAULT_CORPUS
+            text = data.embedded_text(cfg.data) or data.read_text(cfg.data)
             tok = build_tokenizer(cfg.tokenizer, text, cfg.bpe_vocab_size).to_dict()
         tok = tokenizer_from_dict(_broadcast(tok, rank, world))
-    if cfg.data is None:
-        return tok, *data.split(data.encode(tok, data.DEFAULT_CORPUS), cfg.block_size)
+    embedded = data.embedded_text(cfg.data)
+    if embedded is not None:
+        return tok, *data.split(data.encode(tok, embedded), cfg.block_size)
     cache = Path(cfg.out) / "data"
     if rank == 0:
         data.cached_split(cfg.data, tok, cfg.block_size, cache)
@@ -437,21 +438,24 @@ def diverged(run: Run, what: str, step: int, value: float) -> FastGPTError:
     )
 
 
-def evaluate(run: Run, done: int, speed: dict) -> float:
-    """Validation loss after `done` steps (rank 0), recorded in the history, the metrics log and
-    the plot when it is a finite number (the caller stops the run when it is not)."""
-    val = estimate_loss(
-        run.raw_model, run.val_ids, run.cfg, run.global_batch, run.device, run.autocast()
-    )
-    if not math.isfinite(val):
-        return val
-    run.history["val"].append([done, val])
+def evaluate(run: Run, done: int, speed: dict) -> float | None:
+    """Validation loss after `done` steps (rank 0; None without a validation split), recorded with
+    the step's training loss in the history, the metrics log and the plot when it is a finite
+    number (the caller stops the run when it is not)."""
+    val = None
+    if len(run.val_ids):  # a corpus too small for a held-out estimate has none
+        val = estimate_loss(
+            run.raw_model, run.val_ids, run.cfg, run.global_batch, run.device, run.autocast()
+        )
+        if not math.isfinite(val):
+            return val
+        run.history["val"].append([done, val])
     since = run.history["losses"][-run.cfg.eval_every :]
     record = {
         "step": done,
         "train_loss": run.history["losses"][-1],
         "train_loss_mean": sum(since) / len(since),
-        "val_loss": val,
+        **({} if val is None else {"val_loss": val}),
         "lr": lr_at(done - 1, run.cfg),
         "elapsed_s": run.history["elapsed_s"],
         **speed,
@@ -550,7 +554,10 @@ def _announce(run: Run, note: str | None, say) -> None:
         f"x{run.world}, attention backend {run.backend} ({why}); {cfg.steps} steps of "
         f"{tokens_per_step:,} tokens" + (f"\n{note}" if note else "")
     )
-    say(describe_validation(run))
+    if len(run.val_ids):
+        say(describe_validation(run))
+    else:
+        say(data.no_validation_note(len(run.train_ids), cfg.block_size))
 
 
 def _train(cfg: TrainConfig, rank: int, world: int, device, ckpt: Path | None) -> dict:
@@ -586,13 +593,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, device, ckpt: Path | None) -
                 val = _broadcast(
                     evaluate(run, done, progress.speed) if run.main else None, rank, world
                 )
-                if not math.isfinite(val):
+                if val is not None and not math.isfinite(val):
                     raise diverged(run, "validation loss", done, val)
                 if run.main:
-                    note_line(
-                        f"step {done}: train loss {run.history['losses'][-1]:.4f}, "
-                        f"val loss {val:.4f} (held-out)"
-                    )
+                    line = f"step {done}: train loss {run.history['losses'][-1]:.4f}"
+                    note_line(line + ("" if val is None else f", val loss {val:.4f} (held-out)"))
                 save(run, done)
                 progress.restart_clock()
     finally:

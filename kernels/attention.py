@@ -13,6 +13,8 @@ import math
 import torch
 import triton
 
+from fastgpt.attention import last_dim_contiguous
+
 from ._interpreter import patch_scalar_index
 from .configs import (
     DECODE_CONFIGS,
@@ -71,15 +73,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused attention forward. Returns out (B, H, Tq, D) in q.dtype and lse (B, H, Tq) fp32."""
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     out = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
@@ -113,7 +111,7 @@ def decode_forward(
     num_splits defaults to enough programs to fill the GPU about four times over (at most
     DECODE_MAX_SPLITS).
     """
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     group = H // Hkv
@@ -157,7 +155,7 @@ def attention_backward(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused attention backward. Returns dq like q, dk and dv like k, contiguous, input dtype."""
-    grad_out, q, k, v, out = (_last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
+    grad_out, q, k, v, out = (last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     dq = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)

@@ -8,12 +8,12 @@ for sm_80 and sm_90 and checks the real shared memory against the limits.
 Under TRITON_INTERPRET=1 each kernel has one small config: tuning is meaningless there.
 """
 
-import os
-
 import torch
 import triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from fastgpt.envflags import env_flag
+
+INTERPRET = env_flag("TRITON_INTERPRET")  # the rule Triton applies (fastgpt.envflags)
 
 # Shared memory per block (opt-in maximum) by compute capability; others are read off the device.
 SMEM_LIMIT = {(8, 0): 166912, (9, 0): 232448}

@@ -10,14 +10,52 @@ terms, so where the exact gradient cancels to ~0 (one visible key: dq = 0) its e
 any LSE-based backward keeps a few ulps of the terms that cancelled.
 """
 
-import os
+from collections.abc import Callable
 
 import torch
 
+from fastgpt.envflags import env_flag
 from fastgpt.reference import causal_mask, reference_attention_with_lse
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-INTERPRETED = DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRETED = DEVICE.type == "cpu" and env_flag("TRITON_INTERPRET")
+
+
+def random_tensors(
+    *shapes: tuple[int, ...],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = DEVICE,
+    seed: int = 0,
+    magnitude: float = 1.0,
+    requires_grad: bool = False,
+) -> list[torch.Tensor]:
+    """One tensor per shape, normal draws times `magnitude`, made in float64 on the CPU from one
+    seeded generator (the same numbers on every device and in every dtype), then cast."""
+    g = torch.Generator().manual_seed(seed)
+    draws = [torch.randn(s, generator=g, dtype=torch.float64) * magnitude for s in shapes]
+    return [t.to(device, dtype).requires_grad_(requires_grad) for t in draws]
+
+
+def random_qkv(
+    B: int,
+    H: int,
+    Hkv: int,
+    Tq: int,
+    Tk: int,
+    D: int,
+    dtype: torch.dtype = torch.float32,
+    *,
+    seed: int | None = None,
+    grad_out: bool = False,
+    **kwargs,
+) -> list[torch.Tensor]:
+    """The tests' input maker: q (B, H, Tq, D), k and v (B, Hkv, Tk, D), and with grad_out=True a
+    fourth tensor (B, H, Tq, D) for the output's gradient. seed defaults to one derived from the
+    shape; other keywords (device, magnitude, requires_grad) go to random_tensors."""
+    if seed is None:
+        seed = B * 1000003 + H * 1009 + Tq * 31 + Tk * 7 + D
+    shapes = [(B, H, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D)] + [(B, H, Tq, D)] * grad_out
+    return random_tensors(*shapes, dtype=dtype, seed=seed, **kwargs)
 
 
 def rounding_floor(ref: torch.Tensor, dtype: torch.dtype) -> float:
@@ -76,9 +114,23 @@ def run_attention(fn, leaves, views, grad_out, dtype):
     return out.detach(), [g.detach() for g in grads]
 
 
-def check_against_float64(fn, leaves, views, grad_out, causal, scale=None, what=""):
-    """Assert fn's output and leaf gradients satisfy the 2x-of-PyTorch rule against float64."""
+def check_against_float64(
+    fn: Callable,
+    leaves: list[torch.Tensor],
+    grad_out: torch.Tensor,
+    causal: bool,
+    *,
+    views: Callable | None = None,
+    scale: float | None = None,
+    what: str = "",
+) -> None:
+    """Assert fn's output and leaf gradients satisfy the 2x-of-PyTorch rule against float64.
+
+    fn(q, k, v) runs on views(*leaves) (q, k, v built from the leaf tensors, e.g. as views of one
+    projection); without views the leaves are q, k, v themselves.
+    """
     dtype = leaves[0].dtype
+    views = views or (lambda *qkv: qkv)
 
     def oracle(q, k, v):
         return reference_attention_with_lse(q, k, v, causal, scale)[0]

@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from oracle import DEVICE, INTERPRETED, check_against_float64
+from oracle import DEVICE, INTERPRETED, check_against_float64, random_qkv
 
 import fastgpt
 from fastgpt.attention import BACKENDS
@@ -30,19 +30,6 @@ def test_every_backend_is_available_in_ci():
     # CI builds the extension and installs triton: nothing in this file may be skipped there.
     if os.environ.get("CI"):
         assert fastgpt.available_backends(DEVICE) == list(BACKENDS)
-
-
-def split_views(q, k, v):
-    return q, k, v
-
-
-def random_qkv(B, H, Hkv, Tq, Tk, D, magnitude=1.0):
-    g = torch.Generator(device="cpu").manual_seed(B * 1000003 + H * 1009 + Tq * 31 + Tk * 7 + D)
-
-    def draw(*shape):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * magnitude).to(DEVICE)
-
-    return [draw(B, H, Tq, D), draw(B, Hkv, Tk, D), draw(B, Hkv, Tk, D)], draw(B, H, Tq, D)
 
 
 # (B, H, Hkv, Tq, Tk, D): each family hits one path of the kernels.
@@ -71,26 +58,26 @@ CASES = {
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_float64(backend, dtype, causal, case):
     backend_or_skip(backend, dtype)
-    leaves, grad_out = random_qkv(*CASES[case])
+    *leaves, grad_out = random_qkv(*CASES[case], torch.float64, grad_out=True)
     leaves = [t.to(dtype) for t in leaves]
 
     def fn(q, k, v):
         return fastgpt.attention(q, k, v, causal=causal, backend=backend)
 
-    check_against_float64(fn, leaves, split_views, grad_out, causal, what=f"{backend} {case}")
+    check_against_float64(fn, leaves, grad_out, causal, what=f"{backend} {case}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_long_sequence(backend, dtype):
     backend_or_skip(backend, dtype)
-    leaves, grad_out = random_qkv(1, 1, 1, 1025, 1025, 64)
+    *leaves, grad_out = random_qkv(1, 1, 1, 1025, 1025, 64, torch.float64, grad_out=True)
     leaves = [t.to(dtype) for t in leaves]
 
     def fn(q, k, v):
         return fastgpt.attention(q, k, v, backend=backend)
 
-    check_against_float64(fn, leaves, split_views, grad_out, True, what=f"{backend} T1025")
+    check_against_float64(fn, leaves, grad_out, True, what=f"{backend} T1025")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -112,7 +99,7 @@ def test_nanogpt_layout_views_without_copies(backend, dtype):
     def fn(q, k, v):
         return fastgpt.attention(q, k, v, backend=backend)
 
-    check_against_float64(fn, [qkv], views, grad_out, True, what=f"{backend} views")
+    check_against_float64(fn, [qkv], grad_out, True, views=views, what=f"{backend} views")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -135,7 +122,7 @@ def test_gqa_packed_views_and_sliced_heads(backend):
     def fn(q, k, v):
         return fastgpt.attention(q, k, v, backend=backend)
 
-    check_against_float64(fn, leaves, views, grad_out, True, what=f"{backend} gqa views")
+    check_against_float64(fn, leaves, grad_out, True, views=views, what=f"{backend} gqa views")
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
@@ -144,7 +131,7 @@ def test_gqa_packed_views_and_sliced_heads(backend):
 def test_extreme_scores_do_not_overflow(backend, dtype, causal):
     """Scores near 1e3: exp would overflow without the running max of the online softmax."""
     backend_or_skip(backend, dtype)
-    leaves, grad_out = random_qkv(1, 2, 2, 70, 70, 64, magnitude=1.0)
+    *leaves, grad_out = random_qkv(1, 2, 2, 70, 70, 64, torch.float64, grad_out=True)
     q, k, v = leaves
     leaves = [(q * 14).to(dtype), (k * 14).to(dtype), v.to(dtype)]
     scores = (leaves[0].double() @ leaves[1].double().transpose(-2, -1)) / 8
@@ -153,25 +140,25 @@ def test_extreme_scores_do_not_overflow(backend, dtype, causal):
     def fn(q, k, v):
         return fastgpt.attention(q, k, v, causal=causal, backend=backend)
 
-    check_against_float64(fn, leaves, split_views, grad_out, causal, what=f"{backend} extreme")
+    check_against_float64(fn, leaves, grad_out, causal, what=f"{backend} extreme")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_custom_scale(backend):
     backend_or_skip(backend)
-    leaves, grad_out = random_qkv(1, 2, 1, 20, 33, 16)
+    *leaves, grad_out = random_qkv(1, 2, 1, 20, 33, 16, torch.float64, grad_out=True)
     leaves = [t.float() for t in leaves]
 
     def fn(q, k, v):
         return fastgpt.attention(q, k, v, scale=0.3, backend=backend)
 
-    check_against_float64(fn, leaves, split_views, grad_out, True, scale=0.3, what="scale")
+    check_against_float64(fn, leaves, grad_out, True, scale=0.3, what="scale")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rows_without_visible_keys_are_zero_with_zero_grads(backend):
     backend_or_skip(backend)
-    leaves, grad_out = random_qkv(1, 2, 2, 9, 4, 16)
+    *leaves, grad_out = random_qkv(1, 2, 2, 9, 4, 16, torch.float64, grad_out=True)
     q, k, v = [t.float().requires_grad_() for t in leaves]
     out = fastgpt.attention(q, k, v, causal=True, backend=backend)  # rows 0..4 see no key
     out.backward(grad_out.float())
@@ -179,6 +166,48 @@ def test_rows_without_visible_keys_are_zero_with_zero_grads(backend):
     assert out[:, :, 5:].abs().sum() > 0
     assert torch.equal(q.grad[:, :, :5], torch.zeros_like(q.grad[:, :, :5]))
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+# Finite extremes (README: finite inputs always give finite outputs). (magnitude of q and k,
+# magnitude of v, scale): scores near 1e5 and values near 1e4; a scale of 1e6 (scores near 1e7,
+# one-hot rows); 1e-30 (uniform rows). Tq > Tk: the first rows see no key and must be exact zeros.
+# Larger scores: see test_triton_gradients_at_huge_scores below.
+EXTREMES = {
+    "large": (100.0, 1e4, None),
+    "huge_scale": (1.0, 1.0, 1e6),
+    "tiny_scale": (1.0, 1.0, 1e-30),
+}
+
+
+@pytest.mark.parametrize("case", list(EXTREMES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_finite_extreme_inputs_give_finite_outputs_and_grads(backend, case):
+    backend_or_skip(backend)
+    qk_mag, v_mag, scale = EXTREMES[case]
+    q, k, v, grad_out = random_qkv(1, 2, 1, 12, 7, 16, grad_out=True)  # rows 0..4 see no key
+    q, k, v = [t.requires_grad_() for t in (q * qk_mag, k * qk_mag, v * v_mag)]
+    out = fastgpt.attention(q, k, v, causal=True, scale=scale, backend=backend)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    for name, t in zip(("out", "dq", "dk", "dv"), (out, *grads), strict=True):
+        assert torch.isfinite(t).all(), f"{backend} {case}: {name} has non-finite values"
+    assert torch.equal(out[:, :, :5], torch.zeros_like(out[:, :, :5]))
+    assert torch.equal(grads[0][:, :, :5], torch.zeros_like(grads[0][:, :, :5]))
+    want = fastgpt.reference_attention(q.double(), k.double(), v.double(), True, scale)
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4 * v_mag)
+
+
+@pytest.mark.xfail(
+    strict=INTERPRETED,  # seen under the interpreter; compiled rounding may land on either side
+    reason="Triton's backward recomputes p = exp2(s - lse) from a float32 lse whose rounding at "
+    "scores near 1e10 is far above 128: exp2 overflows (the forward and the cpp backend are fine)",
+)
+def test_triton_gradients_at_huge_scores():
+    backend_or_skip("triton")
+    q, k, v, grad_out = random_qkv(1, 2, 1, 12, 7, 16, grad_out=True)
+    q, k, v = [t.requires_grad_() for t in (q, k, v)]
+    out = fastgpt.attention(q, k, v, causal=True, scale=1e10, backend="triton")
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(g).all() for g in torch.autograd.grad(out, (q, k, v), grad_out))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -198,7 +227,8 @@ def test_empty_inputs(backend):
 @pytest.mark.parametrize("backend", ["triton", "cpp"])
 def test_backward_is_deterministic(backend):
     backend_or_skip(backend)
-    leaves, grad_out = random_qkv(2, 8, 2, 70, 70, 32)  # GQA: 4 query heads per kv head
+    # GQA: 4 query heads per kv head
+    *leaves, grad_out = random_qkv(2, 8, 2, 70, 70, 32, torch.float64, grad_out=True)
     runs = []
     for _ in range(2):
         q, k, v = [t.float().requires_grad_() for t in leaves]
@@ -210,8 +240,7 @@ def test_backward_is_deterministic(backend):
 
 def test_default_scale_and_reference_semantics():
     """Reference against torch SDPA, which has the same semantics when Tq == Tk."""
-    leaves, _ = random_qkv(2, 4, 4, 23, 23, 40)
-    q, k, v = leaves
+    q, k, v = random_qkv(2, 4, 4, 23, 23, 40, torch.float64)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     got = fastgpt.attention(q, k, v, backend="reference")
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

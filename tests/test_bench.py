@@ -4,6 +4,7 @@ well-formed results file (so the benchmarks never rot). Timings themselves are n
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 import fastgpt
 from fastgpt import bench
+from fastgpt.bench import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -232,3 +234,33 @@ def test_cpu_suite_summary_tabulates_and_judges_the_targets():
     assert "T >= 1024: met (lowest 1.10x, highest 1.20x)" in text
     assert "reference at T = 2048: met (lowest 5.00x" in text
     assert "under 256 MiB: met (40 MiB)" in text
+
+
+def test_the_package_is_the_checkouts_bench_folder():
+    assert Path(bench.__file__).resolve().parent == ROOT / "bench"
+    assert machine.source_checkout() == ROOT
+
+
+def test_results_folder_does_not_follow_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert bench.default_results_dir() == ROOT / "bench" / "results"
+    assert bench.parse_args(["--tiny"]).out == ROOT / "bench" / "results" / "tiny"
+    assert bench.parse_args(["--tiny", "--out", "x"]).out == Path("x")
+    monkeypatch.setattr(machine, "source_checkout", lambda: None)  # an installed copy
+    assert bench.default_results_dir() == tmp_path / "bench-results"
+
+
+def test_git_commit_comes_from_the_environment_the_checkout_or_unknown(monkeypatch):
+    monkeypatch.setenv("FASTGPT_GIT_COMMIT", "abc123")
+    assert bench.git_commit() == "abc123"
+    monkeypatch.delenv("FASTGPT_GIT_COMMIT")
+    commit = bench.git_commit()
+    assert commit == "unknown" or re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", commit), commit
+    monkeypatch.setattr(machine, "source_checkout", lambda: None)  # an installed copy
+    assert bench.git_commit() == "unknown"
+
+
+def test_results_values_are_made_jsonable():
+    assert bench.jsonable(Path("a/b")) == "a/b"
+    assert bench.jsonable(torch.device("cpu")) == "cpu"
+    assert bench.jsonable(math.inf) is None and bench.jsonable(3) == 3

@@ -10,6 +10,7 @@ on CPU, so the cases are few and small.
 
 import pytest
 import torch
+from oracle import random_qkv
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fastgpt
@@ -75,12 +76,6 @@ def no_recompiles():
         yield
 
 
-def qkv(length: int, device: str = "cpu"):
-    gen = torch.Generator().manual_seed(length)
-    shapes = [(2, 4, length, 16), (2, 2, length, 16), (2, 2, length, 16)]
-    return [torch.randn(s, generator=gen).to(device).requires_grad_() for s in shapes]
-
-
 def tiny_gpt(backend: str | None, device: str = "cpu") -> GPT:
     torch.manual_seed(0)
     config = GPTConfig(
@@ -98,7 +93,7 @@ def tokens(length: int, device: str = "cpu"):
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_entry_points_compile_fullgraph(device, backend, monkeypatch):
     monkeypatch.setenv("FASTGPT_BACKEND", backend)  # the drop-ins pick their backend automatically
-    inputs = lambda length: qkv(length, device)
+    inputs = lambda T: random_qkv(2, 4, 2, T, T, 16, seed=T, device=device, requires_grad=True)
     compare_compiled(AllEntryPoints(backend), inputs, 2, lambda out: out.square().sum())
 
 

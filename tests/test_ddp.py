@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
+from fastgpt import data
 from fastgpt.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,8 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
 def test_two_gloo_processes_match_one_process(tmp_path):
-    # One kernel in both runs (the reference): this compares the training loops.
+    # One kernel in both runs (the reference): this compares the training loops. The poem ten
+    # times over is large enough for a validation split (the default rhyme has none).
+    corpus = tmp_path / "poem.txt"
+    corpus.write_text(data.EMBEDDED["poem"] * 10)
     steps = ["--steps", "6", "--eval-every", "3", "--device", "cpu", "--seed", "5"]
+    steps += ["--data", str(corpus)]
     steps += ["--backend", "reference"]
     # 2 processes x 2 micro-steps x 2 sequences: a global batch of 8 sequences per step.
     ddp_out = tmp_path / "ddp"
@@ -35,6 +40,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 
     single = train(
         TrainConfig(
+            data=str(corpus),
             steps=6,
             eval_every=3,
             device="cpu",
@@ -51,4 +57,6 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     # Same data, same initial weights; only the order of float additions differs (~1e-7 seen).
     assert ddp["backend"] == single["backend"] == "reference"
     assert ddp["losses"] == pytest.approx(single["losses"], rel=2e-6), output
-    assert ddp["val"][-1][1] == pytest.approx(single["val"][-1][1], rel=2e-6)
+    assert len(ddp["val"]) == 2 and ddp["val"][-1][1] == pytest.approx(
+        single["val"][-1][1], rel=2e-6
+    )

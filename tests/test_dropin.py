@@ -161,6 +161,15 @@ def test_sdpa_fallbacks_match_torch(case, paths, monkeypatch):
     assert "-> torch" in paths("scaled_dot_product_attention")[-1]
 
 
+@pytest.mark.parametrize("scale", [float("nan"), float("inf")])
+def test_sdpa_with_a_non_finite_scale_is_torchs(scale, paths):
+    # fastgpt.attention refuses a non-finite scale (unsupported_reason): the drop-in gives torch's.
+    tensors = leaves((1, 2, 4, 8), (1, 2, 4, 8), (1, 2, 4, 8))
+    got = fastgpt.scaled_dot_product_attention(*tensors, scale=scale)
+    torch.testing.assert_close(got, TORCH_SDPA(*tensors, scale=scale), equal_nan=True)
+    assert "-> torch (scale must be a finite number" in paths("scaled_dot_product_attention")[-1]
+
+
 def test_sdpa_errors_like_torch():
     # Mismatched heads without enable_gqa, and integer tensors: torch's own error, not fastgpt's.
     q, k = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
@@ -273,6 +282,7 @@ def test_flash_attn_func_accepts_no_op_arguments():
         (((1, 5, 4, 8), (1, 5, 2, 8), (1, 6, 2, 8)), "one shape"),
         (((1, 5, 4, 8), (2, 5, 2, 8), (2, 5, 2, 8)), "batch size"),
         (((1, 5, 3, 8), (1, 5, 2, 8), (1, 5, 2, 8)), "multiple"),
+        (((1, 5, 3, 8), (1, 5, 0, 8), (1, 5, 0, 8)), "multiple"),  # no kv heads
     ],
 )
 def test_flash_attn_func_bad_shapes(shapes, message):

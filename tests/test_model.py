@@ -73,6 +73,35 @@ def test_attention_module_passes_views_and_backend(monkeypatch):
         assert t.stride(-1) == 1 and not t.is_contiguous()
 
 
+def test_attention_fn_replaces_fastgpt_attention_in_every_block():
+    """GPT(config, attention_fn) reaches every block; torch SDPA there gives the same logits."""
+    calls = []
+
+    def sdpa(q, k, v, *, causal, backend):
+        calls.append(backend)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
+    idx = torch.randint(0, 37, (2, 9))
+    want, _ = small_gpt(backend="reference").double()(idx)
+    torch.manual_seed(0)
+    config = small_gpt(backend="reference").config
+    torch.manual_seed(0)
+    got, _ = GPT(config, attention_fn=sdpa).eval().double()(idx)
+    assert calls == ["reference", "reference"]  # one call per block, the backend passed on
+    torch.testing.assert_close(got, want)
+    assert fnn.CausalSelfAttention(24, 6).attention_fn is None  # default: fastgpt.attention
+
+
+def test_kv_cache_refuses_a_changed_batch():
+    module = fnn.CausalSelfAttention(16, 4, 2, backend="reference")
+    cache = fnn.KVCache(8)
+    module(torch.randn(2, 3, 16), cache)
+    with pytest.raises(
+        ValueError, match=r"KV cache holds \(B, Hkv, D\) = \(2, 2, 4\).*\(3, 2, 1, 4\)"
+    ):
+        module(torch.randn(3, 1, 16), cache)
+
+
 def test_attention_module_rejects_bad_heads():
     with pytest.raises(ValueError, match=r"n_embd \(30\) must be a positive multiple of n_head"):
         fnn.CausalSelfAttention(30, 4)
@@ -161,14 +190,19 @@ def test_relu_activation_and_bias_off():
 
 
 def test_presets():
-    tiny = preset_config("tiny", vocab_size=58)
+    tiny = preset_config("tiny", vocab_size=35)
     assert (tiny.block_size, tiny.n_embd, tiny.n_head, tiny.n_layer) == (6, 32, 2, 2)
+    # The notebook's: ReLU MLP and an output head of its own (35 x 32 more parameters).
+    assert tiny.activation == "relu" and not tiny.tie_head
+    untied, tied = GPT(tiny), GPT(preset_config("tiny", vocab_size=35, tie_head=True))
+    assert untied.lm_head.weight is not untied.wte.weight and tied.lm_head.weight is tied.wte.weight
+    assert untied.num_params() - tied.num_params() == 35 * 32
     with torch.device("meta"):  # no memory for 124M parameters
         gpt2 = GPT(preset_config("gpt2", vocab_size=50257))
     assert round(gpt2.num_params(non_embedding=False) / 1e6) == 124
     with pytest.raises(ValueError, match="Unknown preset 'huge'"):
         preset_config("huge")
-    with pytest.raises(ValueError, match="activation must be 'gelu' or 'relu'"):
+    with pytest.raises(ValueError, match="must be one of gelu, gelu_tanh, relu, got 'tanh'"):
         preset_config("tiny", vocab_size=5, activation="tanh")
 
 

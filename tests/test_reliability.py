@@ -226,8 +226,10 @@ def test_a_non_finite_validation_loss_stops_the_run_too(tmp_path, capsys, monkey
         return float("inf") if len(calls) == 2 else real_estimate(*args)
 
     monkeypatch.setattr(fastgpt.train, "estimate_loss", nan_at_the_second_evaluation)
-    out = tmp_path / "run"
-    rc, _, err = cli(capsys, "train", "--out", out, "--steps", "6", "--eval-every", "2", *TINY)
+    out, corpus = tmp_path / "run", tmp_path / "poem.txt"
+    corpus.write_text(data.POEM * 10)  # large enough for a validation split
+    argv = ["--steps", "6", "--eval-every", "2", "--data", corpus, *TINY]
+    rc, _, err = cli(capsys, "train", "--out", out, *argv)
     assert rc == 2
     one_line_error(err, "the validation loss at step 4 is inf", "ckpt-000002")
     assert (out / "latest").read_text() == "ckpt-000002"

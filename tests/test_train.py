@@ -29,25 +29,55 @@ def tiny_checkpoint(out) -> None:
 
 
 def test_tiny_preset_learns_the_rhyme(tmp_path):
-    """`fastgpt train` as it runs with no arguments: tiny preset, embedded corpus, 1500 steps."""
+    """`fastgpt train` as it runs with no arguments: the seed notebook's run (rhyme, 1500 steps)."""
     result = train(TrainConfig(out=str(tmp_path), device="cpu", progress=False, sample_tokens=30))
     assert result["steps"] == 1500 and len(result["losses"]) == 1500
-    # Step 0: GPT-2 init gives a loss close to ln(vocab_size).
-    assert abs(result["losses"][0] - math.log(result["vocab_size"])) < 0.1 * math.log(58)
-    assert result["final_loss"] < 0.5  # the seed notebook reached 0.22
-    assert sum(result["losses"][-100:]) / 100 < 0.5
-    assert [step for step, _ in result["val"]] == list(range(150, 1501, 150))
+    assert result["vocab_size"] == 35  # 34 words + <END>
+    # Step 0: GPT-2 init gives a loss close to ln(35) = 3.56 (the notebook's init gave 3.77).
+    assert abs(result["losses"][0] - math.log(35)) < 0.1 * math.log(35)
+    # The notebook ended at 0.22. One step's loss is that of 4 windows (24 predictions), so it
+    # scatters around the text's floor (0.215 for this context): the end is the last 100 steps.
+    assert sum(result["losses"][-100:]) / 100 <= 0.3
+    assert result["final_loss"] < 0.5
+    assert result["val"] == []  # 106 tokens: too few for a held-out split, training loss only
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["losses"] == result["losses"] and metrics["config"]["preset"] == "tiny"
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # Samples are words of the vocabulary; greedy decoding recites the first line.
+    # Samples from "mary" hold only the rhyme's words; greedy decoding recites the first line.
     tok = checkpoint.load_model(tmp_path)[1]
+    rhyme_words = set(data.RHYME.split())
     words = result["sample"].split()
-    assert len(words) > 10 and set(words) <= set(tok.vocab)
+    assert len(words) > 10 and set(words) <= rhyme_words
+    for seed in range(3):
+        text = sample(str(tmp_path), prompt="mary", tokens=20, seed=seed, device="cpu")
+        assert text.startswith("mary ") and set(text.split()) <= rhyme_words
     text = sample(str(tmp_path), prompt="Mary had a", tokens=12, temperature=0, device="cpu")
     assert text.startswith("mary had a little lamb")
     assert set(text.split()) <= set(tok.vocab)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_tiny_preset_reaches_the_notebook_loss_for_other_seeds(tmp_path, seed):
+    result = train(TrainConfig(out=str(tmp_path), device="cpu", progress=False, seed=seed))
+    assert sum(result["losses"][-100:]) / 100 <= 0.3
+
+
+def test_small_corpus_trains_without_validation(tmp_path, capsys):
+    """The rhyme is all training data and the run says why there is no validation loss."""
+    train(TrainConfig(out=str(tmp_path), steps=10, device="cpu", sample_tokens=0))
+    printed = capsys.readouterr().out
+    assert "106 train / 0 val tokens" in printed
+    assert "no validation: 10% of 106 tokens holds fewer than 8 windows of 7 tokens" in printed
+    assert "val loss" not in printed and "step 10: train loss" in printed
+
+
+def test_embedded_poem_by_name(tmp_path):
+    common = dict(out=str(tmp_path), steps=2, device="cpu", progress=False, sample_tokens=0)
+    assert train(TrainConfig(data="embedded:poem", **common))["vocab_size"] == 58
+    with pytest.raises(ValueError, match="No embedded text 'song'"):
+        train(TrainConfig(data="embedded:song", **{**common, "out": str(tmp_path / "b")}))
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -59,7 +89,7 @@ def test_checkpoint_round_trip(tmp_path):
     assert ckpt == tmp_path / "ckpt-000007" and (tmp_path / "latest").read_text() == ckpt.name
     loaded, loaded_tok, saved = checkpoint.load_model(tmp_path)
     assert saved["step"] == 7 and loaded_tok.vocab == tok.vocab
-    assert loaded.lm_head.weight is loaded.wte.weight  # still tied after loading
+    assert loaded.lm_head.weight is not loaded.wte.weight  # tiny: its own head, as the notebook
     for (name, p), q in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
     assert checkpoint.load_state(ckpt) == {"step": 7}
@@ -90,7 +120,7 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
     resumed = train(TrainConfig(out=str(tmp_path / "part"), resume=True, **common))
     assert resumed["steps"] == 24
     assert resumed["losses"] == full["losses"]  # bit-exact, steps 11..23 included
-    assert resumed["val"][-1] == full["val"][-1]
+    assert resumed["val"] == full["val"]
 
 
 def test_resume_with_dropout_restores_the_rng(tmp_path):
@@ -165,7 +195,7 @@ def test_cli_bench_forwards_its_arguments(monkeypatch):
     assert seen == [["--tiny", "--out", "x"]]
 
 
-@pytest.mark.parametrize("kind", ["char", "bpe"])
+@pytest.mark.parametrize("kind", ["char", "bpe", "wordpiece", "unigram"])
 def test_train_on_a_text_file_through_a_token_memmap(tmp_path, kind):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(data.DEFAULT_CORPUS * 3)
@@ -238,8 +268,10 @@ def test_bad_config_files_are_one_line(tmp_path, capsys, text, message):
 
 
 def test_metrics_are_written_at_each_evaluation_and_kept_on_resume(tmp_path):
-    out = tmp_path / "run"
+    out, corpus = tmp_path / "run", tmp_path / "poem.txt"
+    corpus.write_text(data.POEM * 10)  # large enough for a validation split
     common = dict(steps=6, eval_every=2, device="cpu", progress=False, sample_tokens=0)
+    common |= dict(data=str(corpus))
     train(TrainConfig(out=str(out), stop_after=4, **common))
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [2, 4] and not (out / "metrics.json").exists()
@@ -276,7 +308,7 @@ def test_tensorboard_logging(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
     cfg = TrainConfig(out=str(tmp_path / "b"), steps=4, eval_every=2, log="tensorboard")
     train(replace(cfg, device="cpu", progress=False, sample_tokens=0))
-    assert ("val_loss", 2) in scalars and ("val_loss", 4) in scalars and ("lr", 4) in scalars
+    assert ("train_loss", 2) in scalars and ("train_loss", 4) in scalars and ("lr", 4) in scalars
 
 
 def test_trainer_layout_has_no_import_circle_and_short_functions():

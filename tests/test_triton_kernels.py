@@ -8,7 +8,7 @@ causal diagonal, the ragged tails and the unmasked interior in different tiles o
 
 import pytest
 import torch
-from oracle import DEVICE, INTERPRETED, rounding_floor
+from oracle import DEVICE, INTERPRETED, random_qkv, rounding_floor
 
 from fastgpt.reference import reference_attention_with_lse
 
@@ -17,15 +17,10 @@ if DEVICE.type != "cuda" and not INTERPRETED:
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
 import triton.language as tl  # noqa: E402
+
 from fastgpt.kernels import attention as ka  # noqa: E402
 from fastgpt.kernels import configs  # noqa: E402
 from fastgpt.kernels.flash_fwd import head_base_offset  # noqa: E402
-
-
-def qkv(B, H, Hkv, Tq, Tk, D, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    shapes = [(B, H, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D)]
-    return [torch.randn(s, generator=g, dtype=torch.float64).to(DEVICE, dtype) for s in shapes]
 
 
 def assert_close_2x(got, ref, plain, dtype, what):
@@ -54,7 +49,7 @@ LSE_CASES = {
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("case", list(LSE_CASES))
 def test_lse_matches_float64(case, causal):
-    q, k, v = qkv(*LSE_CASES[case])
+    q, k, v = random_qkv(*LSE_CASES[case], seed=0)
     scale = q.shape[-1] ** -0.5
     out, lse = ka.attention_forward(q, k, v, causal, scale)
     ref_out, ref_lse = reference_attention_with_lse(q.double(), k.double(), v.double(), causal)
@@ -69,7 +64,7 @@ def test_lse_matches_float64(case, causal):
 @pytest.mark.parametrize("splits", [1, 3])
 def test_decode_split_k_matches_float64(splits, dtype):
     # GQA group of 4 padded to a 16-row dot tile; D = 40 padded to 64; K/V are strided views.
-    q, k, v = qkv(2, 8, 2, 1, 203, 40, dtype)
+    q, k, v = random_qkv(2, 8, 2, 1, 203, 40, dtype, seed=0)
     kv = torch.stack([k, v], dim=3)  # (B, Hkv, Tk, 2, D): k and v interleaved in memory
     k, v = kv[:, :, :, 0], kv[:, :, :, 1]
     assert not k.is_contiguous()
@@ -91,12 +86,14 @@ def test_forward_takes_the_decode_kernel_for_one_query_row(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(ka, "decode_forward", spy)
-    q, k, v = qkv(1, 2, 1, 1, ka.DECODE_MIN_KEYS, 16)
+    q, k, v = random_qkv(1, 2, 1, 1, ka.DECODE_MIN_KEYS, 16, seed=0)
     out, _ = ka.attention_forward(q, k, v, True, 0.25)
     assert calls == [q.shape]
     ref = reference_attention_with_lse(q.double(), k.double(), v.double(), True, 0.25)[0]
     assert (out.double() - ref).abs().max() < 1e-5
-    q2, k2, v2 = qkv(1, 2, 1, 2, ka.DECODE_MIN_KEYS, 16)  # two query rows: the flash kernel
+    q2, k2, v2 = random_qkv(
+        1, 2, 1, 2, ka.DECODE_MIN_KEYS, 16, seed=0
+    )  # two query rows: the flash kernel
     ka.attention_forward(q2, k2, v2, True, 0.25)
     assert len(calls) == 1
 
@@ -119,7 +116,7 @@ def test_head_offsets_are_int64_past_2_pow_31():
 
 
 def test_gqa_backward_is_bit_identical_across_runs():
-    q, k, v = qkv(1, 8, 2, 45, 53, 32)  # 4 query heads per kv head, ragged tiles
+    q, k, v = random_qkv(1, 8, 2, 45, 53, 32, seed=0)  # 4 query heads per kv head, ragged tiles
     out, lse = ka.attention_forward(q, k, v, True, 0.2)
     grad_out = torch.randn_like(out)
     first = ka.attention_backward(grad_out, q, k, v, out, lse, True, 0.2)
@@ -159,7 +156,7 @@ BWD_LENGTHS = [(31, 47), (48, 16), (16, 48), (33, 2), (64, 64), (50, 77)]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize(("tq", "tk"), BWD_LENGTHS)
 def test_backward_ranges_match_float64(tq, tk, dtype):
-    q, k, v = qkv(1, 2, 1, tq, tk, 16, dtype, seed=tq * 100 + tk)
+    q, k, v = random_qkv(1, 2, 1, tq, tk, 16, dtype, seed=tq * 100 + tk)
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
     grad_out = grad_out.transpose(1, 2).contiguous().transpose(1, 2)  # strided, last dim unit
     out, lse = ka.attention_forward(q, k, v, True, 0.25)
@@ -190,7 +187,7 @@ def test_decode_chunks_are_whole_tiles_for_every_config():
 @pytest.mark.parametrize("tq", [20, 1], ids=["flash", "decode"])
 def test_negative_scale(tq):
     # The forward tracks the running max of scale * q.k through |scale| and a sign flip.
-    q, k, v = qkv(1, 2, 1, tq, 300 if tq == 1 else 33, 16)
+    q, k, v = random_qkv(1, 2, 1, tq, 300 if tq == 1 else 33, 16, seed=0)
     out, lse = ka.attention_forward(q, k, v, True, -0.3)
     ref_out, ref_lse = reference_attention_with_lse(q.double(), k.double(), v.double(), True, -0.3)
     plain_out, plain_lse = reference_attention_with_lse(q, k, v, True, -0.3, q.dtype)

@@ -1,8 +1,9 @@
-"""Machine description: names, versions, git commit, results file names, datasheet peaks."""
+"""Machine description: names, versions, git commit, results files and folder, datasheet peaks."""
 
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -33,21 +34,46 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def git_commit() -> str | None:
-    """HEAD of the checkout fastgpt runs from, '+dirty' when tracked files differ from it.
+def source_checkout() -> Path | None:
+    """The fastgpt source checkout this package runs from, None for an installed copy.
 
-    A copy without .git (e.g. a working tree shipped to a GPU machine) is named by the
-    environment variable FASTGPT_GIT_COMMIT when set, else None.
+    The package lives in the checkout's bench/ folder (installed as fastgpt.bench through
+    pyproject's package-dir); an installed wheel has no pyproject.toml beside it.
     """
-    root = Path(__file__).resolve().parents[2]  # fastgpt/bench/machine.py -> the checkout
+    here = Path(__file__).resolve().parent
+    root = here.parent
+    if here.name == "bench" and (root / "pyproject.toml").is_file() and (root / "kernels").is_dir():
+        return root
+    return None
+
+
+def default_results_dir() -> Path:
+    """Where results go without --out: the checkout's bench/results, else ./bench-results."""
+    root = source_checkout()
+    return root / "bench" / "results" if root is not None else Path.cwd() / "bench-results"
+
+
+def git_commit() -> str:
+    """The commit the results come from, '+dirty' when tracked files differ from it.
+
+    In order: the environment variable FASTGPT_GIT_COMMIT (a copy of the tree without .git,
+    e.g. one shipped to a GPU machine), `git rev-parse HEAD` in the source checkout when
+    fastgpt runs from one, else "unknown".
+    """
+    named = os.environ.get("FASTGPT_GIT_COMMIT")
+    if named:
+        return named
+    root = source_checkout()
+    if root is None or not (root / ".git").exists():  # .git is a file in a git worktree
+        return "unknown"
+    run = lambda *a: subprocess.run(
+        a, cwd=root, capture_output=True, text=True, timeout=10, check=True
+    )
     try:
-        run = lambda *a: subprocess.run(
-            a, cwd=root, capture_output=True, text=True, timeout=10, check=True
-        )
         head = run("git", "rev-parse", "HEAD").stdout.strip()
         dirty = run("git", "status", "--porcelain", "--untracked-files=no").stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("FASTGPT_GIT_COMMIT") or None
+        return "unknown"
     return head + ("+dirty" if dirty else "")
 
 
@@ -89,6 +115,13 @@ def results_path(out_dir: Path, device: torch.device, suffix: str = "") -> Path:
     short = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     return out_dir / f"{slug(short)}-{date}{suffix}.json"
+
+
+def jsonable(value: object) -> object:
+    """A command-line value as JSON can hold it: paths and devices as text, infinity as null."""
+    if isinstance(value, Path | torch.device):
+        return str(value)
+    return None if isinstance(value, float) and math.isinf(value) else value
 
 
 def write_json(path: Path, results: dict) -> None:

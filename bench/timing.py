@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgpt.bench.providers import Provider, _fastgpt
+from fastgpt.bench.providers import Provider, fastgpt_attention
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("fwd", "bwd", "fwd_bwd")
@@ -31,7 +31,8 @@ MIB = 2**20
 # Timing and memory.
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -72,11 +73,11 @@ def _peak_mib(fn: Callable[[], object], device: torch.device) -> float | None:
     fn()
     if device.type != "cuda":
         return None
-    _sync(device)
+    sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     fn()
-    _sync(device)
+    sync(device)
     return (torch.cuda.max_memory_allocated(device) - before) / MIB
 
 
@@ -123,7 +124,8 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def _error_text(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
+    """One short line for a results record: "out of memory", or the exception's type and text."""
     if _is_oom(exc):
         return "out of memory"
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
@@ -173,7 +175,7 @@ def measure(
                 record["rel_err"] = _relative_error(p, p.call(q, k, v, causal), q, k, v, causal)
         record["ms"] = time_ms(fn, device, warmup_ms, rep_ms, grads)
     except Exception as exc:  # any provider may fail on any configuration: record why, go on
-        record["error"] = _error_text(exc)
+        record["error"] = error_text(exc)
     finally:
         q = k = v = out = grad_out = grads = fn = None  # noqa: F841  (free before the next one)
         if device.type == "cuda":
@@ -193,7 +195,7 @@ def cpu_attention(name: str) -> Callable[[Tensor, Tensor, Tensor, bool], Tensor]
         return lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     if name not in ("cpp", "reference"):
         raise ValueError(f"Unknown CPU provider {name!r}; expected one of {', '.join(CPU_PEERS)}.")
-    return _fastgpt(name)
+    return fastgpt_attention(name)
 
 
 def _rss_mib() -> dict[str, float]:
@@ -204,8 +206,8 @@ def _rss_mib() -> dict[str, float]:
     }
 
 
-def _rss_child(name: str, b: int, h: int, t: int, d: int, causal: bool) -> None:
-    """Runs in a fresh process: print the peak-RSS rise (MiB) of one forward + backward."""
+def rss_child(name: str, b: int, h: int, t: int, d: int, causal: bool) -> None:
+    """peak_rss_rise_mib's child, in a fresh process: print the peak-RSS rise (MiB) of fwd + bwd."""
     q, k, v = (torch.randn(b, h, t, d, requires_grad=True) for _ in range(3))  # (B, H, T, D)
     grad_out = torch.randn(b, h, t, d)
     fn = cpu_attention(name)
@@ -225,8 +227,8 @@ def peak_rss_rise_mib(name: str, b: int, h: int, t: int, d: int, causal: bool = 
     the allocator kept from it cannot hide the peak.
     """
     code = (
-        "from fastgpt.bench.timing import _rss_child; "
-        f"_rss_child({name!r}, {b}, {h}, {t}, {d}, {causal})"
+        "from fastgpt.bench.timing import rss_child; "
+        f"rss_child({name!r}, {b}, {h}, {t}, {d}, {causal})"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False

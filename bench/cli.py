@@ -17,181 +17,28 @@ the backward, x3.5 for forward + backward. Decode (Tq = 1 against a KV cache) is
 (q, k, v read once, out written once) beside the device's measured copy bandwidth.
 
 Results: <out>/<machine>-<date>.json (machine, versions, git commit, every number; rewritten after
-each configuration, so an interrupted run keeps what it measured) and PNG plots beside it.
-
-Layout: providers.py (what is timed), timing.py (timing, memory, one measurement, CPU peak
-memory), machine.py (machine description, results files), report.py (tables, plots); the run
-loops and the command line are here, and every name other code uses is importable from here.
+each configuration, so an interrupted run keeps what it measured) and PNG plots beside it; <out>
+is --out, by default the source checkout's bench/results (./bench-results for an installed copy).
 """
 
 import argparse
 import json
-import math
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from fastgpt.bench.machine import (
-    PEAK_BF16_TFLOPS,
-    cpu_name,
-    device_name,
-    git_commit,
+    default_results_dir,
+    jsonable,
     machine_info,
-    peak_bf16_tflops,
     results_path,
-    slug,
     write_json,
 )
-from fastgpt.bench.providers import Provider, available_providers
-from fastgpt.bench.report import (
-    accuracy_warnings,
-    decode_table,
-    format_number,
-    kernel_table,
-    markdown_table,
-    memory_table,
-    plot,
-    summary,
-)
-from fastgpt.bench.timing import (
-    CPU_PEERS,
-    DTYPES,
-    FLOP_FACTOR,
-    MIB,
-    MODES,
-    attention_flops,
-    copy_bandwidth_gbps,
-    cpu_attention,
-    matmul_tflops,
-    measure,
-    peak_rss_rise_mib,
-    time_ms,
-)
-from fastgpt.bench.timing import _error_text as _error_text  # bench/train.py
-from fastgpt.bench.timing import _rss_child as _rss_child  # older peak-memory child processes
-from fastgpt.bench.timing import _sync as _sync  # bench/train.py
-
-__all__ = [
-    "CPU_PEERS",
-    "DTYPES",
-    "FLOP_FACTOR",
-    "MIB",
-    "MODES",
-    "PEAK_BF16_TFLOPS",
-    "PROFILES",
-    "Provider",
-    "accuracy_warnings",
-    "attention_flops",
-    "available_providers",
-    "copy_bandwidth_gbps",
-    "cpu_attention",
-    "cpu_name",
-    "decode_table",
-    "device_name",
-    "format_number",
-    "git_commit",
-    "kernel_table",
-    "machine_info",
-    "main",
-    "markdown_table",
-    "matmul_tflops",
-    "measure",
-    "memory_table",
-    "parse_args",
-    "peak_bf16_tflops",
-    "peak_rss_rise_mib",
-    "plot",
-    "results_path",
-    "run_decode",
-    "run_kernels",
-    "slug",
-    "speedups",
-    "summary",
-    "time_ms",
-    "write_json",
-]
-
-
-# ---------------------------------------------------------------------------------------------
-# Derived numbers: TFLOP/s, GB/s, speed-ups.
-
-
-def speedups(records: list[dict], providers: dict[str, bool]) -> list[dict]:
-    """Speed-up of each fastgpt provider over each other provider, per configuration and mode."""
-    by_config: dict[tuple, dict[str, float]] = {}
-    for r in records:
-        if r["ms"] is not None:
-            key = (r["dtype"], r["d"], r["tq"], r["causal"], r["mode"])
-            by_config.setdefault(key, {})[r["provider"]] = r["ms"]
-    rows = []
-    for (dtype, d, t, causal, mode), times in by_config.items():
-        for ours in (n for n in times if providers.get(n)):
-            for peer in (n for n in times if n != ours and not providers.get(n)):
-                config = dict(dtype=dtype, d=d, tq=t, causal=causal, mode=mode)
-                rows.append(
-                    dict(fastgpt=ours, peer=peer, **config, speedup=times[peer] / times[ours])
-                )
-    return rows
-
-
-def _kernel_configs(args) -> list[tuple[str, int, bool]]:
-    """(dtype, head dim, causal) groups, most important first (the run may stop on budget)."""
-    causal = {"both": (True, False), "true": (True,), "false": (False,)}[args.causal]
-    return [(dt, d, c) for dt in args.dtypes for c in causal for d in args.head_dims]
-
-
-def run_kernels(args, provs, device, results, path, started) -> None:
-    timing = (args.warmup_ms, args.rep_ms)
-    for dtype_name, d, causal in _kernel_configs(args):
-        h = args.hidden // d
-        for t in args.seqlens:
-            label = f"{dtype_name} D={d} causal={causal} T={t}"
-            if time.perf_counter() - started > args.budget_s:
-                results["skipped"].append(label)
-                continue
-            b = max(1, args.tokens // t)
-            shape = dict(batch=b, heads=h, kv_heads=h, tq=t, tk=t, d=d)
-            for p in provs.values():
-                for mode in args.modes:
-                    check = mode == "fwd" and t == args.seqlens[0]
-                    dtype = DTYPES[dtype_name]
-                    r = measure(p, shape, dtype, causal, mode, device, *timing, check=check)
-                    if r["ms"] is not None:
-                        flops = attention_flops(b, h, t, t, d, causal, mode)
-                        r["tflops"] = flops / (r["ms"] * 1e-3) / 1e12
-                    results["kernel"].append({**r, "dtype": dtype_name, "causal": causal, **shape})
-            print(f"  {label}: done ({time.perf_counter() - started:.0f} s)", flush=True)
-            write_json(path, results)
-
-
-def run_decode(args, provs, device, results, path, started) -> None:
-    dtype = DTYPES[args.dtypes[0]]
-    d = args.decode_head_dim
-    h = args.hidden // d
-    hkv = args.decode_kv_heads or h
-    elem = torch.finfo(dtype).bits // 8
-    timing = (args.warmup_ms, args.rep_ms)
-    for tk in args.decode_lens:
-        if time.perf_counter() - started > args.budget_s:
-            results["skipped"].append(f"decode Tk={tk}")
-            continue
-        shape = dict(batch=args.decode_batch, heads=h, kv_heads=hkv, tq=1, tk=tk, d=d)
-        nbytes = (2 * args.decode_batch * hkv * tk * d + 2 * args.decode_batch * h * d) * elem
-        for p in provs.values():
-            check = tk == args.decode_lens[0]
-            r = measure(p, shape, dtype, True, "fwd", device, *timing, check=check)
-            if r["ms"] is not None:
-                r["gbps"] = nbytes / (r["ms"] * 1e-3) / 1e9
-                r["copy_fraction"] = r["gbps"] / results["copy_gbps"]
-            results["decode"].append({**r, "dtype": args.dtypes[0], "causal": True, **shape})
-        write_json(path, results)
-    print(f"  decode: done ({time.perf_counter() - started:.0f} s)", flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line.
+from fastgpt.bench.providers import available_providers
+from fastgpt.bench.report import plot, summary
+from fastgpt.bench.suite import Run, run_decode, run_kernels, speedups
+from fastgpt.bench.timing import DTYPES, MIB, MODES, copy_bandwidth_gbps
 
 
 def _ints(text: str) -> list[int]:
@@ -241,12 +88,6 @@ PROFILES = {
 }
 
 
-def _jsonable(value):
-    if isinstance(value, Path | torch.device):
-        return str(value)
-    return None if isinstance(value, float) and math.isinf(value) else value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="fastgpt bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run at tiny sizes")
@@ -271,7 +112,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--budget-s", type=float, default=float("inf"), help="start no new shape after this long"
     )
-    ap.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder (default: bench/results of the source checkout, else "
+        "./bench-results; tiny runs in its tiny/)",
+    )
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--full-table", action="store_true", help="print every configuration")
     ap.add_argument(
@@ -283,7 +130,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     args.device = torch.device(args.device)
     profile = "tiny" if args.tiny else "cpu" if args.device.type == "cpu" else "gpu"
-    out = Path("bench/results/tiny" if args.tiny else "bench/results")
+    out = default_results_dir() / "tiny" if args.tiny else default_results_dir()
     defaults = {**PROFILES[profile], "out": out}
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -300,29 +147,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.from_json is not None:
-        results = json.loads(args.from_json.read_text())
-        pngs = [] if args.no_plot else plot(results, args.from_json)
-        print("\n".join(["", *map(str, pngs), "", summary(results, args.full_table)]))
-        return 0
-    device = args.device
-    provs = available_providers(device)
+def _providers(args: argparse.Namespace) -> dict | None:
+    """The providers this run measures; None (and a line on stderr) for unknown names."""
+    provs = available_providers(args.device)
     if args.providers is not None:
         unknown = [n for n in args.providers if n not in provs]
         if unknown:
             have = ", ".join(provs)
             print(f"not available here: {', '.join(unknown)} (have {have})", file=sys.stderr)
-            return 2
+            return None
         provs = {n: provs[n] for n in args.providers}
-    provs = {n: p for n, p in provs.items() if n not in args.skip_providers}
-    path = results_path(args.out, device, "-tiny" if args.tiny else "")
-    started = time.perf_counter()
-    results = {
+    return {n: p for n, p in provs.items() if n not in args.skip_providers}
+
+
+def _new_results(args: argparse.Namespace, provs: dict) -> dict:
+    """The results dict a run fills: machine, arguments, providers, empty record lists."""
+    return {
         "schema": 1,
-        "machine": machine_info(device),
-        "args": {k: _jsonable(v) for k, v in vars(args).items()},
+        "machine": machine_info(args.device),
+        "args": {k: jsonable(v) for k, v in vars(args).items()},
         "providers": list(provs),
         "flops": "4*B*H*Tq*Tk*D, x0.5 causal, x2.5 bwd, x3.5 fwd_bwd (flash-attn)",
         "copy_gbps": None,
@@ -332,6 +175,21 @@ def main(argv: list[str] | None = None) -> int:
         "skipped": [],
         "complete": False,
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.from_json is not None:
+        results = json.loads(args.from_json.read_text())
+        pngs = [] if args.no_plot else plot(results, args.from_json)
+        print("\n".join(["", *map(str, pngs), "", summary(results, args.full_table)]))
+        return 0
+    device, provs = args.device, _providers(args)
+    if provs is None:
+        return 2
+    path = results_path(args.out, device, "-tiny" if args.tiny else "")
+    run = Run(args, provs, device, _new_results(args, provs), path)
+    results = run.results
     print(
         f"fastgpt bench on {results['machine']['name']}: {', '.join(provs)} -> {path}", flush=True
     )
@@ -340,12 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  copy bandwidth: {results['copy_gbps']:.0f} GB/s", flush=True)
     # Decode first: it is quick, and the run may stop on budget before the last kernel shapes.
     if not args.no_decode:
-        run_decode(args, provs, device, results, path, started)
+        run_decode(run)
     if not args.no_kernel:
-        run_kernels(args, provs, device, results, path, started)
+        run_kernels(run)
     results["speedups"] = speedups(results["kernel"], {n: p.fastgpt for n, p in provs.items()})
     results["complete"] = not results["skipped"]
-    results["seconds"] = round(time.perf_counter() - started, 1)
+    results["seconds"] = round(run.seconds(), 1)
     write_json(path, results)
     print(summary(results, full=True) if args.full_table else "")
     pngs = [] if args.no_plot else plot(results, path)

@@ -22,7 +22,8 @@ class Provider:
     fastgpt: bool = False  # one of ours (speed-ups are reported for these over the others)
 
 
-def _fastgpt(backend: str) -> Callable:
+def fastgpt_attention(backend: str) -> Callable[[Tensor, Tensor, Tensor, bool], Tensor]:
+    """(q, k, v, causal) -> out through fastgpt.attention on one backend; (B, H, T, D) layout."""
     import fastgpt
 
     return lambda q, k, v, causal: fastgpt.attention(q, k, v, causal=causal, backend=backend)
@@ -109,8 +110,10 @@ def available_providers(device: torch.device) -> dict[str, Provider]:
     backends = fastgpt.available_backends(device)
     for name in ("triton", "cpp"):
         if name in backends:
-            found[f"fastgpt-{name}"] = Provider(f"fastgpt-{name}", _fastgpt(name), fastgpt=True)
-    found["reference"] = Provider("reference", _fastgpt("reference"))
+            found[f"fastgpt-{name}"] = Provider(
+                f"fastgpt-{name}", fastgpt_attention(name), fastgpt=True
+            )
+    found["reference"] = Provider("reference", fastgpt_attention("reference"))
     sdpa = {
         "flash": "FLASH_ATTENTION",
         "efficient": "EFFICIENT_ATTENTION",
