@@ -12,16 +12,8 @@ from pathlib import Path
 
 import torch
 
-# Dense bf16 tensor-core peaks (datasheet, no sparsity) for the training benchmark's MFU.
-# Matched in order against torch.cuda.get_device_name: the SXM H100 reports "NVIDIA H100 80GB HBM3".
-PEAK_BF16_TFLOPS = {
-    "H200": 989.4,
-    "H100 PCIe": 756.0,
-    "H100 NVL": 835.0,
-    "H100": 989.4,
-    "A100": 312.0,
-    "L4": 121.0,
-}
+# The datasheet peaks live with the device choice; re-exported for the benchmark scripts.
+from fastgpt.devices import PEAK_BF16_TFLOPS, peak_bf16_tflops  # noqa: F401
 
 
 def cpu_name() -> str:
@@ -117,14 +109,6 @@ def machine_info(device: torch.device) -> dict:
 
         info["flash_attn"] = flash_attn.__version__
     return info
-
-
-def peak_bf16_tflops(name: str) -> float | None:
-    """Datasheet dense bf16 peak for a GPU name, None when unknown."""
-    for key, value in PEAK_BF16_TFLOPS.items():  # ordered: "H100 PCIe" before "H100"
-        if key.lower() in name.lower():
-            return value
-    return None
 
 
 def results_path(out_dir: Path, device: torch.device, suffix: str = "") -> Path:

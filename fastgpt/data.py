@@ -13,6 +13,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastgpt.errors import FastGPTError
+from fastgpt.files import replacing, write_atomic
+
 # The seed notebook's corpus: "Mary Had a Little Lamb" as sung, 16 lines, 34 distinct words.
 RHYME = """\
 mary had a little lamb
@@ -167,17 +170,16 @@ def cached_split(
     tok_hash = hashlib.sha256(json.dumps(tok.to_dict(), sort_keys=True).encode()).hexdigest()
     key = {"source": fingerprint(path), "tokenizer": tok_hash, "block_size": block_size}
     meta_path = cache_dir / "meta.json"
-    if not (meta_path.exists() and json.loads(meta_path.read_text()).get("key") == key):
+    if cache_dir.is_symlink():
+        raise FastGPTError(f"{cache_dir} is a link; the token cache must be a real folder.")
+    if _cached_key(meta_path) != key:
         train, val = split(encode(tok, read_text(path)), block_size)
         cache_dir.mkdir(parents=True, exist_ok=True)
         for name, arr in (("train", train), ("val", val)):
-            tmp = cache_dir / f"{name}.bin.tmp"
-            arr.tofile(tmp)
-            os.replace(tmp, cache_dir / f"{name}.bin")
+            with replacing(cache_dir / f"{name}.bin") as f:  # exclusive temp file, renamed
+                arr.tofile(f)
         meta = {"key": key, "dtype": train.dtype.name, "train": len(train), "val": len(val)}
-        tmp = cache_dir / "meta.json.tmp"
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, meta_path)
+        write_atomic(meta_path, json.dumps(meta))
     meta = json.loads(meta_path.read_text())
     return tuple(
         np.memmap(cache_dir / f"{name}.bin", dtype=meta["dtype"], mode="r", shape=(meta[name],))
@@ -185,6 +187,14 @@ def cached_split(
         else np.empty(0, dtype=meta["dtype"])  # no validation split: nothing to map
         for name in ("train", "val")
     )
+
+
+def _cached_key(meta_path: Path) -> dict | None:
+    """The key the token cache was written for; None when there is no readable cache."""
+    try:
+        return json.loads(meta_path.read_text()).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def get_batch(

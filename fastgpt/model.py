@@ -9,6 +9,7 @@ the loss at step 0 is close to ln(vocab_size).
 
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -203,8 +204,22 @@ class GPT(nn.Module):
         block_size the context is cropped to its last block_size tokens and recomputed (learned
         positions shift with the window), so the tokens are those of use_cache=False.
         """
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}.")
+        new = self.generate_tokens(idx, max_new_tokens, temperature, top_k, generator, use_cache)
+        return torch.cat([idx, *new], dim=1)
+
+    @torch.no_grad()
+    def generate_tokens(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> Iterator[Tensor]:
+        """generate() one token at a time: yields each new token (B, 1) as soon as it is drawn."""
+        if not 0 <= temperature < math.inf:  # NaN fails too
+            raise ValueError(f"temperature must be >= 0 and finite, got {temperature}.")
         if idx.shape[1] == 0:
             raise ValueError(f"generate needs at least one token to start from, got {idx.shape}.")
         block = self.config.block_size
@@ -229,7 +244,7 @@ class GPT(nn.Module):
                 probs = F.softmax(logits, dim=-1)
                 next_id = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
             idx = torch.cat([idx, next_id], dim=1)
-        return idx
+            yield next_id
 
     @classmethod
     def from_hf(cls, source: "str | os.PathLike | nn.Module", **overrides) -> "GPT":

@@ -7,14 +7,17 @@
 Every step draws one global batch of windows (batch_size x grad_accum x world_size) from a
 generator seeded with --seed; each process takes its slice. So a run on N processes sees the same
 data as one process with an N times larger batch, and a resumed run that of an uninterrupted one.
+
+The run in pieces: `train` claims OUT (lock, checks), `setup_run` builds everything a run needs
+(a `Run`), `train_step` does one optimizer step, `evaluate` measures the held-out loss and logs
+it, `save` writes a checkpoint; `_train` is the loop that calls them.
 """
 
 import contextlib
-import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -23,8 +26,13 @@ from tqdm import tqdm
 
 from fastgpt import checkpoint, data
 from fastgpt.attention import select_backend
-from fastgpt.model import GPT, preset_config
-from fastgpt.tokenizer import build_tokenizer, load_tokenizer, tokenizer_from_dict
+from fastgpt.devices import peak_flops, pick_device, pick_dtype
+from fastgpt.errors import FastGPTError
+from fastgpt.files import FolderLock, writable_folder
+from fastgpt.metrics import MetricsLog, plot_losses, write_metrics
+from fastgpt.model import GPT, GPTConfig, preset_config
+from fastgpt.sample import generate_text
+from fastgpt.tokenizer import build_tokenizer, tokenizer_from_dict
 
 # Defaults per preset: tokenizer, steps, batch size, learning rate, warm-up steps, BPE vocabulary.
 PRESET_TRAINING = {
@@ -33,12 +41,13 @@ PRESET_TRAINING = {
     "gpt2": dict(tokenizer="bpe", steps=5000, batch_size=8, lr=6e-4, warmup=200),
 }
 BPE_VOCAB_SIZE = {"tiny": 1024, "small": 1024, "gpt2": 50257}  # when --tokenizer bpe
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Below this many FLOPs per step a CPU step runs on one thread (the tiny preset: ~3e7).
 SMALL_STEP_FLOPS = 1e9
 # Options a resumed run takes from its own arguments; the rest come from the checkpoint, so the
-# run continues as it was (steps too, unless given).
-RESUME_OVERRIDES = ("steps", "device", "out", "compile", "stop_after", "progress", "sample_tokens")
+# run continues as it was. The first three only when given (None keeps the checkpoint's).
+RESUME_OVERRIDES = ("steps", "eval_every", "backend")
+RESUME_OWN = ("device", "out", "compile", "stop_after", "progress", "sample_tokens", "log")
+RESUME_OWN += ("resume", "overwrite")
 
 
 @dataclass
@@ -62,33 +71,51 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     out: str = "out"  # folder for checkpoints, metrics, loss curve and token cache
     resume: bool = False  # continue from OUT's latest checkpoint
+    overwrite: bool = False  # replace the run OUT holds (without it, a new run there is refused)
     seed: int = 1337
     eval_every: int | None = None  # steps between validation (and checkpoints); None = steps/10
     eval_batches: int = 4  # global batches per validation estimate
     stop_after: int | None = None  # stop (with a checkpoint) after this step, as if interrupted
     sample_tokens: int = 40  # tokens sampled at the end (0 = none)
     progress: bool = True  # tqdm progress bar and printed summary (rank 0)
+    log: str | None = None  # extra metrics logger: "tensorboard" (needs tensorboard installed)
+
+
+def check_values(cfg: TrainConfig) -> None:
+    """FastGPTError for a hyper-parameter out of range (NaN and infinities included)."""
+    for name in ("steps", "batch_size", "block_size", "grad_accum", "eval_batches"):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise FastGPTError(f"--{name.replace('_', '-')} must be positive, got {value}.")
+    for name in ("warmup", "sample_tokens", "eval_every", "stop_after"):
+        value = getattr(cfg, name)
+        if value is not None and value < 0:
+            raise FastGPTError(f"--{name.replace('_', '-')} must be >= 0, got {value}.")
+    rules = {
+        "lr": (lambda x: 0 < x < math.inf, "positive and finite"),
+        "dropout": (lambda x: 0 <= x < 1, "in [0, 1)"),
+        "weight_decay": (lambda x: 0 <= x < math.inf, ">= 0 and finite"),
+        "grad_clip": (lambda x: 0 <= x < math.inf, ">= 0 and finite (0 disables clipping)"),
+    }
+    for name, (ok, text) in rules.items():
+        value = getattr(cfg, name)
+        if value is not None and not ok(value):  # NaN fails every comparison
+            raise FastGPTError(f"--{name.replace('_', '-')} must be {text}, got {value}.")
 
 
 def resolved(cfg: TrainConfig) -> TrainConfig:
-    """cfg with every None default filled from the preset."""
+    """cfg with every None default filled from the preset (values checked)."""
     if cfg.preset not in PRESET_TRAINING:
-        raise ValueError(
+        raise FastGPTError(
             f"Unknown preset {cfg.preset!r}; expected one of {', '.join(PRESET_TRAINING)}."
         )
+    check_values(cfg)
     defaults = PRESET_TRAINING[cfg.preset]
     cfg = replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
     if cfg.bpe_vocab_size is None:
         cfg = replace(cfg, bpe_vocab_size=BPE_VOCAB_SIZE[cfg.preset])
     if cfg.block_size is None:
         cfg = replace(cfg, block_size=preset_config(cfg.preset, vocab_size=1).block_size)
-    for name in ("steps", "batch_size", "block_size", "grad_accum", "eval_batches"):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(
-                f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}."
-            )
-    if cfg.lr <= 0:
-        raise ValueError(f"--lr must be positive, got {cfg.lr}.")
     return replace(
         cfg,
         warmup=min(cfg.warmup, cfg.steps // 10),
@@ -96,49 +123,52 @@ def resolved(cfg: TrainConfig) -> TrainConfig:
     )
 
 
-def pick_device(requested: str | None, local_rank: int = 0) -> torch.device:
-    """The requested device, else the best one here: cuda > mps > cpu."""
-    if requested is None:
-        if torch.cuda.is_available():
-            requested = "cuda"
-        elif torch.backends.mps.is_available():
-            requested = "mps"
-        else:
-            requested = "cpu"
-    device = torch.device(requested)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but CUDA is not available here.")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps was asked for but MPS is not available here.")
-    return device
+def resume_config(cfg: TrainConfig, ckpt: Path) -> tuple[TrainConfig, str]:
+    """(the configuration a resumed run continues with, a sentence saying what it took from ckpt).
 
-
-def pick_dtype(requested: str | None, device: torch.device) -> torch.dtype:
-    if requested is None:
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if requested not in DTYPES:
-        raise ValueError(f"Unknown --dtype {requested!r}; expected one of {', '.join(DTYPES)}.")
-    return DTYPES[requested]
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak FLOP/s of the GPU (for MFU; the benchmark's table), None when unknown.
-
-    FASTGPT_PEAK_FLOPS (FLOP/s) overrides it, e.g. for a GPU the table does not know.
+    The checkpoint's run decides the data, tokenizer, model, batch, learning rate and seed: an
+    option given here that differs from it is an error. --steps may extend the run (said, as it
+    stretches the learning-rate schedule), never end it before the checkpoint's step.
     """
-    if "FASTGPT_PEAK_FLOPS" in os.environ:
-        return float(os.environ["FASTGPT_PEAK_FLOPS"])
-    if device.type != "cuda":
-        return None
-    from fastgpt.bench import peak_bf16_tflops
-
-    tflops = peak_bf16_tflops(torch.cuda.get_device_name(device))
-    return None if tflops is None else tflops * 1e12
+    saved_dict = checkpoint.read_config(ckpt).get("train")
+    if not isinstance(saved_dict, dict):
+        raise FastGPTError(f"{ckpt / 'config.json'} has no training section; it cannot resume.")
+    names = {f.name for f in fields(TrainConfig)}
+    saved = TrainConfig(**{k: v for k, v in saved_dict.items() if k in names})
+    defaults = TrainConfig()
+    conflicts = [
+        f"--{name.replace('_', '-')} {getattr(cfg, name)!r} (the checkpoint has "
+        f"{getattr(saved, name)!r})"
+        for name in sorted(names - set(RESUME_OVERRIDES) - set(RESUME_OWN))
+        if getattr(cfg, name) not in (getattr(defaults, name), getattr(saved, name))
+    ]
+    if conflicts:
+        raise FastGPTError(
+            f"--resume continues the run in {cfg.out} with its own settings, and "
+            f"{', '.join(conflicts)} conflict{'s' if len(conflicts) == 1 else ''} with it; drop "
+            "them, or start a new run (--overwrite or another --out)."
+        )
+    given = {k: getattr(cfg, k) for k in RESUME_OVERRIDES if getattr(cfg, k) is not None}
+    new = replace(saved, **given, **{k: getattr(cfg, k) for k in RESUME_OWN})
+    step = checkpoint.run_step(ckpt)
+    if new.steps is not None and new.steps <= step:
+        what = f"--steps {new.steps} is" if "steps" in given else f"the run's {new.steps} steps are"
+        raise FastGPTError(
+            f"{what} not beyond the checkpoint's step {step}: nothing to train; give --steps "
+            f"above {step} to continue."
+        )
+    note = (
+        f"resuming {ckpt} at step {step}; data, tokenizer, preset, batch, learning rate and seed "
+        "from the checkpoint"
+    )
+    if "steps" in given and saved.steps is not None and new.steps != saved.steps:
+        old, stretched = resolved(saved), resolved(new)
+        note += (
+            f"; --steps {new.steps} (the run had {saved.steps}) stretches the learning-rate "
+            f"schedule: lr at step {step} is {lr_at(step, stretched):.3g} (was "
+            f"{lr_at(step, old):.3g})"
+        )
+    return new, note
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -192,6 +222,7 @@ def _broadcast(obj, rank: int, world: int):
 
 def train(cfg: TrainConfig) -> dict:
     """Train as cfg says; returns the metrics (losses per step, val losses, speed, sample...)."""
+    check_values(cfg)  # before any work: a bad value is refused up front
     rank, local_rank, world = _world()
     device = pick_device(cfg.device, local_rank)
     if device.type == "cuda":
@@ -200,11 +231,13 @@ def train(cfg: TrainConfig) -> dict:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     threads = torch.get_num_threads()
     try:
-        metrics = _train(cfg, rank, world, device)
-        if world > 1:
-            # Rank 0 still writes the last checkpoint and plots: no rank may tear its process
-            # group down while a peer can still talk to it (gloo aborts the process then).
-            dist.barrier()
+        with contextlib.ExitStack() as stack:
+            ckpt = claim_out(cfg, rank, world, stack)
+            metrics = _train(cfg, rank, world, device, ckpt)
+            if world > 1:
+                # Rank 0 still writes the last checkpoint and plots: no rank may tear its process
+                # group down while a peer can still talk to it (gloo aborts the process then).
+                dist.barrier()
         return metrics
     finally:
         torch.set_num_threads(threads)
@@ -212,11 +245,32 @@ def train(cfg: TrainConfig) -> dict:
             dist.destroy_process_group()
 
 
+def claim_out(cfg: TrainConfig, rank: int, world: int, stack: contextlib.ExitStack) -> Path | None:
+    """Check OUT is a writable folder, lock it for the run (released by stack), tidy it; returns
+    the checkpoint to resume from. Rank 0 does it; every rank gets its verdict."""
+    verdict = None
+    if rank == 0:
+        try:
+            out = writable_folder(cfg.out)
+            stack.enter_context(FolderLock(out))
+            ckpt = checkpoint.prepare_out(out, cfg.resume, cfg.overwrite)
+            verdict = ("ok", None if ckpt is None else str(ckpt))
+        except FastGPTError as e:
+            if world == 1:
+                raise
+            verdict = ("error", str(e))
+    status, value = _broadcast(verdict, rank, world)
+    if status == "error":
+        raise FastGPTError(value)
+    return None if value is None else Path(value)
+
+
 def _tokenizer_and_data(cfg: TrainConfig, ckpt: Path | None, rank: int, world: int):
     """(tokenizer, train ids, val ids). Rank 0 learns the tokenizer (or it comes from the
     checkpoint) and writes the token cache; the other ranks receive the one and read the other."""
     if ckpt is not None:
-        tok = load_tokenizer(ckpt / "tokenizer.json")
+        vocab = checkpoint.read_config(ckpt)["model"].get("vocab_size")
+        tok = checkpoint.load_checkpoint_tokenizer(ckpt, vocab)
     else:
         tok = None
         if rank == 0:
@@ -234,241 +288,357 @@ def _tokenizer_and_data(cfg: TrainConfig, ckpt: Path | None, rank: int, world: i
     return tok, *data.cached_split(cfg.data, tok, cfg.block_size, cache)
 
 
-def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
-    out = Path(cfg.out)
-    state, ckpt = None, None
-    if cfg.resume:
-        ckpt = checkpoint.latest_checkpoint(out)
-        if ckpt is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {out} to resume from.")
-        saved = checkpoint.read_config(ckpt)
-        overrides = {k: getattr(cfg, k) for k in RESUME_OVERRIDES}
-        if cfg.steps is None:  # keep the run's length (and so its learning-rate schedule)
-            del overrides["steps"]
-        cfg = replace(TrainConfig(**saved["train"]), **overrides)
-        state = checkpoint.load_state(ckpt)
-    cfg = resolved(cfg)
-    main = rank == 0
-    log = print if main and cfg.progress else (lambda *a, **k: None)
+@dataclass
+class Run:
+    """Everything a run needs between steps; built by setup_run."""
 
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    tok: object
+    train_ids: object  # np.ndarray or np.memmap of token ids
+    val_ids: object
+    model_cfg: GPTConfig
+    raw_model: GPT  # the model itself (what is saved)
+    model: torch.nn.Module  # what the step calls: raw_model, compiled and/or wrapped in DDP
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    dtype: torch.dtype
+    backend: str
+    data_gen: torch.Generator
+    start: int = 0
+    history: dict = field(default_factory=lambda: {"losses": [], "val": [], "elapsed_s": 0.0})
+    log: MetricsLog | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def global_batch(self) -> int:  # sequences per optimizer step
+        return self.cfg.batch_size * self.cfg.grad_accum * self.world
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+def setup_run(cfg: TrainConfig, rank: int, world: int, device, ckpt: Path | None) -> Run:
+    """Tokenizer, data, model, optimizer and RNGs of a run (restored from ckpt when resuming)."""
     tok, train_ids, val_ids = _tokenizer_and_data(cfg, ckpt, rank, world)
-
     # Model: identical initial weights on every rank; then a per-rank RNG for dropout.
     torch.manual_seed(cfg.seed)
     overrides = {"dropout": cfg.dropout} if cfg.dropout is not None else {}
     model_cfg = preset_config(
-        cfg.preset,
-        vocab_size=tok.vocab_size,
-        block_size=cfg.block_size,
-        backend=cfg.backend,
+        cfg.preset, vocab_size=tok.vocab_size, block_size=cfg.block_size, backend=cfg.backend,
         **overrides,
-    )
+    )  # fmt: skip
     raw_model = GPT(model_cfg)
     if ckpt is not None:
         checkpoint.load_safetensors_into(raw_model, ckpt)
     raw_model.to(device)
-    backend, why = select_backend(device, cfg.backend)
     dtype = pick_dtype(cfg.dtype, device)
-    autocast = (
-        torch.autocast(device.type, dtype=dtype)
-        if dtype != torch.float32
-        else contextlib.nullcontext()
-    )
     fp16_cuda = dtype == torch.float16 and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda" if fp16_cuda else "cpu", enabled=fp16_cuda)
-    optimizer = make_optimizer(raw_model, cfg, device)
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-    data_gen = torch.Generator().manual_seed(cfg.seed)
+    run = Run(
+        cfg, rank, world, device, tok, train_ids, val_ids, model_cfg, raw_model, model,
+        optimizer=make_optimizer(raw_model, cfg, device),
+        scaler=torch.amp.GradScaler("cuda" if fp16_cuda else "cpu", enabled=fp16_cuda),
+        dtype=dtype,
+        backend=select_backend(device, cfg.backend)[0],
+        data_gen=torch.Generator().manual_seed(cfg.seed),
+    )  # fmt: skip
     torch.manual_seed(cfg.seed + rank)
-    history = {"losses": [], "val": [], "elapsed_s": 0.0}
-    start = 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        data_gen.set_state(state["data_rng"])
-        torch.set_rng_state(state["torch_rng"][rank])
-        if device.type == "cuda" and state.get("cuda_rng"):
-            torch.cuda.set_rng_state(state["cuda_rng"][rank], device)
-        history, start = state["history"], state["step"]
+    if ckpt is not None:
+        _restore(run, checkpoint.load_state(ckpt))
+    return run
 
-    n_params = raw_model.num_params()
-    global_batch = cfg.batch_size * cfg.grad_accum * world  # sequences per optimizer step
-    tokens_per_step = global_batch * cfg.block_size
-    flops_per_token = raw_model.flops_per_token(cfg.block_size)
-    peak = peak_flops(device)
-    if device.type == "cpu" and tokens_per_step * flops_per_token < SMALL_STEP_FLOPS:
-        # A step this small runs slower on several threads than on one (sync overhead).
-        torch.set_num_threads(1)
-    log(
-        f"fastgpt train: preset {cfg.preset} ({n_params / 1e6:.2f}M params), {cfg.tokenizer} "
-        f"tokenizer (vocab {tok.vocab_size}), {len(train_ids):,} train / {len(val_ids):,} val "
-        f"tokens; {device} {str(dtype).removeprefix('torch.')} x{world}, attention backend "
-        f"{backend} ({why}); {cfg.steps} steps of {tokens_per_step:,} tokens"
-        + (f", resuming at step {start}" if start else "")
+
+def _restore(run: Run, state: dict) -> None:
+    """Optimizer, scaler, RNGs, step and loss history from a checkpoint's state.pt."""
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scaler.load_state_dict(state["scaler"])
+        run.data_gen.set_state(state["data_rng"])
+        torch.set_rng_state(state["torch_rng"][run.rank])
+        if run.device.type == "cuda" and state.get("cuda_rng"):
+            torch.cuda.set_rng_state(state["cuda_rng"][run.rank], run.device)
+        run.history, run.start = state["history"], state["step"]
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise FastGPTError(
+            f"The state.pt of the checkpoint in {run.out} does not fit this run ({e!r}); was it "
+            "written by a run with another number of processes?"
+        ) from None
+
+
+def describe_validation(run: Run) -> str:
+    """What the validation loss measures, in words (printed before any validation number)."""
+    n_val = len(run.val_ids)
+    what = (
+        f"validation loss = mean cross-entropy of {run.cfg.eval_batches * run.global_batch} "
+        f"windows of {run.cfg.block_size} tokens from the held-out last {n_val:,} tokens of the "
+        "corpus (never trained on)"
     )
-    if len(val_ids) == 0:
-        log(data.no_validation_note(len(train_ids), cfg.block_size))
+    if n_val < 20 * run.cfg.block_size:
+        what += "; so few that it says little about unseen text"
+    return what
 
-    def save(step: int) -> None:
-        """Checkpoint after `step` steps (every rank joins the RNG gather; rank 0 writes)."""
-        rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        rngs, cuda_rngs = [rng], [cuda_rng]
-        if world > 1:
-            rngs, cuda_rngs = [None] * world, [None] * world
-            dist.all_gather_object(rngs, rng)
-            dist.all_gather_object(cuda_rngs, cuda_rng)
-        if not main:
-            return
-        state = {
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "data_rng": data_gen.get_state(),
-            "torch_rng": rngs,
-            "cuda_rng": cuda_rngs if device.type == "cuda" else None,
-            "history": history,
-        }
-        config = {"model": model_cfg.to_dict(), "train": asdict(cfg)}
-        checkpoint.save_checkpoint(out, step, raw_model, tok, config, state)
 
-    bar = tqdm(
-        total=cfg.steps, initial=start, disable=not (main and cfg.progress), dynamic_ncols=True
+def train_step(run: Run, step: int) -> torch.Tensor:
+    """One optimizer step (all micro-steps) at index step; returns the mean loss, on device."""
+    cfg, world = run.cfg, run.world
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    offsets = torch.randint(
+        len(run.train_ids) - cfg.block_size,
+        (cfg.grad_accum, world, cfg.batch_size),
+        generator=run.data_gen,
+    )[:, run.rank]  # (grad_accum, batch_size): this rank's slice of the global batch
+    loss_sum = torch.zeros((), device=run.device)
+    for micro in range(cfg.grad_accum):
+        x, y = data.get_batch(run.train_ids, offsets[micro], cfg.block_size, run.device)
+        if world > 1:  # all-reduce gradients on the last micro-step only
+            run.model.require_backward_grad_sync = micro == cfg.grad_accum - 1
+        with run.autocast():
+            _, loss = run.model(x, y)
+        run.scaler.scale(loss / cfg.grad_accum).backward()
+        loss_sum += loss.detach().float()
+    if cfg.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    step_loss = loss_sum / cfg.grad_accum
+    if world > 1:  # the mean over all ranks (gloo has no AVG reduction)
+        dist.all_reduce(step_loss)
+        step_loss /= world
+    return step_loss
+
+
+def diverged(run: Run, what: str, step: int, value: float) -> FastGPTError:
+    """The error that stops a run whose loss stopped being a finite number."""
+    try:
+        last = checkpoint.latest_checkpoint(run.out)
+    except FastGPTError:
+        last = None
+    kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was written"
+    return FastGPTError(
+        f"Training diverged: the {what} at step {step} is {value}; stopped without saving ({kept})."
+        " Lower --lr or raise --warmup."
     )
-    note = bar.write if main and cfg.progress else log
-    pending, speed = [], {}
-    t_flush = time.perf_counter()
+
+
+def evaluate(run: Run, done: int, speed: dict) -> float | None:
+    """Validation loss after `done` steps (rank 0; None without a validation split), recorded with
+    the step's training loss in the history, the metrics log and the plot when it is a finite
+    number (the caller stops the run when it is not)."""
+    val = None
+    if len(run.val_ids):  # a corpus too small for a held-out estimate has none
+        val = estimate_loss(
+            run.raw_model, run.val_ids, run.cfg, run.global_batch, run.device, run.autocast()
+        )
+        if not math.isfinite(val):
+            return val
+        run.history["val"].append([done, val])
+    since = run.history["losses"][-run.cfg.eval_every :]
+    record = {
+        "step": done,
+        "train_loss": run.history["losses"][-1],
+        "train_loss_mean": sum(since) / len(since),
+        **({} if val is None else {"val_loss": val}),
+        "lr": lr_at(done - 1, run.cfg),
+        "elapsed_s": run.history["elapsed_s"],
+        **speed,
+    }
+    if run.log is not None:
+        run.log.evaluation(record, {**_summary(run), **run.history})
+    return val
+
+
+def save(run: Run, step: int) -> None:
+    """Checkpoint after `step` steps (every rank joins the RNG gather; rank 0 writes)."""
+    device, world = run.device, run.world
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    rngs, cuda_rngs = [rng], [cuda_rng]
+    if world > 1:
+        rngs, cuda_rngs = [None] * world, [None] * world
+        dist.all_gather_object(rngs, rng)
+        dist.all_gather_object(cuda_rngs, cuda_rng)
+    if not run.main:
+        return
+    state = {
+        "step": step,
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "data_rng": run.data_gen.get_state(),
+        "torch_rng": rngs,
+        "cuda_rng": cuda_rngs if device.type == "cuda" else None,
+        "history": run.history,
+    }
+    config = {"model": run.model_cfg.to_dict(), "train": asdict(run.cfg)}
+    checkpoint.save_checkpoint(run.out, step, run.raw_model, run.tok, config, state)
+
+
+class Progress:
+    """The progress bar and the loss history: one device sync per 10 steps (and at evaluations),
+    tokens/s and MFU, and the check that every loss is a finite number."""
+
+    def __init__(self, run: Run) -> None:
+        self.run, self.pending, self.speed = run, [], {}
+        cfg = run.cfg
+        self.bar = tqdm(
+            total=cfg.steps, initial=run.start, disable=not (run.main and cfg.progress),
+            dynamic_ncols=True,
+        )  # fmt: skip
+        self.tokens_per_step = run.global_batch * cfg.block_size
+        self.flops_per_token = run.raw_model.flops_per_token(cfg.block_size)
+        self.peak = peak_flops(run.device)
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """Evaluation and saving are not training time."""
+        self.t_flush = time.perf_counter()
+
+    def flush(self, done: int) -> None:
+        """Move the pending losses (steps up to `done`) into the history; stop on a NaN/inf."""
+        history, losses = self.run.history, torch.stack(self.pending).tolist()
+        for i, loss in enumerate(losses):
+            if not math.isfinite(loss):
+                raise diverged(self.run, "training loss", done - len(losses) + i + 1, loss)
+        history["losses"] += losses
+        now = time.perf_counter()
+        history["elapsed_s"] += now - self.t_flush
+        tok_s = len(losses) * self.tokens_per_step / (now - self.t_flush)
+        self.speed = {"tokens_per_s": tok_s}
+        postfix = {"loss": f"{losses[-1]:.4f}", "tok/s": f"{tok_s:,.0f}"}
+        if self.peak:
+            self.speed["mfu"] = self.flops_per_token * tok_s / (self.peak * self.run.world)
+            postfix["mfu"] = f"{100 * self.speed['mfu']:.1f}%"
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(len(losses))
+        self.pending, self.t_flush = [], now
+
+
+def _summary(run: Run) -> dict:
+    return {
+        "preset": run.cfg.preset,
+        "device": str(run.device),
+        "dtype": str(run.dtype).removeprefix("torch."),
+        "backend": run.backend,
+        "world_size": run.world,
+        "n_params": run.raw_model.num_params(),
+        "vocab_size": run.tok.vocab_size,
+    }
+
+
+def _announce(run: Run, note: str | None, say) -> None:
+    """The first printed lines: what runs where, and what the validation loss measures."""
+    cfg, tok = run.cfg, run.tok
+    why = select_backend(run.device, cfg.backend)[1]
+    tokens_per_step = run.global_batch * cfg.block_size
+    say(
+        f"fastgpt train: preset {cfg.preset} ({run.raw_model.num_params() / 1e6:.2f}M params), "
+        f"{cfg.tokenizer} tokenizer (vocab {tok.vocab_size}), {len(run.train_ids):,} train / "
+        f"{len(run.val_ids):,} val tokens; {run.device} {str(run.dtype).removeprefix('torch.')} "
+        f"x{run.world}, attention backend {run.backend} ({why}); {cfg.steps} steps of "
+        f"{tokens_per_step:,} tokens" + (f"\n{note}" if note else "")
+    )
+    if len(run.val_ids):
+        say(describe_validation(run))
+    else:
+        say(data.no_validation_note(len(run.train_ids), cfg.block_size))
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, device, ckpt: Path | None) -> dict:
+    note = None
+    if ckpt is not None:
+        cfg, note = resume_config(cfg, ckpt)
+    cfg = resolved(cfg)
+    run = setup_run(cfg, rank, world, device, ckpt)
+    say = print if run.main and cfg.progress else (lambda *a, **k: None)
+    if run.main:
+        if cfg.overwrite:  # only now that the new run is set up
+            checkpoint.clear_run(run.out)
+        run.log = MetricsLog(run.out, run.start, cfg.log)
+    tokens_per_step = run.global_batch * cfg.block_size
+    if (
+        device.type == "cpu"
+        and tokens_per_step * run.raw_model.flops_per_token(cfg.block_size) < SMALL_STEP_FLOPS
+    ):
+        torch.set_num_threads(1)  # a step this small runs slower on several threads (sync cost)
+    _announce(run, note, say)
+    progress = Progress(run)
+    note_line = progress.bar.write if run.main and cfg.progress else say
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
-    for step in range(start, end):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        offsets = torch.randint(
-            len(train_ids) - cfg.block_size,
-            (cfg.grad_accum, world, cfg.batch_size),
-            generator=data_gen,
-        )[:, rank]  # (grad_accum, batch_size): this rank's slice of the global batch
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum):
-            x, y = data.get_batch(train_ids, offsets[micro], cfg.block_size, device)
-            if world > 1:  # all-reduce gradients on the last micro-step only
-                model.require_backward_grad_sync = micro == cfg.grad_accum - 1
-            with autocast:
-                _, loss = model(x, y)
-            scaler.scale(loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach().float()
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = loss_sum / cfg.grad_accum
-        if world > 1:  # the mean over all ranks (gloo has no AVG reduction)
-            dist.all_reduce(step_loss)
-            step_loss /= world
-        pending.append(step_loss)
+    try:
+        for step in range(run.start, end):
+            progress.pending.append(train_step(run, step))
+            done = step + 1
+            at_eval = done % cfg.eval_every == 0 or done == end
+            if done % 10 == 0 or at_eval:  # one device sync per 10 steps
+                progress.flush(done)
+            if at_eval:
+                # Every rank learns rank 0's validation loss, so that all stop together on a NaN.
+                val = _broadcast(
+                    evaluate(run, done, progress.speed) if run.main else None, rank, world
+                )
+                if val is not None and not math.isfinite(val):
+                    raise diverged(run, "validation loss", done, val)
+                if run.main:
+                    line = f"step {done}: train loss {run.history['losses'][-1]:.4f}"
+                    note_line(line + ("" if val is None else f", val loss {val:.4f} (held-out)"))
+                save(run, done)
+                progress.restart_clock()
+    finally:
+        progress.bar.close()
+        if run.log is not None:
+            run.log.close()
+    return _result(run, progress.speed, say)
 
-        done = step + 1
-        evaluate = done % cfg.eval_every == 0 or done == end
-        if done % 10 == 0 or evaluate:  # one device sync per 10 steps
-            history["losses"] += torch.stack(pending).tolist()
-            now = time.perf_counter()
-            history["elapsed_s"] += now - t_flush
-            tok_s = len(pending) * tokens_per_step / (now - t_flush)
-            speed = {"tokens_per_s": tok_s}
-            postfix = {"loss": f"{history['losses'][-1]:.4f}", "tok/s": f"{tok_s:,.0f}"}
-            if peak:
-                speed["mfu"] = flops_per_token * tok_s / (peak * world)
-                postfix["mfu"] = f"{100 * speed['mfu']:.1f}%"
-            bar.set_postfix(postfix, refresh=False)
-            bar.update(len(pending))
-            pending, t_flush = [], now
-        if evaluate:
-            if main:
-                line = f"step {done}: train loss {history['losses'][-1]:.4f}"
-                if len(val_ids):
-                    val = estimate_loss(raw_model, val_ids, cfg, global_batch, device, autocast)
-                    history["val"].append([done, val])
-                    line += f", val loss {val:.4f}"
-                note(line)
-            save(done)
-            t_flush = time.perf_counter()  # evaluation and saving are not training time
-    bar.close()
 
+def _result(run: Run, speed: dict, say) -> dict:
+    history = run.history
     result = {
-        "preset": cfg.preset,
-        "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        "backend": backend,
-        "world_size": world,
-        "n_params": n_params,
-        "vocab_size": tok.vocab_size,
+        **_summary(run),
         "steps": len(history["losses"]),
         "final_loss": history["losses"][-1] if history["losses"] else None,
         **history,
         **speed,
-        "checkpoint": str(checkpoint.latest_checkpoint(out)) if main else None,
+        "checkpoint": str(checkpoint.latest_checkpoint(run.out)) if run.main else None,
     }
-    if main and len(history["losses"]) == cfg.steps:
-        _finish(result, raw_model, tok, cfg, device, autocast, out, log)
+    if run.main and len(history["losses"]) == run.cfg.steps:
+        _finish(run, result, say)
     return result
 
 
-def _finish(result, model, tok, cfg, device, autocast, out: Path, log) -> None:
+def _finish(run: Run, result: dict, say) -> None:
     """After the last step: a sample, the metrics JSON and the loss-curve PNG."""
-    from fastgpt.sample import generate_text
-
+    cfg, out = run.cfg, run.out
     if cfg.sample_tokens > 0:
-        with autocast:
+        with run.autocast():
             result["sample"] = generate_text(
-                model, tok, "", cfg.sample_tokens, temperature=1.0, seed=cfg.seed
+                run.raw_model, run.tok, "", cfg.sample_tokens, temperature=1.0, seed=cfg.seed
             )
     result["metrics_json"] = str(out / "metrics.json")
     result["loss_png"] = str(out / "loss.png")
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps({"config": asdict(cfg), **result}, indent=2))
-    os.replace(tmp, out / "metrics.json")
+    write_metrics(out / "metrics.json", {"config": asdict(cfg), **result})
     plot_losses(result, out / "loss.png")
-    val = f", val loss {result['val'][-1][1]:.4f}" if result["val"] else ""
-    log(
+    val = f", val loss {result['val'][-1][1]:.4f} (held-out)" if result["val"] else ""
+    say(
         f"done: {result['steps']} steps in {result['elapsed_s']:.1f} s, final loss "
         f"{result['final_loss']:.4f}{val}\nwrote {result['checkpoint']}, {result['metrics_json']}, "
-        f"{result['loss_png']}"
+        f"{out / 'metrics.jsonl'}, {result['loss_png']}"
     )
     if "sample" in result:
-        log(f"sample:\n{result['sample']}")
-
-
-def plot_losses(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(range(1, len(result["losses"]) + 1), result["losses"], lw=1, label="train")
-    if result["val"]:
-        steps, vals = zip(*result["val"], strict=True)
-        ax.plot(steps, vals, "o-", ms=3, label="validation")
-    uniform = math.log(result["vocab_size"])
-    ax.axhline(
-        uniform, color="gray", ls="--", lw=1, label=f"ln(vocab) = {uniform:.2f}: a uniform guess"
-    )
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy loss")
-    ax.set_yscale("log")
-    ax.set_title(
-        f"fastgpt {result['preset']}: {result['n_params'] / 1e6:.2f}M params, "
-        f"{result['device']}, attention {result['backend']}"
-    )
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+        say(f"sample:\n{result['sample']}")

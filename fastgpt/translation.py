@@ -8,7 +8,6 @@ reversed words and <END>. Lines of one length form one batch, so no sequence is 
 attention has no key-padding path yet); every step takes one optimizer step over all of them.
 """
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -104,7 +103,7 @@ def least_target_probability(model: Seq2Seq, batch_list: list[tuple]) -> float:
 def train_translation(cfg: TranslationConfig) -> dict:
     """Train the toy translation model; stop early once every line translates exactly and
     every correct token has probability >= CONFIDENT (a margin, not a near tie)."""
-    from fastgpt.train import pick_device
+    from fastgpt.devices import pick_device
 
     device = pick_device(cfg.device)
     threads = torch.get_num_threads()
@@ -168,7 +167,7 @@ def is_translation_checkpoint(path: str) -> bool:
         ckpt = checkpoint.resolve_checkpoint(path)
     except FileNotFoundError:
         return False
-    return json.loads((ckpt / "config.json").read_text()).get("task") == TASK
+    return checkpoint.read_config(ckpt).get("task") == TASK  # a bad file: one named error
 
 
 def load_translator(path: str, device="cpu", backend: str | None = None):
@@ -192,7 +191,7 @@ def translate(
     backend: str | None = None,
 ) -> str:
     """The checkpoint's translation of each line of prompt (greedy at temperature 0)."""
-    from fastgpt.train import pick_device
+    from fastgpt.devices import pick_device
 
     dev = pick_device(device)
     model, tok = load_translator(path, dev, backend)

@@ -154,6 +154,16 @@ def test_sampling_is_seeded_and_respects_top_k():
     assert torch.equal(run(3, top_k=1), greedy)  # top-1 sampling is greedy decoding
 
 
+def test_generate_tokens_yields_generate_one_token_at_a_time():
+    model = small_gpt()
+    prompt = torch.zeros(2, 3, dtype=torch.long)
+    tokens = list(model.generate_tokens(prompt, 16, temperature=0))  # past block_size (12)
+    assert len(tokens) == 16 and all(t.shape == (2, 1) for t in tokens)
+    assert torch.equal(torch.cat([prompt, *tokens], 1), model.generate(prompt, 16, temperature=0))
+    with pytest.raises(ValueError, match="temperature must be >= 0 and finite, got nan"):
+        model.generate(prompt, 2, temperature=float("nan"))
+
+
 def test_initial_loss_near_log_vocab():
     """GPT-2 init (scaled residual projections): step-0 loss within 10% of ln(vocab_size)."""
     model = small_gpt(vocab_size=500)
