@@ -8,6 +8,7 @@ reversed words and <END>. Lines of one length form one batch, so no sequence is 
 attention has no key-padding path yet); every step takes one optimizer step over all of them.
 """
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from fastgpt import checkpoint, data
+from fastgpt.files import FolderLock, writable_folder
 from fastgpt.seq2seq import Seq2Seq, Seq2SeqConfig
 from fastgpt.tokenizer import END, WordTokenizer, load_tokenizer
 
@@ -33,6 +35,7 @@ class TranslationConfig:
     device: str | None = None  # None = the best available
     backend: str | None = None  # fastgpt.attention backend; None = automatic pick
     out: str = "out"  # checkpoint folder
+    overwrite: bool = False  # replace the run OUT holds (without it, a new run there is refused)
     eval_every: int = 25  # steps between exact-match checks (training stops once all match)
     progress: bool = True  # print progress lines
 
@@ -107,12 +110,18 @@ def train_translation(cfg: TranslationConfig) -> dict:
 
     device = pick_device(cfg.device)
     threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # a model this small runs slower on several threads
-    try:
-        return run_translation_training(cfg, device)
-    finally:
-        torch.set_num_threads(threads)
+    with contextlib.ExitStack() as stack:
+        out = writable_folder(cfg.out)
+        stack.enter_context(FolderLock(out))  # one run at a time in OUT
+        checkpoint.prepare_out(out, resume=False, overwrite=cfg.overwrite)
+        if cfg.overwrite:
+            checkpoint.clear_run(out)
+        if device.type == "cpu":
+            torch.set_num_threads(1)  # a model this small runs slower on several threads
+        try:
+            return run_translation_training(cfg, device)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def run_translation_training(cfg: TranslationConfig, device: torch.device) -> dict:
@@ -213,7 +222,7 @@ def translate(
 
 
 # `fastgpt train --task seq2seq` and `fastgpt sample` options that apply to this task.
-TRAIN_OPTIONS = {"steps", "lr", "seed", "device", "backend", "out", "progress"}
+TRAIN_OPTIONS = {"steps", "lr", "seed", "device", "backend", "out", "overwrite", "progress"}
 SAMPLE_OPTIONS = {"ckpt", "prompt", "temperature", "top_k", "seed", "device", "backend"}
 
 

@@ -3,6 +3,7 @@ and without caches, and the toy translation task end to end (`fastgpt train --ta
 
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -259,6 +260,11 @@ def test_translation_training_returns_its_metrics(tmp_path):
     )
     assert len(result["losses"]) == 3 and result["lines"] == 13
     assert result["losses"][0] == pytest.approx(math.log(36), rel=0.15)
+    # A second run into the same folder is refused; --overwrite replaces the run.
+    again = TranslationConfig(out=str(tmp_path), steps=2, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="holds a run at step 3; use --resume"):
+        train_translation(again)
+    assert len(train_translation(replace(again, overwrite=True))["losses"]) == 2
 
 
 def test_train_task_seq2seq_refuses_data(tmp_path, capsys):
