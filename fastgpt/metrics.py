@@ -26,6 +26,8 @@ def tensorboard_writer(folder: Path):
         raise FastGPTError(
             "--log tensorboard needs the tensorboard package: pip install tensorboard"
         ) from None
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise FastGPTError(f"{folder} is a link or a file; TensorBoard logs go to a folder in OUT.")
     return SummaryWriter(log_dir=str(folder))
 
 

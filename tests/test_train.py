@@ -310,6 +310,13 @@ def test_tensorboard_logging(tmp_path, capsys, monkeypatch):
     train(replace(cfg, device="cpu", progress=False, sample_tokens=0))
     assert ("train_loss", 2) in scalars and ("train_loss", 4) in scalars and ("lr", 4) in scalars
 
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "tb").symlink_to(tmp_path / "elsewhere")  # a planted link is not followed
+    argv = ["train", "--out", str(tmp_path / "c"), "--steps", "2", "--log", "tensorboard"]
+    assert main(argv + ["--device", "cpu"]) == 2
+    assert "tb is a link or a file" in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere").exists()
+
 
 def test_trainer_layout_has_no_import_circle_and_short_functions():
     """sample.py and train.py do not import each other's way round; no function over 80 lines."""
