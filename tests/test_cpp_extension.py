@@ -197,7 +197,8 @@ def test_memory_grows_linearly_with_length():
     with torch.profiler.profile(profile_memory=True) as prof:
         out, lse = forward(q, k, v, True, D**-0.5)
         torch.ops.fastgpt.cpp_attention_backward(out, q, k, v, out, lse, True, D**-0.5)
-    # Each allocation by the ops' ATen children (freed or not): none may be (T, T).
+    # Each allocation by the ops' ATen children (freed or not): none may be (T, T). In all, the
+    # (T, D) buffers are out and packed K (forward), dq, dk, dv, packed K and V (backward).
     children = [e for e in prof.events() if not e.name.startswith("fastgpt::")]
     allocations = [e.cpu_memory_usage for e in children if e.cpu_memory_usage > 0]
     tensor_bytes = T * D * 4

@@ -29,12 +29,13 @@
 #include "../checks.h"
 #include "blas.h"
 #include "row_ops.h"
+#include "tile_gemm.h"
 
 namespace fastgpt::cpu {
 namespace {
 
 constexpr int64_t BQ = 64;   // query rows per tile
-constexpr int64_t BK = 256;  // keys per tile
+constexpr int64_t BK = 256;  // keys per tile (a multiple of tile_gemm's panel width)
 
 // Raw view of a (B, H, T, D) tensor whose last dim has unit stride.
 template <typename T>
@@ -65,6 +66,33 @@ struct Shape {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The tile products go through tile_gemm.h when D fills whole panels; else through BLAS.
+template <typename T>
+bool use_tiles(const Shape& s) {
+  return kTileRegisters && s.D % kNR<T> == 0;
+}
+
+// x (B, Hkv, Tk, D) packed per (batch, kv head) into tile_gemm panels: (B * Hkv, Tk', D) with
+// Tk' = Tk rounded up to whole panels. O(T) memory, the size of x.
+template <typename T>
+at::Tensor pack_heads(const Shape& s, const at::Tensor& x) {
+  const int64_t per_head = ceil_div(s.Tk, kNR<T>) * kNR<T> * s.D;
+  auto out = at::empty({s.B * s.Hkv, per_head}, x.options());
+  const auto xh = heads<T>(x);
+  T* o = out.data_ptr<T>();
+  at::parallel_for(0, s.B * s.Hkv, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bk = begin; bk < end; ++bk)
+      pack_panels<T>(xh.row(bk / s.Hkv, bk % s.Hkv, 0), s.Tk, s.D, xh.st, o + bk * per_head);
+  });
+  return out;
+}
+
+// Start of (batch b, kv head hk) in pack_heads' output, or nullptr without one.
+template <typename T>
+const T* packed_head(const at::Tensor& packed, const Shape& s, int64_t b, int64_t hk) {
+  return packed.defined() ? packed.data_ptr<T>() + (b * s.Hkv + hk) * packed.size(1) : nullptr;
+}
+
 // Visits 0..n-1 as 0, n-1, 1, n-2, ...: a contiguous chunk of tasks mixes the light
 // and heavy blocks of a causal mask, so the threads finish together.
 int64_t zigzag(int64_t i, int64_t n) { return (i % 2 == 0) ? i / 2 : n - 1 - i / 2; }
@@ -74,7 +102,8 @@ int64_t zigzag(int64_t i, int64_t n) { return (i % 2 == 0) ? i / 2 : n - 1 - i /
 // One (batch, head, query block): online softmax over the visible key blocks.
 template <typename T>
 void forward_block(const Shape& s, T scale, const Heads<T>& q, const Heads<T>& k, const Heads<T>& v,
-                   T* out, T* lse, int64_t b, int64_t h, int64_t i0, T* S, T* acc, T* m, T* l) {
+                   const T* kpack, T* out, T* lse, int64_t b, int64_t h, int64_t i0, T* S, T* acc,
+                   T* m, T* l) {
   const int64_t D = s.D, rows = std::min(BQ, s.Tq - i0);
   const int64_t hk = h / s.group();
   const int64_t kend = s.visible(i0 + rows - 1);  // keys needed by the block's last row
@@ -87,8 +116,11 @@ void forward_block(const Shape& s, T scale, const Heads<T>& q, const Heads<T>& k
   const T* qp = q.row(b, h, i0);
   for (int64_t j0 = 0; j0 < kend; j0 += BK) {
     const int64_t cols = std::min(BK, kend - j0);
-    gemm_nt<T>(rows, cols, D, scale, qp, q.st, k.row(b, hk, j0), k.st, T(0), S,
-               BK);  // S (rows, cols)
+    if (kpack) {  // S (rows, cols)
+      tile_gemm<T>(rows, cols, D, scale, {qp, q.st, 1}, packed_from(kpack, j0, D), S, BK, false);
+    } else {
+      gemm_nt<T>(rows, cols, D, scale, qp, q.st, k.row(b, hk, j0), k.st, T(0), S, BK);
+    }
     for (int64_t r = 0; r < rows; ++r) {
       T* srow = S + r * BK;
       const int64_t n = std::clamp<int64_t>(s.visible(i0 + r) - j0, 0, cols);
@@ -105,7 +137,11 @@ void forward_block(const Shape& s, T scale, const Heads<T>& q, const Heads<T>& k
       }
       std::fill(srow + n, srow + cols, T(0));  // masked keys get p = 0
     }
-    gemm_nn<T>(rows, D, cols, T(1), S, BK, v.row(b, hk, j0), v.st, T(1), acc, D);  // acc += P V
+    if (kpack) {  // acc += P V
+      tile_gemm<T>(rows, D, cols, T(1), {S, BK, 1}, rows_of(v.row(b, hk, j0), v.st), acc, D, true);
+    } else {
+      gemm_nn<T>(rows, D, cols, T(1), S, BK, v.row(b, hk, j0), v.st, T(1), acc, D);
+    }
   }
   for (int64_t r = 0; r < rows; ++r) {
     if (l[r] == T(0)) {  // no visible key: output 0, lse = +inf
@@ -126,14 +162,16 @@ void forward_kernel(const Shape& s, T scale, const at::Tensor& q, const at::Tens
   T* o = out.data_ptr<T>();
   T* l = lse.data_ptr<T>();
   const int64_t nqb = ceil_div(s.Tq, BQ);
+  const at::Tensor kpack = use_tiles<T>(s) ? pack_heads<T>(s, k) : at::Tensor();
   at::parallel_for(0, s.B * s.H * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf(BQ * BK + BQ * s.D + 2 * BQ);  // S, acc, m, l
     T* S = buf.data();
     T* acc = S + BQ * BK;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / nqb, qb = zigzag(t % nqb, nqb);
-      forward_block<T>(s, scale, qh, kh, vh, o, l, bh / s.H, bh % s.H, qb * BQ, S, acc,
-                       acc + BQ * s.D, acc + BQ * s.D + BQ);
+      const int64_t b = bh / s.H, h = bh % s.H;
+      forward_block<T>(s, scale, qh, kh, vh, packed_head<T>(kpack, s, b, h / s.group()), o, l, b,
+                       h, qb * BQ, S, acc, acc + BQ * s.D, acc + BQ * s.D + BQ);
     }
   });
 }
@@ -146,7 +184,23 @@ struct Grads {
   const T* lse;     // (B, H, Tq)
   const T* delta;   // (B, H, Tq), rowsum(dO * O)
   T *dq, *dk, *dv;  // contiguous: (B, H, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D)
+  at::Tensor kpack, vpack;  // K and V in tile_gemm panels (pack_heads), undefined for BLAS
 };
+
+// backward_tile's products through BLAS, from S = P onwards (head dims that are not whole panels).
+template <typename T>
+void backward_tile_blas(const Shape& s, T scale, const Grads<T>& g, const T* qp, const T* dop,
+                        const T* kp, const T* vp, int64_t row0, int64_t rows, int64_t cols,
+                        bool want_dkdv, bool want_dq, T* S, T* dP, T* dk, T* dv) {
+  const int64_t D = s.D;
+  if (want_dkdv)
+    gemm_tn<T>(cols, D, rows, T(1), S, BK, dop, g.dout.st, T(1), dv, D);      // dV += P^T dO
+  gemm_nt<T>(rows, cols, D, T(1), dop, g.dout.st, vp, g.v.st, T(0), dP, BK);  // dP = dO V^T
+  for (int64_t r = 0; r < rows; ++r)
+    softmax_grad_row(dP + r * BK, S + r * BK, cols, g.delta[row0 + r]);
+  if (want_dq) gemm_nn<T>(rows, D, cols, scale, dP, BK, kp, g.k.st, T(1), g.dq + row0 * D, D);
+  if (want_dkdv) gemm_tn<T>(cols, D, rows, scale, dP, BK, qp, g.q.st, T(1), dk, D);  // dK += dS^T Q
+}
 
 // One (query block, key block) tile of head (b, h). S and dP are (BQ, BK) scratch.
 template <typename T>
@@ -162,20 +216,32 @@ void backward_tile(const Shape& s, T scale, const Grads<T>& g, int64_t b, int64_
   T* dk = g.dk + ((b * s.Hkv + hk) * s.Tk + j0) * D;  // (cols, D)
   T* dv = g.dv + ((b * s.Hkv + hk) * s.Tk + j0) * D;  // (cols, D)
 
-  gemm_nt<T>(rows, cols, D, scale, qp, g.q.st, kp, g.k.st, T(0), S, BK);  // S (rows, cols)
+  const T* kpack = packed_head<T>(g.kpack, s, b, hk);
+  if (kpack) {  // S (rows, cols)
+    tile_gemm<T>(rows, cols, D, scale, {qp, g.q.st, 1}, packed_from(kpack, j0, D), S, BK, false);
+  } else {
+    gemm_nt<T>(rows, cols, D, scale, qp, g.q.st, kp, g.k.st, T(0), S, BK);
+  }
   for (int64_t r = 0; r < rows; ++r) {
     T* srow = S + r * BK;
     const int64_t n = std::clamp<int64_t>(s.visible(i0 + r) - j0, 0, cols);
     exp_shift(srow, n, g.lse[row0 + r]);  // P = exp(S - lse)
     std::fill(srow + n, srow + cols, T(0));
   }
-  if (want_dkdv)
-    gemm_tn<T>(cols, D, rows, T(1), S, BK, dop, g.dout.st, T(1), dv, D);      // dV += P^T dO
-  gemm_nt<T>(rows, cols, D, T(1), dop, g.dout.st, vp, g.v.st, T(0), dP, BK);  // dP = dO V^T
+  if (!kpack) {
+    backward_tile_blas<T>(s, scale, g, qp, dop, kp, vp, row0, rows, cols, want_dkdv, want_dq, S,
+                          dP, dk, dv);
+    return;
+  }
+  const T* vpack = packed_head<T>(g.vpack, s, b, hk);
+  const TileA<T> Pt{S, 1, BK}, dS{dP, BK, 1}, dSt{dP, 1, BK};  // P^T, dS, dS^T
+  if (want_dkdv) tile_gemm<T>(cols, D, rows, T(1), Pt, rows_of(dop, g.dout.st), dv, D, true);
+  tile_gemm<T>(rows, cols, D, T(1), {dop, g.dout.st, 1}, packed_from(vpack, j0, D), dP, BK,
+               false);  // dP = dO V^T
   for (int64_t r = 0; r < rows; ++r)
     softmax_grad_row(dP + r * BK, S + r * BK, cols, g.delta[row0 + r]);
-  if (want_dq) gemm_nn<T>(rows, D, cols, scale, dP, BK, kp, g.k.st, T(1), g.dq + row0 * D, D);
-  if (want_dkdv) gemm_tn<T>(cols, D, rows, scale, dP, BK, qp, g.q.st, T(1), dk, D);  // dK += dS^T Q
+  if (want_dq) tile_gemm<T>(rows, D, cols, scale, dS, rows_of(kp, g.k.st), g.dq + row0 * D, D, true);
+  if (want_dkdv) tile_gemm<T>(cols, D, rows, scale, dSt, rows_of(qp, g.q.st), dk, D, true);
 }
 
 // delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d]
@@ -282,9 +348,18 @@ void backward_kernel(const Shape& s, T scale, const at::Tensor& dout, const at::
                      const at::Tensor& dv) {
   auto delta = at::empty({s.B, s.H, s.Tq}, q.options());  // (B, H, Tq)
   compute_delta<T>(s, heads<T>(dout), heads<T>(out), delta.data_ptr<T>());
-  const Grads<T> g{heads<T>(q),      heads<T>(k),       heads<T>(v),
-                   heads<T>(dout),   lse.data_ptr<T>(), delta.data_ptr<T>(),
-                   dq.data_ptr<T>(), dk.data_ptr<T>(),  dv.data_ptr<T>()};
+  const bool tiles = use_tiles<T>(s);
+  const Grads<T> g{heads<T>(q),
+                   heads<T>(k),
+                   heads<T>(v),
+                   heads<T>(dout),
+                   lse.data_ptr<T>(),
+                   delta.data_ptr<T>(),
+                   dq.data_ptr<T>(),
+                   dk.data_ptr<T>(),
+                   dv.data_ptr<T>(),
+                   tiles ? pack_heads<T>(s, k) : at::Tensor(),
+                   tiles ? pack_heads<T>(s, v) : at::Tensor()};
   const int64_t threads = at::get_num_threads(), units = s.B * s.Hkv;
   if (units % threads == 0 || units >= 4 * threads) {
     backward_fused<T>(s, scale, g);
@@ -303,9 +378,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   const auto dout = prepare(grad_out_, ct), out = prepare(out_, ct);
   const auto lse = lse_.contiguous();
   const Shape s = shape_of(q, k, causal);
-  auto dq = at::zeros({s.B, s.H, s.Tq, s.D}, q.options());    // (B, H, Tq, D)
-  auto dk = at::zeros({s.B, s.Hkv, s.Tk, s.D}, q.options());  // (B, Hkv, Tk, D)
-  auto dv = at::zeros({s.B, s.Hkv, s.Tk, s.D}, q.options());  // (B, Hkv, Tk, D)
+  // Accumulated into, so zeroed (empty + zero_: one allocation each, as the profiler sees it).
+  auto dq = at::empty({s.B, s.H, s.Tq, s.D}, q.options()).zero_();    // (B, H, Tq, D)
+  auto dk = at::empty({s.B, s.Hkv, s.Tk, s.D}, q.options()).zero_();  // (B, Hkv, Tk, D)
+  auto dv = at::empty({s.B, s.Hkv, s.Tk, s.D}, q.options()).zero_();  // (B, Hkv, Tk, D)
   if (dq.numel() > 0 && dk.numel() > 0) {
     if (ct == at::kDouble) {
       backward_kernel<double>(s, scale, dout, q, k, v, out, lse, dq, dk, dv);
