@@ -34,8 +34,12 @@
 namespace fastgpt::cpu {
 namespace {
 
-constexpr int64_t BQ = 64;   // query rows per tile
-constexpr int64_t BK = 256;  // keys per tile (a multiple of tile_gemm's panel width)
+#ifndef FASTGPT_BQ
+#define FASTGPT_BQ 64
+#define FASTGPT_BK 256
+#endif
+constexpr int64_t BQ = FASTGPT_BQ;   // query rows per tile
+constexpr int64_t BK = FASTGPT_BK;  // keys per tile (a multiple of tile_gemm's panel width)
 
 // Raw view of a (B, H, T, D) tensor whose last dim has unit stride.
 template <typename T>
@@ -72,30 +76,34 @@ bool use_tiles(const Shape& s) {
   return kTileRegisters && s.D % kNR<T> == 0;
 }
 
-// x (B, Hkv, Tk, D) packed per (batch, kv head) into tile_gemm panels: (B * Hkv, Tk', D) with
-// Tk' = Tk rounded up to whole panels. O(T) memory, the size of x.
-template <typename T>
-at::Tensor pack_heads(const Shape& s, const at::Tensor& x) {
-  const int64_t per_head = ceil_div(s.Tk, kNR<T>) * kNR<T> * s.D;
-  auto out = at::empty({s.B * s.Hkv, per_head}, x.options());
-  const auto xh = heads<T>(x);
-  T* o = out.data_ptr<T>();
-  at::parallel_for(0, s.B * s.Hkv, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bk = begin; bk < end; ++bk)
-      pack_panels<T>(xh.row(bk / s.Hkv, bk % s.Hkv, 0), s.Tk, s.D, xh.st, o + bk * per_head);
-  });
-  return out;
-}
-
-// Start of (batch b, kv head hk) in pack_heads' output, or nullptr without one.
-template <typename T>
-const T* packed_head(const at::Tensor& packed, const Shape& s, int64_t b, int64_t hk) {
-  return packed.defined() ? packed.data_ptr<T>() + (b * s.Hkv + hk) * packed.size(1) : nullptr;
-}
-
 // Visits 0..n-1 as 0, n-1, 1, n-2, ...: a contiguous chunk of tasks mixes the light
 // and heavy blocks of a causal mask, so the threads finish together.
 int64_t zigzag(int64_t i, int64_t n) { return (i % 2 == 0) ? i / 2 : n - 1 - i / 2; }
+
+// One thread's copy of the rows [j0, j0 + n) of K or V of one (batch, kv head) in tile_gemm
+// panels (keys padded to whole panels), repacked only when asked for other rows: O(T) per thread.
+// Packing costs one pass over the rows; every packed value then serves a whole query block.
+template <typename T>
+struct Packed {
+  std::vector<T> buf;
+  int64_t owner = -1, first = -1, count = -1;
+
+  // Panels of x[b, hk, j0 : j0 + n], or nullptr where the kernel uses BLAS (D not whole panels).
+  const T* rows(const Shape& s, const Heads<T>& x, int64_t b, int64_t hk, int64_t j0, int64_t n) {
+    if (!use_tiles<T>(s)) return nullptr;
+    const int64_t id = b * s.Hkv + hk;
+    if (id != owner || j0 != first || n != count) {
+      buf.resize(ceil_div(n, kNR<T>) * kNR<T> * s.D);
+      pack_panels<T>(x.row(b, hk, j0), n, s.D, x.st, buf.data());
+      owner = id, first = j0, count = n;
+    }
+    return buf.data();
+  }
+  // All keys of the head: panels of key j0 start at the result + j0 * D.
+  const T* head(const Shape& s, const Heads<T>& x, int64_t b, int64_t hk) {
+    return rows(s, x, b, hk, 0, s.Tk);
+  }
+};
 
 // ---------------------------------------------------------------- forward
 
@@ -117,7 +125,7 @@ void forward_block(const Shape& s, T scale, const Heads<T>& q, const Heads<T>& k
   for (int64_t j0 = 0; j0 < kend; j0 += BK) {
     const int64_t cols = std::min(BK, kend - j0);
     if (kpack) {  // S (rows, cols)
-      tile_gemm<T>(rows, cols, D, scale, {qp, q.st, 1}, packed_from(kpack, j0, D), S, BK, false);
+      tile_gemm<T>(rows, cols, D, scale, {qp, q.st, 1}, panels(kpack + j0 * D, D), S, BK, false);
     } else {
       gemm_nt<T>(rows, cols, D, scale, qp, q.st, k.row(b, hk, j0), k.st, T(0), S, BK);
     }
@@ -162,16 +170,16 @@ void forward_kernel(const Shape& s, T scale, const at::Tensor& q, const at::Tens
   T* o = out.data_ptr<T>();
   T* l = lse.data_ptr<T>();
   const int64_t nqb = ceil_div(s.Tq, BQ);
-  const at::Tensor kpack = use_tiles<T>(s) ? pack_heads<T>(s, k) : at::Tensor();
   at::parallel_for(0, s.B * s.H * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf(BQ * BK + BQ * s.D + 2 * BQ);  // S, acc, m, l
+    Packed<T> kpack;  // consecutive tasks share a head: K is packed about once per head
     T* S = buf.data();
     T* acc = S + BQ * BK;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / nqb, qb = zigzag(t % nqb, nqb);
       const int64_t b = bh / s.H, h = bh % s.H;
-      forward_block<T>(s, scale, qh, kh, vh, packed_head<T>(kpack, s, b, h / s.group()), o, l, b,
-                       h, qb * BQ, S, acc, acc + BQ * s.D, acc + BQ * s.D + BQ);
+      forward_block<T>(s, scale, qh, kh, vh, kpack.head(s, kh, b, h / s.group()), o, l, b, h,
+                       qb * BQ, S, acc, acc + BQ * s.D, acc + BQ * s.D + BQ);
     }
   });
 }
@@ -184,7 +192,14 @@ struct Grads {
   const T* lse;     // (B, H, Tq)
   const T* delta;   // (B, H, Tq), rowsum(dO * O)
   T *dq, *dk, *dv;  // contiguous: (B, H, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D)
-  at::Tensor kpack, vpack;  // K and V in tile_gemm panels (pack_heads), undefined for BLAS
+};
+
+// Packed panels of K and V from key j0 of the tile (Packed), nullptr for BLAS; two (BQ, BK)
+// scratch tiles.
+template <typename T>
+struct TileWork {
+  const T *kpack, *vpack;
+  T *S, *dP;
 };
 
 // backward_tile's products through BLAS, from S = P onwards (head dims that are not whole panels).
@@ -205,8 +220,8 @@ void backward_tile_blas(const Shape& s, T scale, const Grads<T>& g, const T* qp,
 // One (query block, key block) tile of head (b, h). S and dP are (BQ, BK) scratch.
 template <typename T>
 void backward_tile(const Shape& s, T scale, const Grads<T>& g, int64_t b, int64_t h, int64_t i0,
-                   int64_t rows, int64_t j0, int64_t cols, bool want_dkdv, bool want_dq, T* S,
-                   T* dP) {
+                   int64_t rows, int64_t j0, int64_t cols, bool want_dkdv, bool want_dq,
+                   const TileWork<T>& w) {
   const int64_t D = s.D, hk = h / s.group();
   const int64_t row0 = (b * s.H + h) * s.Tq + i0;  // index of (b, h, i0) in (B, H, Tq)
   const T* qp = g.q.row(b, h, i0);
@@ -216,9 +231,9 @@ void backward_tile(const Shape& s, T scale, const Grads<T>& g, int64_t b, int64_
   T* dk = g.dk + ((b * s.Hkv + hk) * s.Tk + j0) * D;  // (cols, D)
   T* dv = g.dv + ((b * s.Hkv + hk) * s.Tk + j0) * D;  // (cols, D)
 
-  const T* kpack = packed_head<T>(g.kpack, s, b, hk);
-  if (kpack) {  // S (rows, cols)
-    tile_gemm<T>(rows, cols, D, scale, {qp, g.q.st, 1}, packed_from(kpack, j0, D), S, BK, false);
+  T *S = w.S, *dP = w.dP;
+  if (w.kpack) {  // S (rows, cols)
+    tile_gemm<T>(rows, cols, D, scale, {qp, g.q.st, 1}, panels(w.kpack, D), S, BK, false);
   } else {
     gemm_nt<T>(rows, cols, D, scale, qp, g.q.st, kp, g.k.st, T(0), S, BK);
   }
@@ -228,49 +243,52 @@ void backward_tile(const Shape& s, T scale, const Grads<T>& g, int64_t b, int64_
     exp_shift(srow, n, g.lse[row0 + r]);  // P = exp(S - lse)
     std::fill(srow + n, srow + cols, T(0));
   }
-  if (!kpack) {
+  if (!w.kpack) {
     backward_tile_blas<T>(s, scale, g, qp, dop, kp, vp, row0, rows, cols, want_dkdv, want_dq, S,
                           dP, dk, dv);
     return;
   }
-  const T* vpack = packed_head<T>(g.vpack, s, b, hk);
+  // dV += P^T dO, dP = dO V^T, dS = P * (dP - delta), dQ += scale dS K, dK += scale dS^T Q
   const TileA<T> Pt{S, 1, BK}, dS{dP, BK, 1}, dSt{dP, 1, BK};  // P^T, dS, dS^T
   if (want_dkdv) tile_gemm<T>(cols, D, rows, T(1), Pt, rows_of(dop, g.dout.st), dv, D, true);
-  tile_gemm<T>(rows, cols, D, T(1), {dop, g.dout.st, 1}, packed_from(vpack, j0, D), dP, BK,
-               false);  // dP = dO V^T
+  tile_gemm<T>(rows, cols, D, T(1), {dop, g.dout.st, 1}, panels(w.vpack, D), dP, BK, false);
   for (int64_t r = 0; r < rows; ++r)
     softmax_grad_row(dP + r * BK, S + r * BK, cols, g.delta[row0 + r]);
-  if (want_dq) tile_gemm<T>(rows, D, cols, scale, dS, rows_of(kp, g.k.st), g.dq + row0 * D, D, true);
+  T* dq = g.dq + row0 * D;  // (rows, D)
+  if (want_dq) tile_gemm<T>(rows, D, cols, scale, dS, rows_of(kp, g.k.st), dq, D, true);
   if (want_dkdv) tile_gemm<T>(cols, D, rows, scale, dSt, rows_of(qp, g.q.st), dk, D, true);
 }
 
-// delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d]
+// delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] for one (b, h)
 template <typename T>
-void compute_delta(const Shape& s, const Heads<T>& dout, const Heads<T>& out, T* delta) {
-  at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / s.H, h = bh % s.H;
-      for (int64_t i = 0; i < s.Tq; ++i)
-        delta[bh * s.Tq + i] = dot_row(dout.row(b, h, i), out.row(b, h, i), s.D);
-    }
-  });
+void head_delta(const Shape& s, const Heads<T>& dout, const Heads<T>& out, int64_t b, int64_t h,
+                T* delta) {
+  for (int64_t i = 0; i < s.Tq; ++i)
+    delta[(b * s.H + h) * s.Tq + i] = dot_row(dout.row(b, h, i), out.row(b, h, i), s.D);
 }
 
-// Single pass: a task owns (b, kv head) with all its query heads. Key blocks outside, so the
-// (BK, D) rows of dK and dV being accumulated stay in cache.
+// Single pass: a task owns (b, kv head) with all its query heads; it packs K and V and computes
+// delta for them first. Key blocks outside, so the (BK, D) rows of dK and dV being accumulated
+// stay in cache.
 template <typename T>
-void backward_fused(const Shape& s, T scale, const Grads<T>& g) {
+void backward_fused(const Shape& s, T scale, const Grads<T>& g, const Heads<T>& out, T* delta) {
   at::parallel_for(0, s.B * s.Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf(2 * BQ * BK);
+    Packed<T> kpack, vpack;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / s.Hkv, hk = t % s.Hkv;
+      const T *kp = kpack.head(s, g.k, b, hk), *vp = vpack.head(s, g.v, b, hk);
+      for (int64_t h = hk * s.group(); h < (hk + 1) * s.group(); ++h)
+        head_delta<T>(s, g.dout, out, b, h, delta);
       for (int64_t h = hk * s.group(); h < (hk + 1) * s.group(); ++h) {
         for (int64_t j0 = 0; j0 < s.Tk; j0 += BK) {
+          const TileWork<T> w{kp ? kp + j0 * s.D : nullptr, vp ? vp + j0 * s.D : nullptr,
+                              buf.data(), buf.data() + BQ * BK};
           for (int64_t i0 = s.first_query(j0) / BQ * BQ; i0 < s.Tq; i0 += BQ) {
             const int64_t rows = std::min(BQ, s.Tq - i0), kend = s.visible(i0 + rows - 1);
             if (j0 >= kend) continue;  // only when no row of the block sees a key
             backward_tile<T>(s, scale, g, b, h, i0, rows, j0, std::min(BK, kend - j0), true, true,
-                             buf.data(), buf.data() + BQ * BK);
+                             w);
           }
         }
       }
@@ -278,32 +296,45 @@ void backward_fused(const Shape& s, T scale, const Grads<T>& g) {
   });
 }
 
-// Two passes: dK/dV over (b, kv head, key block), then dQ over (b, head, query block).
+// Two passes after delta: dK/dV over (b, kv head, key block), then dQ over (b, head, query
+// block).
 template <typename T>
-void backward_split(const Shape& s, T scale, const Grads<T>& g) {
+void backward_split(const Shape& s, T scale, const Grads<T>& g, const Heads<T>& out, T* delta) {
   const int64_t nkb = ceil_div(s.Tk, BK), nqb = ceil_div(s.Tq, BQ);
+  at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh)
+      head_delta<T>(s, g.dout, out, bh / s.H, bh % s.H, delta);
+  });
   at::parallel_for(0, s.B * s.Hkv * nkb, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf(2 * BQ * BK);
+    Packed<T> kpack, vpack;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bk = t / nkb, j0 = zigzag(t % nkb, nkb) * BK;
       const int64_t b = bk / s.Hkv, hk = bk % s.Hkv, cols = std::min(BK, s.Tk - j0);
       const int64_t qstart = s.first_query(j0) / BQ * BQ;
+      const TileWork<T> w{kpack.rows(s, g.k, b, hk, j0, cols), vpack.rows(s, g.v, b, hk, j0, cols),
+                          buf.data(), buf.data() + BQ * BK};
       for (int64_t h = hk * s.group(); h < (hk + 1) * s.group(); ++h) {
         for (int64_t i0 = qstart; i0 < s.Tq; i0 += BQ) {
           backward_tile<T>(s, scale, g, b, h, i0, std::min(BQ, s.Tq - i0), j0, cols, true, false,
-                           buf.data(), buf.data() + BQ * BK);
+                           w);
         }
       }
     }
   });
   at::parallel_for(0, s.B * s.H * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf(2 * BQ * BK);
+    Packed<T> kpack, vpack;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / nqb, i0 = zigzag(t % nqb, nqb) * BQ;
+      const int64_t b = bh / s.H, h = bh % s.H, hk = h / s.group();
       const int64_t rows = std::min(BQ, s.Tq - i0), kend = s.visible(i0 + rows - 1);
+      const T *kp = kpack.head(s, g.k, b, hk), *vp = vpack.head(s, g.v, b, hk);
       for (int64_t j0 = 0; j0 < kend; j0 += BK) {
-        backward_tile<T>(s, scale, g, bh / s.H, bh % s.H, i0, rows, j0, std::min(BK, kend - j0),
-                         false, true, buf.data(), buf.data() + BQ * BK);
+        const TileWork<T> w{kp ? kp + j0 * s.D : nullptr, vp ? vp + j0 * s.D : nullptr,
+                            buf.data(), buf.data() + BQ * BK};
+        backward_tile<T>(s, scale, g, b, h, i0, rows, j0, std::min(BK, kend - j0), false, true,
+                         w);
       }
     }
   });
@@ -347,24 +378,14 @@ void backward_kernel(const Shape& s, T scale, const at::Tensor& dout, const at::
                      const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
                      const at::Tensor& dv) {
   auto delta = at::empty({s.B, s.H, s.Tq}, q.options());  // (B, H, Tq)
-  compute_delta<T>(s, heads<T>(dout), heads<T>(out), delta.data_ptr<T>());
-  const bool tiles = use_tiles<T>(s);
-  const Grads<T> g{heads<T>(q),
-                   heads<T>(k),
-                   heads<T>(v),
-                   heads<T>(dout),
-                   lse.data_ptr<T>(),
-                   delta.data_ptr<T>(),
-                   dq.data_ptr<T>(),
-                   dk.data_ptr<T>(),
-                   dv.data_ptr<T>(),
-                   tiles ? pack_heads<T>(s, k) : at::Tensor(),
-                   tiles ? pack_heads<T>(s, v) : at::Tensor()};
+  const Grads<T> g{heads<T>(q),      heads<T>(k),       heads<T>(v),
+                   heads<T>(dout),   lse.data_ptr<T>(), delta.data_ptr<T>(),
+                   dq.data_ptr<T>(), dk.data_ptr<T>(),  dv.data_ptr<T>()};
   const int64_t threads = at::get_num_threads(), units = s.B * s.Hkv;
   if (units % threads == 0 || units >= 4 * threads) {
-    backward_fused<T>(s, scale, g);
+    backward_fused<T>(s, scale, g, heads<T>(out), delta.data_ptr<T>());
   } else {
-    backward_split<T>(s, scale, g);
+    backward_split<T>(s, scale, g, heads<T>(out), delta.data_ptr<T>());
   }
 }
 

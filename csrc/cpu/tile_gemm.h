@@ -169,10 +169,10 @@ inline void pack_panels(const T* x, int64_t rows, int64_t D, int64_t ld, T* out)
   }
 }
 
-// The packed panels of rows j0.. start at this offset of pack_panels' output (j0 % NR == 0).
+// pack_panels' output as B: its rows from j0 (j0 % NR == 0) start at packed + j0 * D.
 template <typename T>
-inline TileB<T> packed_from(const T* packed, int64_t j0, int64_t D) {
-  return {packed + j0 * D, D * kNR<T>, kNR<T>};
+inline TileB<T> panels(const T* packed, int64_t D) {
+  return {packed, D * kNR<T>, kNR<T>};
 }
 
 }  // namespace fastgpt::cpu
