@@ -13,14 +13,20 @@
 // Otherwise two passes keep every thread busy: dK/dV over (batch, kv head, key block),
 // then dQ over (batch, head, query block). Both are deterministic.
 //
-// Tile products go through BLAS (blas.h); row operations through at::vec (row_ops.h).
-// fp32 and fp64 run natively; fp16/bf16 inputs are computed in fp32.
+// Threads claim tasks one at a time, heaviest first within a head (parallel_claim); each task
+// runs whole on one thread, so results do not depend on the schedule.
+//
+// Tile products go through the register-blocked micro-kernel of tile_gemm.h, with K and V
+// packed per thread and head, when the head dim is a whole number of its panels (16 floats,
+// 8 doubles) and the build has AVX2; else through BLAS (blas.h). Row operations go through
+// at::vec (row_ops.h). fp32 and fp64 run natively; fp16/bf16 inputs are computed in fp32.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -76,9 +82,20 @@ bool use_tiles(const Shape& s) {
   return kTileRegisters && s.D % kNR<T> == 0;
 }
 
-// Visits 0..n-1 as 0, n-1, 1, n-2, ...: a contiguous chunk of tasks mixes the light
-// and heavy blocks of a causal mask, so the threads finish together.
-int64_t zigzag(int64_t i, int64_t n) { return (i % 2 == 0) ? i / 2 : n - 1 - i / 2; }
+// Runs task(state, t) for t in 0..n-1, each thread claiming the next unclaimed t (dynamic
+// scheduling) with its own state = make() (scratch buffers, packed K/V): a thread that drew the
+// heavy causal blocks, or that the OS paused on a shared machine, does not hold the others up at
+// the end. Callers order t heaviest first within a head. A task runs whole on one thread, so the
+// results do not depend on the schedule.
+template <typename Make, typename Task>
+void parallel_claim(int64_t n, const Make& make, const Task& task) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto state = make();
+    for (int64_t t = next++; t < n; t = next++) task(state, t);
+  });
+}
 
 // One thread's copy of the rows [j0, j0 + n) of K or V of one (batch, kv head) in tile_gemm
 // panels (keys padded to whole panels), repacked only when asked for other rows: O(T) per thread.
@@ -170,17 +187,18 @@ void forward_kernel(const Shape& s, T scale, const at::Tensor& q, const at::Tens
   T* o = out.data_ptr<T>();
   T* l = lse.data_ptr<T>();
   const int64_t nqb = ceil_div(s.Tq, BQ);
-  at::parallel_for(0, s.B * s.H * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(BQ * BK + BQ * s.D + 2 * BQ);  // S, acc, m, l
-    Packed<T> kpack;  // consecutive tasks share a head: K is packed about once per head
-    T* S = buf.data();
+  struct State {
+    std::vector<T> buf;  // S (BQ, BK), acc (BQ, D), m (BQ), l (BQ)
+    Packed<T> kpack;     // tasks are claimed head by head: K is packed about once per head
+  };
+  const auto make = [&] { return State{std::vector<T>(BQ * BK + BQ * s.D + 2 * BQ), {}}; };
+  parallel_claim(s.B * s.H * nqb, make, [&](State& st, int64_t t) {
+    const int64_t bh = t / nqb, qb = nqb - 1 - t % nqb;  // the longest rows first
+    const int64_t b = bh / s.H, h = bh % s.H;
+    T* S = st.buf.data();
     T* acc = S + BQ * BK;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / nqb, qb = zigzag(t % nqb, nqb);
-      const int64_t b = bh / s.H, h = bh % s.H;
-      forward_block<T>(s, scale, qh, kh, vh, kpack.head(s, kh, b, h / s.group()), o, l, b, h,
-                       qb * BQ, S, acc, acc + BQ * s.D, acc + BQ * s.D + BQ);
-    }
+    forward_block<T>(s, scale, qh, kh, vh, st.kpack.head(s, kh, b, h / s.group()), o, l, b, h,
+                     qb * BQ, S, acc, acc + BQ * s.D, acc + BQ * s.D + BQ);
   });
 }
 
@@ -267,29 +285,38 @@ void head_delta(const Shape& s, const Heads<T>& dout, const Heads<T>& out, int64
     delta[(b * s.H + h) * s.Tq + i] = dot_row(dout.row(b, h, i), out.row(b, h, i), s.D);
 }
 
+// A backward thread's scratch: two (BQ, BK) tiles and its packed K and V.
+template <typename T>
+struct BackwardState {
+  std::vector<T> buf;
+  Packed<T> kpack, vpack;
+  static BackwardState make() { return {std::vector<T>(2 * BQ * BK), {}, {}}; }
+  // Panels from key j0 of a head packed whole (nullptr for BLAS) and the scratch tiles.
+  TileWork<T> work(const T* kp, const T* vp, int64_t j0, int64_t D) {
+    return {kp ? kp + j0 * D : nullptr, vp ? vp + j0 * D : nullptr, buf.data(),
+            buf.data() + BQ * BK};
+  }
+};
+
 // Single pass: a task owns (b, kv head) with all its query heads; it packs K and V and computes
 // delta for them first. Key blocks outside, so the (BK, D) rows of dK and dV being accumulated
 // stay in cache.
 template <typename T>
 void backward_fused(const Shape& s, T scale, const Grads<T>& g, const Heads<T>& out, T* delta) {
-  at::parallel_for(0, s.B * s.Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(2 * BQ * BK);
-    Packed<T> kpack, vpack;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / s.Hkv, hk = t % s.Hkv;
-      const T *kp = kpack.head(s, g.k, b, hk), *vp = vpack.head(s, g.v, b, hk);
-      for (int64_t h = hk * s.group(); h < (hk + 1) * s.group(); ++h)
-        head_delta<T>(s, g.dout, out, b, h, delta);
-      for (int64_t h = hk * s.group(); h < (hk + 1) * s.group(); ++h) {
-        for (int64_t j0 = 0; j0 < s.Tk; j0 += BK) {
-          const TileWork<T> w{kp ? kp + j0 * s.D : nullptr, vp ? vp + j0 * s.D : nullptr,
-                              buf.data(), buf.data() + BQ * BK};
-          for (int64_t i0 = s.first_query(j0) / BQ * BQ; i0 < s.Tq; i0 += BQ) {
-            const int64_t rows = std::min(BQ, s.Tq - i0), kend = s.visible(i0 + rows - 1);
-            if (j0 >= kend) continue;  // only when no row of the block sees a key
-            backward_tile<T>(s, scale, g, b, h, i0, rows, j0, std::min(BK, kend - j0), true, true,
-                             w);
-          }
+  using State = BackwardState<T>;
+  parallel_claim(s.B * s.Hkv, State::make, [&](State& st, int64_t t) {
+    const int64_t b = t / s.Hkv, hk = t % s.Hkv;
+    const T *kp = st.kpack.head(s, g.k, b, hk), *vp = st.vpack.head(s, g.v, b, hk);
+    for (int64_t h = hk * s.group(); h < (hk + 1) * s.group(); ++h)
+      head_delta<T>(s, g.dout, out, b, h, delta);
+    for (int64_t h = hk * s.group(); h < (hk + 1) * s.group(); ++h) {
+      for (int64_t j0 = 0; j0 < s.Tk; j0 += BK) {
+        const TileWork<T> w = st.work(kp, vp, j0, s.D);
+        for (int64_t i0 = s.first_query(j0) / BQ * BQ; i0 < s.Tq; i0 += BQ) {
+          const int64_t rows = std::min(BQ, s.Tq - i0), kend = s.visible(i0 + rows - 1);
+          if (j0 >= kend) continue;  // only when no row of the block sees a key
+          backward_tile<T>(s, scale, g, b, h, i0, rows, j0, std::min(BK, kend - j0), true, true,
+                           w);
         }
       }
     }
@@ -305,37 +332,26 @@ void backward_split(const Shape& s, T scale, const Grads<T>& g, const Heads<T>& 
     for (int64_t bh = begin; bh < end; ++bh)
       head_delta<T>(s, g.dout, out, bh / s.H, bh % s.H, delta);
   });
-  at::parallel_for(0, s.B * s.Hkv * nkb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(2 * BQ * BK);
-    Packed<T> kpack, vpack;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t bk = t / nkb, j0 = zigzag(t % nkb, nkb) * BK;
-      const int64_t b = bk / s.Hkv, hk = bk % s.Hkv, cols = std::min(BK, s.Tk - j0);
-      const int64_t qstart = s.first_query(j0) / BQ * BQ;
-      const TileWork<T> w{kpack.rows(s, g.k, b, hk, j0, cols), vpack.rows(s, g.v, b, hk, j0, cols),
-                          buf.data(), buf.data() + BQ * BK};
-      for (int64_t h = hk * s.group(); h < (hk + 1) * s.group(); ++h) {
-        for (int64_t i0 = qstart; i0 < s.Tq; i0 += BQ) {
-          backward_tile<T>(s, scale, g, b, h, i0, std::min(BQ, s.Tq - i0), j0, cols, true, false,
-                           w);
-        }
-      }
+  using State = BackwardState<T>;
+  parallel_claim(s.B * s.Hkv * nkb, State::make, [&](State& st, int64_t t) {
+    const int64_t bk = t / nkb, j0 = t % nkb * BK;  // early key blocks (most queries) first
+    const int64_t b = bk / s.Hkv, hk = bk % s.Hkv, cols = std::min(BK, s.Tk - j0);
+    const int64_t qstart = s.first_query(j0) / BQ * BQ;
+    const TileWork<T> w = st.work(st.kpack.rows(s, g.k, b, hk, j0, cols),
+                                  st.vpack.rows(s, g.v, b, hk, j0, cols), 0, s.D);
+    for (int64_t h = hk * s.group(); h < (hk + 1) * s.group(); ++h) {
+      for (int64_t i0 = qstart; i0 < s.Tq; i0 += BQ)
+        backward_tile<T>(s, scale, g, b, h, i0, std::min(BQ, s.Tq - i0), j0, cols, true, false, w);
     }
   });
-  at::parallel_for(0, s.B * s.H * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(2 * BQ * BK);
-    Packed<T> kpack, vpack;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / nqb, i0 = zigzag(t % nqb, nqb) * BQ;
-      const int64_t b = bh / s.H, h = bh % s.H, hk = h / s.group();
-      const int64_t rows = std::min(BQ, s.Tq - i0), kend = s.visible(i0 + rows - 1);
-      const T *kp = kpack.head(s, g.k, b, hk), *vp = vpack.head(s, g.v, b, hk);
-      for (int64_t j0 = 0; j0 < kend; j0 += BK) {
-        const TileWork<T> w{kp ? kp + j0 * s.D : nullptr, vp ? vp + j0 * s.D : nullptr,
-                            buf.data(), buf.data() + BQ * BK};
-        backward_tile<T>(s, scale, g, b, h, i0, rows, j0, std::min(BK, kend - j0), false, true,
-                         w);
-      }
+  parallel_claim(s.B * s.H * nqb, State::make, [&](State& st, int64_t t) {
+    const int64_t bh = t / nqb, i0 = (nqb - 1 - t % nqb) * BQ;  // the longest rows first
+    const int64_t b = bh / s.H, h = bh % s.H, hk = h / s.group();
+    const int64_t rows = std::min(BQ, s.Tq - i0), kend = s.visible(i0 + rows - 1);
+    const T *kp = st.kpack.head(s, g.k, b, hk), *vp = st.vpack.head(s, g.v, b, hk);
+    for (int64_t j0 = 0; j0 < kend; j0 += BK) {
+      backward_tile<T>(s, scale, g, b, h, i0, rows, j0, std::min(BK, kend - j0), false, true,
+                       st.work(kp, vp, j0, s.D));
     }
   });
 }
