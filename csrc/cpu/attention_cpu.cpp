@@ -40,12 +40,16 @@
 namespace fastgpt::cpu {
 namespace {
 
+// Tile sizes; CFLAGS="-DFASTGPT_BQ=.. -DFASTGPT_BK=.." overrides them (experiments, NOTES_cpp).
 #ifndef FASTGPT_BQ
 #define FASTGPT_BQ 64
+#endif
+#ifndef FASTGPT_BK
 #define FASTGPT_BK 256
 #endif
-constexpr int64_t BQ = FASTGPT_BQ;   // query rows per tile
+constexpr int64_t BQ = FASTGPT_BQ;  // query rows per tile
 constexpr int64_t BK = FASTGPT_BK;  // keys per tile (a multiple of tile_gemm's panel width)
+static_assert(BK % 16 == 0, "BK must be a whole number of tile_gemm panels");
 
 // Raw view of a (B, H, T, D) tensor whose last dim has unit stride.
 template <typename T>
