@@ -64,6 +64,10 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
+def _no_context(ctx, inputs, output):
+    pass
+
+
 def _register(backend: str) -> None:
     forward = f"fastgpt::{backend}_attention_forward"
     backward_op = getattr(torch.ops.fastgpt, f"{backend}_attention_backward")
@@ -73,9 +77,19 @@ def _register(backend: str) -> None:
         dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None
 
+    def double_backward(ctx, grad_dq, grad_dk, grad_dv):
+        raise RuntimeError(
+            f"The {backend} backend has no double backward (second-order gradients through "
+            'attention); use backend="reference" for them.'
+        )
+
     torch.library.register_fake(forward)(_forward_fake)
     torch.library.register_fake(f"fastgpt::{backend}_attention_backward")(_backward_fake)
     torch.library.register_autograd(forward, backward, setup_context=_setup_context)
+    # Differentiating the backward op is a double backward: refuse it, never a wrong number.
+    torch.library.register_autograd(
+        f"fastgpt::{backend}_attention_backward", double_backward, setup_context=_no_context
+    )
 
 
 _register("triton")

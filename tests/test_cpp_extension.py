@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-import fastgpt  # noqa: F401  (registers fake implementations and autograd for the ops)
+import fastgpt  # registers fake implementations and autograd for the ops
 from fastgpt import _extension
 from fastgpt.reference import reference_attention_with_lse
 
@@ -171,6 +171,24 @@ def test_bad_dtypes_raise_type_error():
         torch.ops.fastgpt.cpp_attention_backward(q, q, q, q, out, lse[:, :, :4], True, 1.0)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_double_backward_raises_on_every_compiled_backend(backend):
+    # Second-order gradients would need a derivative of the backward kernel, which neither
+    # compiled backend has: differentiating the backward raises, it never returns a wrong number.
+    if backend not in fastgpt.available_backends("cpu"):
+        pytest.skip(f"backend {backend} is not available on the CPU")
+    q, k, v = (draw(1, 2, 5, 4, dtype=torch.float32, seed=s).requires_grad_() for s in range(3))
+    out = fastgpt.attention(q, k, v, causal=True, backend=backend)
+    dq, dk, dv = torch.autograd.grad((out**2).sum(), (q, k, v), create_graph=True)
+    # create_graph alone is fine: the first-order gradients are the usual ones, bit for bit.
+    plain = torch.autograd.grad((out.detach() * 2 * out).sum(), (q, k, v))
+    for got, want in zip((dq, dk, dv), plain, strict=True):
+        assert torch.equal(got, want)
+    for grad in (dq, dk, dv):
+        with pytest.raises(RuntimeError, match=f"The {backend} backend has no double backward"):
+            torch.autograd.grad(grad.square().sum(), (q, k, v))
+
+
 @needs_cpp
 def test_memory_grows_linearly_with_length():
     # fp32 forward + backward at T = 4096: the (T, T) score matrix alone would be 64 MiB.
@@ -179,7 +197,8 @@ def test_memory_grows_linearly_with_length():
     with torch.profiler.profile(profile_memory=True) as prof:
         out, lse = forward(q, k, v, True, D**-0.5)
         torch.ops.fastgpt.cpp_attention_backward(out, q, k, v, out, lse, True, D**-0.5)
-    # Each allocation by the ops' ATen children (freed or not): none may be (T, T).
+    # Each allocation by the ops' ATen children (freed or not): none may be (T, T). In all, the
+    # (T, D) buffers are out and packed K (forward), dq, dk, dv, packed K and V (backward).
     children = [e for e in prof.events() if not e.name.startswith("fastgpt::")]
     allocations = [e.cpu_memory_usage for e in children if e.cpu_memory_usage > 0]
     tensor_bytes = T * D * 4

@@ -13,14 +13,20 @@
 // Otherwise two passes keep every thread busy: dK/dV over (batch, kv head, key block),
 // then dQ over (batch, head, query block). Both are deterministic.
 //
-// Tile products go through BLAS (blas.h); row operations through at::vec (row_ops.h).
-// fp32 and fp64 run natively; fp16/bf16 inputs are computed in fp32.
+// Threads claim tasks one at a time, heaviest first within a head (parallel_claim); each task
+// runs whole on one thread, so results do not depend on the schedule.
+//
+// Tile products go through the register-blocked micro-kernel of tile_gemm.h, with K and V
+// packed per thread and head, when the head dim is a whole number of its panels (16 floats,
+// 8 doubles) and the build has AVX2; else through BLAS (blas.h). Row operations go through
+// at::vec (row_ops.h). fp32 and fp64 run natively; fp16/bf16 inputs are computed in fp32.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -29,12 +35,21 @@
 #include "../checks.h"
 #include "blas.h"
 #include "row_ops.h"
+#include "tile_gemm.h"
 
 namespace fastgpt::cpu {
 namespace {
 
-constexpr int64_t BQ = 64;   // query rows per tile
-constexpr int64_t BK = 256;  // keys per tile
+// Tile sizes; CFLAGS="-DFASTGPT_BQ=.. -DFASTGPT_BK=.." overrides them (experiments, NOTES_cpp).
+#ifndef FASTGPT_BQ
+#define FASTGPT_BQ 64
+#endif
+#ifndef FASTGPT_BK
+#define FASTGPT_BK 256
+#endif
+constexpr int64_t BQ = FASTGPT_BQ;  // query rows per tile
+constexpr int64_t BK = FASTGPT_BK;  // keys per tile (a multiple of tile_gemm's panel width)
+static_assert(BK % 16 == 0, "BK must be a whole number of tile_gemm panels");
 
 // Raw view of a (B, H, T, D) tensor whose last dim has unit stride.
 template <typename T>
@@ -65,16 +80,59 @@ struct Shape {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Visits 0..n-1 as 0, n-1, 1, n-2, ...: a contiguous chunk of tasks mixes the light
-// and heavy blocks of a causal mask, so the threads finish together.
-int64_t zigzag(int64_t i, int64_t n) { return (i % 2 == 0) ? i / 2 : n - 1 - i / 2; }
+// The tile products go through tile_gemm.h when D fills whole panels; else through BLAS.
+template <typename T>
+bool use_tiles(const Shape& s) {
+  return kTileRegisters && s.D % kNR<T> == 0;
+}
+
+// Runs task(state, t) for t in 0..n-1, each thread claiming the next unclaimed t (dynamic
+// scheduling) with its own state = make() (scratch buffers, packed K/V): a thread that drew the
+// heavy causal blocks, or that the OS paused on a shared machine, does not hold the others up at
+// the end. Callers order t heaviest first within a head. A task runs whole on one thread, so the
+// results do not depend on the schedule.
+template <typename Make, typename Task>
+void parallel_claim(int64_t n, const Make& make, const Task& task) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto state = make();
+    for (int64_t t = next++; t < n; t = next++) task(state, t);
+  });
+}
+
+// One thread's copy of the rows [j0, j0 + n) of K or V of one (batch, kv head) in tile_gemm
+// panels (keys padded to whole panels), repacked only when asked for other rows: O(T) per thread.
+// Packing costs one pass over the rows; every packed value then serves a whole query block.
+template <typename T>
+struct Packed {
+  std::vector<T> buf;
+  int64_t owner = -1, first = -1, count = -1;
+
+  // Panels of x[b, hk, j0 : j0 + n], or nullptr where the kernel uses BLAS (D not whole panels).
+  const T* rows(const Shape& s, const Heads<T>& x, int64_t b, int64_t hk, int64_t j0, int64_t n) {
+    if (!use_tiles<T>(s)) return nullptr;
+    const int64_t id = b * s.Hkv + hk;
+    if (id != owner || j0 != first || n != count) {
+      buf.resize(ceil_div(n, kNR<T>) * kNR<T> * s.D);
+      pack_panels<T>(x.row(b, hk, j0), n, s.D, x.st, buf.data());
+      owner = id, first = j0, count = n;
+    }
+    return buf.data();
+  }
+  // All keys of the head: panels of key j0 start at the result + j0 * D.
+  const T* head(const Shape& s, const Heads<T>& x, int64_t b, int64_t hk) {
+    return rows(s, x, b, hk, 0, s.Tk);
+  }
+};
 
 // ---------------------------------------------------------------- forward
 
 // One (batch, head, query block): online softmax over the visible key blocks.
 template <typename T>
 void forward_block(const Shape& s, T scale, const Heads<T>& q, const Heads<T>& k, const Heads<T>& v,
-                   T* out, T* lse, int64_t b, int64_t h, int64_t i0, T* S, T* acc, T* m, T* l) {
+                   const T* kpack, T* out, T* lse, int64_t b, int64_t h, int64_t i0, T* S, T* acc,
+                   T* m, T* l) {
   const int64_t D = s.D, rows = std::min(BQ, s.Tq - i0);
   const int64_t hk = h / s.group();
   const int64_t kend = s.visible(i0 + rows - 1);  // keys needed by the block's last row
@@ -87,8 +145,11 @@ void forward_block(const Shape& s, T scale, const Heads<T>& q, const Heads<T>& k
   const T* qp = q.row(b, h, i0);
   for (int64_t j0 = 0; j0 < kend; j0 += BK) {
     const int64_t cols = std::min(BK, kend - j0);
-    gemm_nt<T>(rows, cols, D, scale, qp, q.st, k.row(b, hk, j0), k.st, T(0), S,
-               BK);  // S (rows, cols)
+    if (kpack) {  // S (rows, cols)
+      tile_gemm<T>(rows, cols, D, scale, {qp, q.st, 1}, panels(kpack + j0 * D, D), S, BK, false);
+    } else {
+      gemm_nt<T>(rows, cols, D, scale, qp, q.st, k.row(b, hk, j0), k.st, T(0), S, BK);
+    }
     for (int64_t r = 0; r < rows; ++r) {
       T* srow = S + r * BK;
       const int64_t n = std::clamp<int64_t>(s.visible(i0 + r) - j0, 0, cols);
@@ -105,7 +166,11 @@ void forward_block(const Shape& s, T scale, const Heads<T>& q, const Heads<T>& k
       }
       std::fill(srow + n, srow + cols, T(0));  // masked keys get p = 0
     }
-    gemm_nn<T>(rows, D, cols, T(1), S, BK, v.row(b, hk, j0), v.st, T(1), acc, D);  // acc += P V
+    if (kpack) {  // acc += P V
+      tile_gemm<T>(rows, D, cols, T(1), {S, BK, 1}, rows_of(v.row(b, hk, j0), v.st), acc, D, true);
+    } else {
+      gemm_nn<T>(rows, D, cols, T(1), S, BK, v.row(b, hk, j0), v.st, T(1), acc, D);
+    }
   }
   for (int64_t r = 0; r < rows; ++r) {
     if (l[r] == T(0)) {  // no visible key: output 0, lse = +inf
@@ -126,15 +191,18 @@ void forward_kernel(const Shape& s, T scale, const at::Tensor& q, const at::Tens
   T* o = out.data_ptr<T>();
   T* l = lse.data_ptr<T>();
   const int64_t nqb = ceil_div(s.Tq, BQ);
-  at::parallel_for(0, s.B * s.H * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(BQ * BK + BQ * s.D + 2 * BQ);  // S, acc, m, l
-    T* S = buf.data();
+  struct State {
+    std::vector<T> buf;  // S (BQ, BK), acc (BQ, D), m (BQ), l (BQ)
+    Packed<T> kpack;     // tasks are claimed head by head: K is packed about once per head
+  };
+  const auto make = [&] { return State{std::vector<T>(BQ * BK + BQ * s.D + 2 * BQ), {}}; };
+  parallel_claim(s.B * s.H * nqb, make, [&](State& st, int64_t t) {
+    const int64_t bh = t / nqb, qb = nqb - 1 - t % nqb;  // the longest rows first
+    const int64_t b = bh / s.H, h = bh % s.H;
+    T* S = st.buf.data();
     T* acc = S + BQ * BK;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / nqb, qb = zigzag(t % nqb, nqb);
-      forward_block<T>(s, scale, qh, kh, vh, o, l, bh / s.H, bh % s.H, qb * BQ, S, acc,
-                       acc + BQ * s.D, acc + BQ * s.D + BQ);
-    }
+    forward_block<T>(s, scale, qh, kh, vh, st.kpack.head(s, kh, b, h / s.group()), o, l, b, h,
+                     qb * BQ, S, acc, acc + BQ * s.D, acc + BQ * s.D + BQ);
   });
 }
 
@@ -148,27 +216,20 @@ struct Grads {
   T *dq, *dk, *dv;  // contiguous: (B, H, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D)
 };
 
-// One (query block, key block) tile of head (b, h). S and dP are (BQ, BK) scratch.
+// Packed panels of K and V from key j0 of the tile (Packed), nullptr for BLAS; two (BQ, BK)
+// scratch tiles.
 template <typename T>
-void backward_tile(const Shape& s, T scale, const Grads<T>& g, int64_t b, int64_t h, int64_t i0,
-                   int64_t rows, int64_t j0, int64_t cols, bool want_dkdv, bool want_dq, T* S,
-                   T* dP) {
-  const int64_t D = s.D, hk = h / s.group();
-  const int64_t row0 = (b * s.H + h) * s.Tq + i0;  // index of (b, h, i0) in (B, H, Tq)
-  const T* qp = g.q.row(b, h, i0);
-  const T* dop = g.dout.row(b, h, i0);
-  const T* kp = g.k.row(b, hk, j0);
-  const T* vp = g.v.row(b, hk, j0);
-  T* dk = g.dk + ((b * s.Hkv + hk) * s.Tk + j0) * D;  // (cols, D)
-  T* dv = g.dv + ((b * s.Hkv + hk) * s.Tk + j0) * D;  // (cols, D)
+struct TileWork {
+  const T *kpack, *vpack;
+  T *S, *dP;
+};
 
-  gemm_nt<T>(rows, cols, D, scale, qp, g.q.st, kp, g.k.st, T(0), S, BK);  // S (rows, cols)
-  for (int64_t r = 0; r < rows; ++r) {
-    T* srow = S + r * BK;
-    const int64_t n = std::clamp<int64_t>(s.visible(i0 + r) - j0, 0, cols);
-    exp_shift(srow, n, g.lse[row0 + r]);  // P = exp(S - lse)
-    std::fill(srow + n, srow + cols, T(0));
-  }
+// backward_tile's products through BLAS, from S = P onwards (head dims that are not whole panels).
+template <typename T>
+void backward_tile_blas(const Shape& s, T scale, const Grads<T>& g, const T* qp, const T* dop,
+                        const T* kp, const T* vp, int64_t row0, int64_t rows, int64_t cols,
+                        bool want_dkdv, bool want_dq, T* S, T* dP, T* dk, T* dv) {
+  const int64_t D = s.D;
   if (want_dkdv)
     gemm_tn<T>(cols, D, rows, T(1), S, BK, dop, g.dout.st, T(1), dv, D);      // dV += P^T dO
   gemm_nt<T>(rows, cols, D, T(1), dop, g.dout.st, vp, g.v.st, T(0), dP, BK);  // dP = dO V^T
@@ -178,67 +239,123 @@ void backward_tile(const Shape& s, T scale, const Grads<T>& g, int64_t b, int64_
   if (want_dkdv) gemm_tn<T>(cols, D, rows, scale, dP, BK, qp, g.q.st, T(1), dk, D);  // dK += dS^T Q
 }
 
-// delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d]
+// One (query block, key block) tile of head (b, h). S and dP are (BQ, BK) scratch.
 template <typename T>
-void compute_delta(const Shape& s, const Heads<T>& dout, const Heads<T>& out, T* delta) {
-  at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / s.H, h = bh % s.H;
-      for (int64_t i = 0; i < s.Tq; ++i)
-        delta[bh * s.Tq + i] = dot_row(dout.row(b, h, i), out.row(b, h, i), s.D);
-    }
-  });
+void backward_tile(const Shape& s, T scale, const Grads<T>& g, int64_t b, int64_t h, int64_t i0,
+                   int64_t rows, int64_t j0, int64_t cols, bool want_dkdv, bool want_dq,
+                   const TileWork<T>& w) {
+  const int64_t D = s.D, hk = h / s.group();
+  const int64_t row0 = (b * s.H + h) * s.Tq + i0;  // index of (b, h, i0) in (B, H, Tq)
+  const T* qp = g.q.row(b, h, i0);
+  const T* dop = g.dout.row(b, h, i0);
+  const T* kp = g.k.row(b, hk, j0);
+  const T* vp = g.v.row(b, hk, j0);
+  T* dk = g.dk + ((b * s.Hkv + hk) * s.Tk + j0) * D;  // (cols, D)
+  T* dv = g.dv + ((b * s.Hkv + hk) * s.Tk + j0) * D;  // (cols, D)
+
+  T *S = w.S, *dP = w.dP;
+  if (w.kpack) {  // S (rows, cols)
+    tile_gemm<T>(rows, cols, D, scale, {qp, g.q.st, 1}, panels(w.kpack, D), S, BK, false);
+  } else {
+    gemm_nt<T>(rows, cols, D, scale, qp, g.q.st, kp, g.k.st, T(0), S, BK);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    T* srow = S + r * BK;
+    const int64_t n = std::clamp<int64_t>(s.visible(i0 + r) - j0, 0, cols);
+    exp_shift(srow, n, g.lse[row0 + r]);  // P = exp(S - lse)
+    std::fill(srow + n, srow + cols, T(0));
+  }
+  if (!w.kpack) {
+    backward_tile_blas<T>(s, scale, g, qp, dop, kp, vp, row0, rows, cols, want_dkdv, want_dq, S,
+                          dP, dk, dv);
+    return;
+  }
+  // dV += P^T dO, dP = dO V^T, dS = P * (dP - delta), dQ += scale dS K, dK += scale dS^T Q
+  const TileA<T> Pt{S, 1, BK}, dS{dP, BK, 1}, dSt{dP, 1, BK};  // P^T, dS, dS^T
+  if (want_dkdv) tile_gemm<T>(cols, D, rows, T(1), Pt, rows_of(dop, g.dout.st), dv, D, true);
+  tile_gemm<T>(rows, cols, D, T(1), {dop, g.dout.st, 1}, panels(w.vpack, D), dP, BK, false);
+  for (int64_t r = 0; r < rows; ++r)
+    softmax_grad_row(dP + r * BK, S + r * BK, cols, g.delta[row0 + r]);
+  T* dq = g.dq + row0 * D;  // (rows, D)
+  if (want_dq) tile_gemm<T>(rows, D, cols, scale, dS, rows_of(kp, g.k.st), dq, D, true);
+  if (want_dkdv) tile_gemm<T>(cols, D, rows, scale, dSt, rows_of(qp, g.q.st), dk, D, true);
 }
 
-// Single pass: a task owns (b, kv head) with all its query heads. Key blocks outside, so the
-// (BK, D) rows of dK and dV being accumulated stay in cache.
+// delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] for one (b, h)
 template <typename T>
-void backward_fused(const Shape& s, T scale, const Grads<T>& g) {
-  at::parallel_for(0, s.B * s.Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(2 * BQ * BK);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / s.Hkv, hk = t % s.Hkv;
-      for (int64_t h = hk * s.group(); h < (hk + 1) * s.group(); ++h) {
-        for (int64_t j0 = 0; j0 < s.Tk; j0 += BK) {
-          for (int64_t i0 = s.first_query(j0) / BQ * BQ; i0 < s.Tq; i0 += BQ) {
-            const int64_t rows = std::min(BQ, s.Tq - i0), kend = s.visible(i0 + rows - 1);
-            if (j0 >= kend) continue;  // only when no row of the block sees a key
-            backward_tile<T>(s, scale, g, b, h, i0, rows, j0, std::min(BK, kend - j0), true, true,
-                             buf.data(), buf.data() + BQ * BK);
-          }
+void head_delta(const Shape& s, const Heads<T>& dout, const Heads<T>& out, int64_t b, int64_t h,
+                T* delta) {
+  for (int64_t i = 0; i < s.Tq; ++i)
+    delta[(b * s.H + h) * s.Tq + i] = dot_row(dout.row(b, h, i), out.row(b, h, i), s.D);
+}
+
+// A backward thread's scratch: two (BQ, BK) tiles and its packed K and V.
+template <typename T>
+struct BackwardState {
+  std::vector<T> buf;
+  Packed<T> kpack, vpack;
+  static BackwardState make() { return {std::vector<T>(2 * BQ * BK), {}, {}}; }
+  // Panels from key j0 of a head packed whole (nullptr for BLAS) and the scratch tiles.
+  TileWork<T> work(const T* kp, const T* vp, int64_t j0, int64_t D) {
+    return {kp ? kp + j0 * D : nullptr, vp ? vp + j0 * D : nullptr, buf.data(),
+            buf.data() + BQ * BK};
+  }
+};
+
+// Single pass: a task owns (b, kv head) with all its query heads; it packs K and V and computes
+// delta for them first. Key blocks outside, so the (BK, D) rows of dK and dV being accumulated
+// stay in cache.
+template <typename T>
+void backward_fused(const Shape& s, T scale, const Grads<T>& g, const Heads<T>& out, T* delta) {
+  using State = BackwardState<T>;
+  parallel_claim(s.B * s.Hkv, State::make, [&](State& st, int64_t t) {
+    const int64_t b = t / s.Hkv, hk = t % s.Hkv;
+    const T *kp = st.kpack.head(s, g.k, b, hk), *vp = st.vpack.head(s, g.v, b, hk);
+    for (int64_t h = hk * s.group(); h < (hk + 1) * s.group(); ++h)
+      head_delta<T>(s, g.dout, out, b, h, delta);
+    for (int64_t h = hk * s.group(); h < (hk + 1) * s.group(); ++h) {
+      for (int64_t j0 = 0; j0 < s.Tk; j0 += BK) {
+        const TileWork<T> w = st.work(kp, vp, j0, s.D);
+        for (int64_t i0 = s.first_query(j0) / BQ * BQ; i0 < s.Tq; i0 += BQ) {
+          const int64_t rows = std::min(BQ, s.Tq - i0), kend = s.visible(i0 + rows - 1);
+          if (j0 >= kend) continue;  // only when no row of the block sees a key
+          backward_tile<T>(s, scale, g, b, h, i0, rows, j0, std::min(BK, kend - j0), true, true,
+                           w);
         }
       }
     }
   });
 }
 
-// Two passes: dK/dV over (b, kv head, key block), then dQ over (b, head, query block).
+// Two passes after delta: dK/dV over (b, kv head, key block), then dQ over (b, head, query
+// block).
 template <typename T>
-void backward_split(const Shape& s, T scale, const Grads<T>& g) {
+void backward_split(const Shape& s, T scale, const Grads<T>& g, const Heads<T>& out, T* delta) {
   const int64_t nkb = ceil_div(s.Tk, BK), nqb = ceil_div(s.Tq, BQ);
-  at::parallel_for(0, s.B * s.Hkv * nkb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(2 * BQ * BK);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t bk = t / nkb, j0 = zigzag(t % nkb, nkb) * BK;
-      const int64_t b = bk / s.Hkv, hk = bk % s.Hkv, cols = std::min(BK, s.Tk - j0);
-      const int64_t qstart = s.first_query(j0) / BQ * BQ;
-      for (int64_t h = hk * s.group(); h < (hk + 1) * s.group(); ++h) {
-        for (int64_t i0 = qstart; i0 < s.Tq; i0 += BQ) {
-          backward_tile<T>(s, scale, g, b, h, i0, std::min(BQ, s.Tq - i0), j0, cols, true, false,
-                           buf.data(), buf.data() + BQ * BK);
-        }
-      }
+  at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh)
+      head_delta<T>(s, g.dout, out, bh / s.H, bh % s.H, delta);
+  });
+  using State = BackwardState<T>;
+  parallel_claim(s.B * s.Hkv * nkb, State::make, [&](State& st, int64_t t) {
+    const int64_t bk = t / nkb, j0 = t % nkb * BK;  // early key blocks (most queries) first
+    const int64_t b = bk / s.Hkv, hk = bk % s.Hkv, cols = std::min(BK, s.Tk - j0);
+    const int64_t qstart = s.first_query(j0) / BQ * BQ;
+    const TileWork<T> w = st.work(st.kpack.rows(s, g.k, b, hk, j0, cols),
+                                  st.vpack.rows(s, g.v, b, hk, j0, cols), 0, s.D);
+    for (int64_t h = hk * s.group(); h < (hk + 1) * s.group(); ++h) {
+      for (int64_t i0 = qstart; i0 < s.Tq; i0 += BQ)
+        backward_tile<T>(s, scale, g, b, h, i0, std::min(BQ, s.Tq - i0), j0, cols, true, false, w);
     }
   });
-  at::parallel_for(0, s.B * s.H * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(2 * BQ * BK);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / nqb, i0 = zigzag(t % nqb, nqb) * BQ;
-      const int64_t rows = std::min(BQ, s.Tq - i0), kend = s.visible(i0 + rows - 1);
-      for (int64_t j0 = 0; j0 < kend; j0 += BK) {
-        backward_tile<T>(s, scale, g, bh / s.H, bh % s.H, i0, rows, j0, std::min(BK, kend - j0),
-                         false, true, buf.data(), buf.data() + BQ * BK);
-      }
+  parallel_claim(s.B * s.H * nqb, State::make, [&](State& st, int64_t t) {
+    const int64_t bh = t / nqb, i0 = (nqb - 1 - t % nqb) * BQ;  // the longest rows first
+    const int64_t b = bh / s.H, h = bh % s.H, hk = h / s.group();
+    const int64_t rows = std::min(BQ, s.Tq - i0), kend = s.visible(i0 + rows - 1);
+    const T *kp = st.kpack.head(s, g.k, b, hk), *vp = st.vpack.head(s, g.v, b, hk);
+    for (int64_t j0 = 0; j0 < kend; j0 += BK) {
+      backward_tile<T>(s, scale, g, b, h, i0, rows, j0, std::min(BK, kend - j0), false, true,
+                       st.work(kp, vp, j0, s.D));
     }
   });
 }
@@ -281,15 +398,14 @@ void backward_kernel(const Shape& s, T scale, const at::Tensor& dout, const at::
                      const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
                      const at::Tensor& dv) {
   auto delta = at::empty({s.B, s.H, s.Tq}, q.options());  // (B, H, Tq)
-  compute_delta<T>(s, heads<T>(dout), heads<T>(out), delta.data_ptr<T>());
   const Grads<T> g{heads<T>(q),      heads<T>(k),       heads<T>(v),
                    heads<T>(dout),   lse.data_ptr<T>(), delta.data_ptr<T>(),
                    dq.data_ptr<T>(), dk.data_ptr<T>(),  dv.data_ptr<T>()};
   const int64_t threads = at::get_num_threads(), units = s.B * s.Hkv;
   if (units % threads == 0 || units >= 4 * threads) {
-    backward_fused<T>(s, scale, g);
+    backward_fused<T>(s, scale, g, heads<T>(out), delta.data_ptr<T>());
   } else {
-    backward_split<T>(s, scale, g);
+    backward_split<T>(s, scale, g, heads<T>(out), delta.data_ptr<T>());
   }
 }
 
@@ -303,9 +419,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   const auto dout = prepare(grad_out_, ct), out = prepare(out_, ct);
   const auto lse = lse_.contiguous();
   const Shape s = shape_of(q, k, causal);
-  auto dq = at::zeros({s.B, s.H, s.Tq, s.D}, q.options());    // (B, H, Tq, D)
-  auto dk = at::zeros({s.B, s.Hkv, s.Tk, s.D}, q.options());  // (B, Hkv, Tk, D)
-  auto dv = at::zeros({s.B, s.Hkv, s.Tk, s.D}, q.options());  // (B, Hkv, Tk, D)
+  // Accumulated into, so zeroed (empty + zero_: one allocation each, as the profiler sees it).
+  auto dq = at::empty({s.B, s.H, s.Tq, s.D}, q.options()).zero_();    // (B, H, Tq, D)
+  auto dk = at::empty({s.B, s.Hkv, s.Tk, s.D}, q.options()).zero_();  // (B, Hkv, Tk, D)
+  auto dv = at::empty({s.B, s.Hkv, s.Tk, s.D}, q.options()).zero_();  // (B, Hkv, Tk, D)
   if (dq.numel() > 0 && dk.numel() > 0) {
     if (ct == at::kDouble) {
       backward_kernel<double>(s, scale, dout, q, k, v, out, lse, dq, dk, dv);
