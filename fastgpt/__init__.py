@@ -7,6 +7,7 @@ from fastgpt.hf import register_hf_attention
 from fastgpt.model import GPT, GPTConfig
 from fastgpt.reference import reference_attention
 from fastgpt.seq2seq import Seq2Seq, Seq2SeqConfig
+from fastgpt.varlen import attention_varlen
 
 __version__ = "0.1.0"
 
@@ -16,6 +17,7 @@ __all__ = [
     "Seq2Seq",
     "Seq2SeqConfig",
     "attention",
+    "attention_varlen",
     "available_backends",
     "flash_attn_func",
     "nn",
