@@ -2,7 +2,15 @@
 
 from fastgpt import nn, ops  # noqa: F401  (ops registers the fastgpt:: torch.library ops)
 from fastgpt.attention import attention, available_backends
-from fastgpt.dropin import flash_attn_func, scaled_dot_product_attention
+from fastgpt.dropin import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+    scaled_dot_product_attention,
+)
 from fastgpt.hf import register_hf_attention
 from fastgpt.model import GPT, GPTConfig
 from fastgpt.reference import reference_attention
@@ -20,6 +28,11 @@ __all__ = [
     "attention_varlen",
     "available_backends",
     "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
     "nn",
     "register_hf_attention",
     "reference_attention",

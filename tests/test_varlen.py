@@ -321,3 +321,127 @@ def test_compiles_fullgraph_with_dynamic_totals():
             for got, want in zip(results[1], results[0], strict=True):
                 torch.testing.assert_close(got, want, atol=0, rtol=0)
     assert counter.frame_count == 1
+
+
+# --- flash-attn drop-ins ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads,kv_heads", HEADS)
+def test_flash_varlen_of_equal_lengths_equals_flash_attn_func(causal, heads, kv_heads):
+    """B sequences of one length, packed: flash_attn_varlen_func is flash_attn_func on (B, T, H, D),
+    outputs, gradients and softmax_lse ((H, B T) against (B, H, T))."""
+    B, Tq, Tk, D = 3, 7, 11, 16
+    q, k, v, grad_out = random_varlen([Tq] * B, [Tk] * B, heads, kv_heads, D, torch.float64)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    cu_q, cu_k = cu_seqlens([Tq] * B), cu_seqlens([Tk] * B)
+    out, lse, none = fastgpt.flash_attn_varlen_func(
+        *leaves, cu_q, cu_k, Tq, Tk, causal=causal, return_attn_probs=True
+    )
+    dense = [t.unflatten(0, (B, -1)) for t in leaves]  # (B, T, heads, D)
+    want, want_lse, _ = fastgpt.flash_attn_func(*dense, causal=causal, return_attn_probs=True)
+    assert none is None and lse.shape == (heads, B * Tq)
+    torch.testing.assert_close(out, want.flatten(0, 1), atol=1e-12, rtol=0)
+    torch.testing.assert_close(lse, want_lse.transpose(0, 1).flatten(1, 2), atol=1e-12, rtol=0)
+    got_grads = torch.autograd.grad(out, leaves, grad_out)
+    want_grads = torch.autograd.grad(want.flatten(0, 1), leaves, grad_out)
+    for got, expected in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [None, True], ids=["default (not causal)", "causal"])
+def test_flash_varlen_matches_oracle_and_lse(causal):
+    """flash-attn's defaults (causal=False) and its softmax_lse against the float64 oracle."""
+    lens_q, lens_k = LENGTH_MIXES["both ways, empties"]
+    q, k, v, _ = random_varlen(lens_q, lens_k, 4, 2, 16, torch.float64, seed=13)
+    kwargs = {} if causal is None else {"causal": causal}
+    cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
+    out, lse, _ = fastgpt.flash_attn_varlen_func(
+        q, k, v, cu_q, cu_k, 11, 13, softmax_scale=0.4, return_attn_probs=True, **kwargs
+    )
+    want_out, want_lse = varlen_oracle(q, k, v, lens_q, lens_k, bool(causal), 0.4)
+    torch.testing.assert_close(out, want_out, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(lse, want_lse, atol=1e-12, rtol=1e-12)
+    plain = fastgpt.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 11, 13, softmax_scale=0.4, **kwargs)
+    assert isinstance(plain, torch.Tensor)
+
+
+def packed_grads(fn, packed, grad_out):
+    packed = packed.detach().requires_grad_()
+    out = fn(packed)
+    return out, torch.autograd.grad(out, packed, grad_out)[0]
+
+
+def test_packed_variants_equal_unpacked():
+    """qkv (B, T, 3, H, D), kv (B, Tk, 2, Hkv, D) and the varlen (total, 3, H, D),
+    (total_k, 2, Hkv, D) layouts are views: same outputs as the unpacked call, and the packed
+    tensor's gradient is the unpacked gradients stacked."""
+    B, T, H, Hkv, D = 2, 9, 4, 2, 8
+    qkv, kv, q, grad_out = random_tensors(
+        (B, T, 3, H, D), (B, T, 2, Hkv, D), (B, T, H, D), (B, T, H, D), dtype=torch.float64
+    )
+    cu = cu_seqlens([T] * B)
+    flat = lambda t: t.flatten(0, 1)  # (B, T, ...) -> (B T, ...)
+    lens = (cu, cu, T, T)  # cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+    cases = {  # name: (packed tensor, packed call, the same call unpacked)
+        "qkvpacked": (
+            qkv,
+            lambda p: fastgpt.flash_attn_qkvpacked_func(p, causal=True),
+            lambda p: fastgpt.flash_attn_func(*p.unbind(2), causal=True),
+        ),
+        "kvpacked": (
+            kv,
+            lambda p: fastgpt.flash_attn_kvpacked_func(q, p, causal=True),
+            lambda p: fastgpt.flash_attn_func(q, *p.unbind(2), causal=True),
+        ),
+        "varlen_qkvpacked": (
+            flat(qkv),
+            lambda p: fastgpt.flash_attn_varlen_qkvpacked_func(p, cu, T, causal=True),
+            lambda p: fastgpt.flash_attn_varlen_func(*p.unbind(1), *lens, causal=True),
+        ),
+        "varlen_kvpacked": (
+            flat(kv),
+            lambda p: fastgpt.flash_attn_varlen_kvpacked_func(flat(q), p, *lens, causal=True),
+            lambda p: fastgpt.flash_attn_varlen_func(flat(q), *p.unbind(1), *lens, causal=True),
+        ),
+    }  # fmt: skip
+    for name, (packed, packed_call, unpacked_call) in cases.items():
+        g = grad_out if packed.dim() == 5 else flat(grad_out)
+        got, got_grad = packed_grads(packed_call, packed, g)
+        want, want_grad = packed_grads(unpacked_call, packed, g)
+        assert got_grad.abs().sum() > 0, name
+        torch.testing.assert_close(got, want, atol=0, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(got_grad, want_grad, atol=0, rtol=0)
+    out, lse, _ = fastgpt.flash_attn_qkvpacked_func(qkv, return_attn_probs=True)
+    assert out.shape == (B, T, H, D) and lse.shape == (B, H, T)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(dropout_p=0.1),
+        dict(window_size=(4, 0), causal=True),
+        dict(softcap=30.0),
+        dict(alibi_slopes=torch.ones(4)),
+        dict(block_table=torch.zeros(3, 1, dtype=torch.int32)),
+    ],
+)
+def test_flash_varlen_unsupported_arguments_raise(kwargs):
+    inputs = good_inputs()
+    with pytest.raises(NotImplementedError, match="flash_attn_varlen_func does not support"):
+        fastgpt.flash_attn_varlen_func(*inputs.values(), **kwargs)
+
+
+def test_packed_variants_raise_for_unsupported_arguments_and_shapes():
+    inputs = good_inputs()
+    qkv = torch.stack([inputs["q"]] * 3, dim=1)  # (total, 3, H, D)
+    with pytest.raises(NotImplementedError, match="does not support dropout_p=0.1"):
+        fastgpt.flash_attn_varlen_qkvpacked_func(qkv, inputs["cu_seqlens_q"], 5, dropout_p=0.1)
+    with pytest.raises(NotImplementedError, match="does not support softcap=5.0"):
+        fastgpt.flash_attn_kvpacked_func(qkv[None, :, 0], qkv[None, :, 1:], softcap=5.0)
+    with pytest.raises(
+        ValueError, match=re.escape("qkv of shape (B, T, 3, H, D), got (12, 3, 4, 8)")
+    ):
+        fastgpt.flash_attn_qkvpacked_func(qkv)
+    with pytest.raises(ValueError, match=re.escape("kv of shape (total_k, 2, Hkv, D)")):
+        fastgpt.flash_attn_varlen_kvpacked_func(inputs["q"], qkv, *list(inputs.values())[3:])
