@@ -21,6 +21,8 @@ the backend is picked by fastgpt.attention.select_backend, then moved to one tha
 kernels (VARLEN_BACKENDS) when the pick has none yet.
 """
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -43,6 +45,16 @@ def select_varlen_backend(device: torch.device, requested: str | None = None) ->
             f"today: {', '.join(VARLEN_BACKENDS)}); pass backend=None or backend='reference'."
         )
     return "reference", f"{name} ({why}) has no varlen kernels yet"
+
+
+def cu_seqlens_from_lengths(
+    lengths: Sequence[int] | Tensor, device: torch.device | str | None = None
+) -> Tensor:
+    """int32 (B + 1,) prefix sums [0, l0, l0 + l1, ...] of sequence lengths: flash-attn's
+    cu_seqlens. With a tensor of lengths the result is on its device unless `device` is given."""
+    lengths = torch.as_tensor(lengths, dtype=torch.int64, device=device).flatten()  # (B,)
+    zero = lengths.new_zeros(1)
+    return torch.cat([zero, lengths.cumsum(0)]).to(torch.int32)  # (B + 1,)
 
 
 def _check_layout(q: Tensor, k: Tensor, v: Tensor) -> None:

@@ -20,8 +20,9 @@ from varlen_oracle import (
 )
 
 import fastgpt
+from fastgpt.model import GPT, GPTConfig
 from fastgpt.reference import reference_attention_varlen
-from fastgpt.varlen import attention_varlen_with_lse
+from fastgpt.varlen import attention_varlen_with_lse, cu_seqlens_from_lengths
 
 LENGTH_MIXES = {
     "equal": ([16, 16], [16, 16]),
@@ -445,3 +446,54 @@ def test_packed_variants_raise_for_unsupported_arguments_and_shapes():
         fastgpt.flash_attn_qkvpacked_func(qkv)
     with pytest.raises(ValueError, match=re.escape("kv of shape (total_k, 2, Hkv, D)")):
         fastgpt.flash_attn_varlen_kvpacked_func(inputs["q"], qkv, *list(inputs.values())[3:])
+
+
+# --- GPT on packed documents --------------------------------------------------------------------
+
+
+def test_gpt_packed_documents_equal_per_document_runs():
+    """Documents packed into the rows of one batch (one crosses a row boundary) with cu_seqlens:
+    each document's logits are the model's on it alone (attention stays inside the document,
+    positions restart), and the packed loss and gradients are the token-weighted per-document
+    ones. float64 model; its cross-entropy runs in float32, hence the loss/gradient tolerance."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
+    model = GPT(config).double()
+    lengths = [5, 1, 11, 7]  # 24 tokens in 2 rows of 12: the 11-token document crosses rows
+    gen = torch.Generator().manual_seed(1)
+    docs = [torch.randint(0, 64, (2, n), generator=gen) for n in lengths]  # (inputs, targets)
+    idx = torch.cat([d[0] for d in docs]).view(2, 12)  # (B, T)
+    targets = torch.cat([d[1] for d in docs]).view(2, 12)  # (B, T)
+
+    logits, loss = model(idx, targets, cu_seqlens=cu_seqlens_from_lengths(lengths))
+    packed_grads = torch.autograd.grad(loss, list(model.parameters()))
+
+    total = sum(lengths)
+    want_loss, want_grads, start = 0.0, [torch.zeros_like(p) for p in model.parameters()], 0
+    for (x, y), n in zip(docs, lengths, strict=True):
+        doc_logits, doc_loss = model(x[None], y[None])  # (1, n, V)
+        torch.testing.assert_close(
+            logits.flatten(0, 1)[start : start + n], doc_logits[0], atol=1e-12, rtol=0
+        )
+        grads = torch.autograd.grad(doc_loss * n / total, list(model.parameters()))
+        want_grads = [w + g for w, g in zip(want_grads, grads, strict=True)]
+        want_loss, start = want_loss + doc_loss.item() * n / total, start + n
+    torch.testing.assert_close(loss.item(), want_loss, atol=1e-6, rtol=1e-6)
+    for got, want in zip(packed_grads, want_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    # Without cu_seqlens the same batch attends across documents: the logits differ.
+    assert not torch.allclose(model(idx)[0], logits)
+
+
+def test_gpt_packed_documents_rules():
+    config = GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    model = GPT(config)
+    idx = torch.zeros(2, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="does not fit the model's context of 8"):
+        model(idx, cu_seqlens=cu_seqlens_from_lengths([3, 9, 4]))
+    with pytest.raises(ValueError, match="run from 0 to the 16 tokens"):
+        model(idx, cu_seqlens=cu_seqlens_from_lengths([3, 4]))
+    with pytest.raises(ValueError, match="cu_seqlens or kv_caches"):
+        model(idx, cu_seqlens=cu_seqlens_from_lengths([8, 8]), kv_caches=model.new_kv_caches())
+    logits, _ = model(idx, cu_seqlens=cu_seqlens_from_lengths([8, 0, 8]))  # empty documents too
+    torch.testing.assert_close(logits, model(idx)[0])  # rows as documents: the dense batch
