@@ -77,7 +77,9 @@ def preset_config(name: str, **overrides) -> GPTConfig:
 
 
 def document_positions(cu_seqlens: Tensor, idx: Tensor, block_size: int) -> tuple[Tensor, int]:
-    """Positions restarting at 0 in each packed document, (B, T), and the longest document.
+    """Positions restarting at 0 in each packed document, (B, T), and a bound on the longest
+    document: its length, or block_size under torch.compile (where reading it would break the
+    graph and the values go unchecked).
 
     cu_seqlens: int32 (N + 1,) prefix sums of the document lengths over idx.flatten() (B T,).
     """
@@ -85,17 +87,19 @@ def document_positions(cu_seqlens: Tensor, idx: Tensor, block_size: int) -> tupl
         shape = tuple(cu_seqlens.shape) if isinstance(cu_seqlens, Tensor) else cu_seqlens
         raise ValueError(f"cu_seqlens must be a 1-d (N + 1,) tensor of prefix sums, got {shape}.")
     lengths = cu_seqlens.diff()  # (N,)
-    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != idx.numel() or int(lengths.min()) < 0:
-        raise ValueError(
-            f"cu_seqlens must run from 0 to the {idx.numel()} tokens of idx {tuple(idx.shape)} "
-            f"without decreasing, got {cu_seqlens.tolist()}."
-        )
-    longest = int(lengths.max())
-    if longest > block_size:
-        raise ValueError(
-            f"A document of {longest} tokens does not fit the model's context of {block_size} "
-            f"tokens (idx {tuple(idx.shape)})."
-        )
+    longest = block_size
+    if not torch.compiler.is_compiling():
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != idx.numel() or int(lengths.min()) < 0:
+            raise ValueError(
+                f"cu_seqlens must run from 0 to the {idx.numel()} tokens of idx "
+                f"{tuple(idx.shape)} without decreasing, got {cu_seqlens.tolist()}."
+            )
+        longest = int(lengths.max())
+        if longest > block_size:
+            raise ValueError(
+                f"A document of {longest} tokens does not fit the model's context of "
+                f"{block_size} tokens (idx {tuple(idx.shape)})."
+            )
     starts = cu_seqlens[:-1].repeat_interleave(lengths, output_size=idx.numel())  # (B T,)
     pos = torch.arange(idx.numel(), device=idx.device) - starts  # (B T,)
     return pos.view(idx.shape), longest

@@ -497,3 +497,28 @@ def test_gpt_packed_documents_rules():
         model(idx, cu_seqlens=cu_seqlens_from_lengths([8, 8]), kv_caches=model.new_kv_caches())
     logits, _ = model(idx, cu_seqlens=cu_seqlens_from_lengths([8, 0, 8]))  # empty documents too
     torch.testing.assert_close(logits, model(idx)[0])  # rows as documents: the dense batch
+
+
+@pytest.mark.slow
+def test_gpt_packed_documents_compile_fullgraph():
+    """GPT with cu_seqlens under torch.compile(fullgraph=True): a second packing of other
+    document lengths reuses the graph; logits, loss and gradients equal eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    model = GPT(config)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for lengths in ([5, 1, 11, 7], [12, 3, 9, 0]):  # same count, other lengths
+            results = []
+            for run in (model, compiled):
+                cu = cu_seqlens_from_lengths(lengths)
+                logits, loss = run(idx, idx, cu_seqlens=cu)
+                results.append([logits, *torch.autograd.grad(loss, list(model.parameters()))])
+            for got, want in zip(results[1], results[0], strict=True):
+                torch.testing.assert_close(got, want)
+    assert counter.frame_count == 1
