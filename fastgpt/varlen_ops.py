@@ -92,9 +92,21 @@ def register_varlen(backend: str) -> None:
         )
         return dq, dk, dv, None, None, None, None, None, None
 
+    def double_backward(ctx, grad_dq, grad_dk, grad_dv):
+        raise RuntimeError(
+            f"fastgpt.attention_varlen has no double backward (second-order gradients through "
+            f"attention) on the {backend} backend."
+        )
+
     torch.library.register_fake(forward)(_forward_fake)
     torch.library.register_fake(f"fastgpt::{backend}_attention_varlen_backward")(_backward_fake)
     torch.library.register_autograd(forward, backward, setup_context=_setup_context)
+    # Differentiating the backward op is a double backward: refuse it, never a wrong number.
+    torch.library.register_autograd(
+        f"fastgpt::{backend}_attention_varlen_backward",
+        double_backward,
+        setup_context=lambda ctx, inputs, output: None,
+    )
 
 
 register_varlen("reference")

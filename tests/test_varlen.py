@@ -522,3 +522,13 @@ def test_gpt_packed_documents_compile_fullgraph():
             for got, want in zip(results[1], results[0], strict=True):
                 torch.testing.assert_close(got, want)
     assert counter.frame_count == 1
+
+
+def test_double_backward_raises():
+    inputs = good_inputs()
+    q = inputs["q"].requires_grad_()
+    (dq,) = torch.autograd.grad(
+        fastgpt.attention_varlen(**inputs).square().sum(), q, create_graph=True
+    )
+    with pytest.raises(RuntimeError, match="no double backward"):
+        dq.sum().backward()
