@@ -124,9 +124,11 @@ def validate_varlen(
     reading them would break the graph)."""
     _check_layout(q, k, v)
     # The dense rules (dtypes, devices, head dims, GQA, scale) on (1, heads, total, D) views.
-    validate(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], backend, scale
-    )
+    try:
+        validate(*(t.transpose(0, 1)[None] for t in (q, k, v)), backend, scale)
+    except (TypeError, ValueError) as error:  # the same sentence, naming the packed shapes too
+        packed = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        raise type(error)(f"{str(error).rstrip('.')} (packed: {packed}).") from None
     _check_cu_seqlens_shapes(q, k, cu_seqlens_q, cu_seqlens_k)
     if torch.compiler.is_compiling():
         return
