@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fastgpt.envflags import env_flag
-from fastgpt.reference import reference_attention
+from fastgpt.reference import reference_attention_with_lse
 
 BACKENDS = ("triton", "cpp", "reference")
 MAX_HEAD_DIM = 256
@@ -183,7 +183,7 @@ def unsupported_reason(
     return None if problem is None else problem[1]
 
 
-def _validate(q: Tensor, k: Tensor, v: Tensor, backend: str, scale: object) -> None:
+def validate(q: Tensor, k: Tensor, v: Tensor, backend: str, scale: object) -> None:
     """Raise TypeError/ValueError with one sentence naming the problem and the shapes."""
     problem = _problem(q, k, v, backend, scale)
     if problem is not None:
@@ -223,10 +223,27 @@ def attention(
     Returns:
         (B, H, Tq, D) tensor in q's dtype; differentiable with respect to q, k and v.
     """
+    return attention_with_lse(q, k, v, causal=causal, scale=scale, backend=backend)[0]
+
+
+def attention_with_lse(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """attention(...) and its row log-sum-exp: (out (B, H, Tq, D), lse (B, H, Tq)).
+
+    lse[b, h, i] = log sum_j exp(scale * q_i . k_j) over the visible keys (+inf for a row that sees
+    none), in float32 (float64 for float64 inputs); it is not differentiable (a detached tensor).
+    """
     if not isinstance(q, Tensor):
         raise TypeError(f"attention expects tensors, got {type(q).__name__} for q.")
     name, why = select_backend(q.device, backend)
-    _validate(q, k, v, name, scale)
+    validate(q, k, v, name, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if q.numel() == 0 or k.shape[2] == 0:
         # Empty batch, no queries or no keys: nothing for a kernel to do; the reference gives
@@ -236,8 +253,9 @@ def attention(
         f"attention q{tuple(q.shape)} k{tuple(k.shape)} {q.dtype} causal={causal} -> {name} ({why})"
     )
     if name == "reference":
-        return reference_attention(q, k, v, causal, scale)
+        out, lse = reference_attention_with_lse(q, k, v, causal, scale)
+        return out, lse.detach()
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     from fastgpt import ops
 
-    return ops.forward_op(name)(q, k, v, causal, scale)[0]
+    return ops.forward_op(name)(q, k, v, causal, scale)

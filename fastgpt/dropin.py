@@ -1,14 +1,16 @@
-"""Drop-in replacements for the two attention calls people already write.
+"""Drop-in replacements for the attention calls people already write.
 
     fastgpt.scaled_dot_product_attention   same signature and semantics as
                                            torch.nn.functional.scaled_dot_product_attention
     fastgpt.flash_attn_func                flash-attn's names and its (B, T, H, D) layout
+    fastgpt.flash_attn_varlen_func         flash-attn's packed (total, H, D) + cu_seqlens layout
+    fastgpt.flash_attn_{qkv,kv}packed_func and their varlen twins: views, then the two above
 
 Both hand the cases fastgpt's kernels cover to fastgpt.attention (as views, never copies of the
 inputs). scaled_dot_product_attention sends every other case (an explicit attn_mask, dropout,
 dtypes, ranks or layouts the kernels do not take) to torch's own implementation, so it can
 replace torch's: ``F.scaled_dot_product_attention = fastgpt.scaled_dot_product_attention``.
-flash_attn_func raises NotImplementedError for the flash-attn features fastgpt lacks.
+The flash-attn functions raise NotImplementedError for the flash-attn features fastgpt lacks.
 
 The two causal alignments (1 = query row i may see key column j):
 
@@ -25,7 +27,14 @@ the rest see every key, so top-left is a causal call on q[..., :Tk, :] and a ful
 import torch
 from torch import Tensor
 
-from fastgpt.attention import attention, log_path, select_backend, unsupported_reason
+from fastgpt.attention import (
+    attention,
+    attention_with_lse,
+    log_path,
+    select_backend,
+    unsupported_reason,
+)
+from fastgpt.varlen import attention_varlen_with_lse
 
 # torch's own SDPA, taken once at import. F.scaled_dot_product_attention is this very builtin, so
 # after `F.scaled_dot_product_attention = fastgpt.scaled_dot_product_attention` the fallback still
@@ -145,6 +154,32 @@ def _check_flash_layout(q: Tensor, k: Tensor, v: Tensor) -> None:
         )
 
 
+def flash_unsupported(
+    entry: str,
+    dropout_p: float,
+    causal: bool,
+    window_size: tuple[int, int],
+    softcap: float,
+    alibi_slopes: Tensor | None,
+    block_table: Tensor | None = None,
+) -> None:
+    """Raise NotImplementedError naming the flash-attn options of this call fastgpt lacks."""
+    unsupported = []
+    if dropout_p > 0.0:
+        unsupported.append(f"dropout_p={dropout_p}")
+    left, right = window_size
+    if left >= 0 or (right >= 0 and not (causal and right == 0)):
+        unsupported.append(f"window_size={tuple(window_size)}")
+    if softcap != 0.0:
+        unsupported.append(f"softcap={softcap}")
+    if alibi_slopes is not None:
+        unsupported.append("alibi_slopes")
+    if block_table is not None:
+        unsupported.append("block_table (paged KV)")
+    if unsupported:
+        raise NotImplementedError(f"fastgpt.{entry} does not support {', '.join(unsupported)}.")
+
+
 def flash_attn_func(
     q: Tensor,
     k: Tensor,
@@ -157,36 +192,166 @@ def flash_attn_func(
     alibi_slopes: Tensor | None = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
-) -> Tensor:
+) -> Tensor | tuple[Tensor, Tensor, None]:
     """flash_attn.flash_attn_func on fastgpt's kernels.
 
     q: (B, Tq, H, D); k, v: (B, Tk, Hkv, D) with H % Hkv == 0 (MQA/GQA). Returns (B, Tq, H, D) in
     q's dtype: a transposed view of fastgpt's contiguous (B, H, Tq, D) output (use .reshape, not
     .view, to merge the heads). causal aligns the mask bottom-right as flash-attn >= 2.1 does:
     query i sees keys j <= i + Tk - Tq. softmax_scale defaults to 1/sqrt(D). The backward is
-    deterministic whatever `deterministic` says. dropout, sliding windows, softcap, ALiBi and
-    returned attention probabilities are not implemented and raise NotImplementedError.
+    deterministic whatever `deterministic` says. With return_attn_probs=True it returns
+    (out, softmax_lse, None) as flash-attn does without dropout: softmax_lse (B, H, Tq) float32,
+    the log-sum-exp of each row of scale * q k^T (+inf for a row that sees no key). dropout,
+    sliding windows, softcap and ALiBi are not implemented and raise NotImplementedError.
     """
-    unsupported = []
-    if dropout_p > 0.0:
-        unsupported.append(f"dropout_p={dropout_p}")
-    left, right = window_size
-    if left >= 0 or (right >= 0 and not (causal and right == 0)):
-        unsupported.append(f"window_size={tuple(window_size)}")
-    if softcap != 0.0:
-        unsupported.append(f"softcap={softcap}")
-    if alibi_slopes is not None:
-        unsupported.append("alibi_slopes")
-    if return_attn_probs:
-        unsupported.append("return_attn_probs=True")
-    if unsupported:
-        raise NotImplementedError(
-            f"fastgpt.flash_attn_func does not support {', '.join(unsupported)}."
-        )
+    flash_unsupported("flash_attn_func", dropout_p, causal, window_size, softcap, alibi_slopes)
     _check_flash_layout(q, k, v)
     # (B, T, H, D) -> (B, H, T, D) views: fastgpt takes any strides with a contiguous last dim.
-    out = attention(
+    out, lse = attention_with_lse(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, scale=softmax_scale
-    )  # (B, H, Tq, D)
+    )  # (B, H, Tq, D), (B, H, Tq)
     log_path("flash_attn_func", "fastgpt.attention", f"causal={causal}")
-    return out.transpose(1, 2)  # (B, Tq, H, D)
+    out = out.transpose(1, 2)  # (B, Tq, H, D)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_varlen_func(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    block_table: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor, None]:
+    """flash_attn.flash_attn_varlen_func on fastgpt.attention_varlen.
+
+    q: (total_q, H, D); k, v: (total_k, Hkv, D), H % Hkv == 0; cu_seqlens_q, cu_seqlens_k: int32
+    (B + 1,) prefix sums of the sequence lengths; max_seqlen_q/k: the longest lengths. causal is
+    aligned bottom-right within each sequence (a query that sees no key outputs 0). Returns
+    (total_q, H, D) in q's dtype, or with return_attn_probs=True (out, softmax_lse, None):
+    softmax_lse (H, total_q) float32. dropout, sliding windows, softcap, ALiBi and a paged
+    block_table raise NotImplementedError. Runs on the reference path until the Triton and C++
+    varlen kernels land (see fastgpt.attention_varlen).
+    """
+    flash_unsupported(
+        "flash_attn_varlen_func",
+        dropout_p, causal, window_size, softcap, alibi_slopes, block_table,
+    )  # fmt: skip
+    out, lse = attention_varlen_with_lse(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        causal=causal, scale=softmax_scale,
+    )  # (total_q, H, D), (H, total_q)  # fmt: skip
+    log_path("flash_attn_varlen_func", "fastgpt.attention_varlen", f"causal={causal}")
+    return (out, lse, None) if return_attn_probs else out
+
+
+# --- flash-attn's packed variants: views of one tensor, then the functions above ------------------
+
+
+def _check_packed(entry: str, name: str, t: Tensor, rank: int, dim: int, count: int, layout: str):
+    if not isinstance(t, Tensor) or t.dim() != rank or t.shape[dim] != count:
+        shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{entry} expects {name} of shape {layout}, got {shape}.")
+
+
+def flash_attn_qkvpacked_func(
+    qkv: Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> Tensor | tuple[Tensor, Tensor, None]:
+    """flash_attn.flash_attn_qkvpacked_func: qkv (B, T, 3, H, D) -> flash_attn_func on its three
+    (B, T, H, D) views (no copies; the gradient lands in qkv)."""
+    _check_packed("flash_attn_qkvpacked_func", "qkv", qkv, 5, 2, 3, "(B, T, 3, H, D)")
+    q, k, v = qkv.unbind(2)  # (B, T, H, D) views
+    return flash_attn_func(
+        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+        deterministic, return_attn_probs,
+    )  # fmt: skip
+
+
+def flash_attn_kvpacked_func(
+    q: Tensor,
+    kv: Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> Tensor | tuple[Tensor, Tensor, None]:
+    """flash_attn.flash_attn_kvpacked_func: q (B, Tq, H, D), kv (B, Tk, 2, Hkv, D) ->
+    flash_attn_func on q and kv's two (B, Tk, Hkv, D) views."""
+    _check_packed("flash_attn_kvpacked_func", "kv", kv, 5, 2, 2, "(B, Tk, 2, Hkv, D)")
+    k, v = kv.unbind(2)  # (B, Tk, Hkv, D) views
+    return flash_attn_func(
+        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+        deterministic, return_attn_probs,
+    )  # fmt: skip
+
+
+def flash_attn_varlen_qkvpacked_func(
+    qkv: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> Tensor | tuple[Tensor, Tensor, None]:
+    """flash_attn.flash_attn_varlen_qkvpacked_func: qkv (total, 3, H, D), one cu_seqlens for
+    queries and keys -> flash_attn_varlen_func on its three (total, H, D) views."""
+    _check_packed("flash_attn_varlen_qkvpacked_func", "qkv", qkv, 4, 1, 3, "(total, 3, H, D)")
+    q, k, v = qkv.unbind(1)  # (total, H, D) views
+    return flash_attn_varlen_func(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
+        causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+    )  # fmt: skip
+
+
+def flash_attn_varlen_kvpacked_func(
+    q: Tensor,
+    kv: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> Tensor | tuple[Tensor, Tensor, None]:
+    """flash_attn.flash_attn_varlen_kvpacked_func: q (total_q, H, D), kv (total_k, 2, Hkv, D) ->
+    flash_attn_varlen_func on q and kv's two (total_k, Hkv, D) views."""
+    _check_packed("flash_attn_varlen_kvpacked_func", "kv", kv, 4, 1, 2, "(total_k, 2, Hkv, D)")
+    k, v = kv.unbind(1)  # (total_k, Hkv, D) views
+    return flash_attn_varlen_func(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+        softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+        return_attn_probs,
+    )  # fmt: skip

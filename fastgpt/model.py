@@ -77,6 +77,35 @@ def preset_config(name: str, **overrides) -> GPTConfig:
     return GPTConfig(**{**PRESETS[name], **overrides})
 
 
+def document_positions(cu_seqlens: Tensor, idx: Tensor, block_size: int) -> tuple[Tensor, int]:
+    """Positions restarting at 0 in each packed document, (B, T), and a bound on the longest
+    document: its length, or block_size under torch.compile (where reading it would break the
+    graph and the values go unchecked).
+
+    cu_seqlens: int32 (N + 1,) prefix sums of the document lengths over idx.flatten() (B T,).
+    """
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        shape = tuple(cu_seqlens.shape) if isinstance(cu_seqlens, Tensor) else cu_seqlens
+        raise ValueError(f"cu_seqlens must be a 1-d (N + 1,) tensor of prefix sums, got {shape}.")
+    lengths = cu_seqlens.diff()  # (N,)
+    longest = block_size
+    if not torch.compiler.is_compiling():
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != idx.numel() or int(lengths.min()) < 0:
+            raise ValueError(
+                f"cu_seqlens must run from 0 to the {idx.numel()} tokens of idx "
+                f"{tuple(idx.shape)} without decreasing, got {cu_seqlens.tolist()}."
+            )
+        longest = int(lengths.max())
+        if longest > block_size:
+            raise ValueError(
+                f"A document of {longest} tokens does not fit the model's context of "
+                f"{block_size} tokens (idx {tuple(idx.shape)})."
+            )
+    starts = cu_seqlens[:-1].repeat_interleave(lengths, output_size=idx.numel())  # (B T,)
+    pos = torch.arange(idx.numel(), device=idx.device) - starts  # (B T,)
+    return pos.view(idx.shape), longest
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -105,8 +134,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, kv_cache: KVCache | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache)  # (B, T, C)
+    def forward(self, x: Tensor, kv_cache: KVCache | None = None, **documents) -> Tensor:
+        """x: (B, T, C) -> (B, T, C); documents: cu_seqlens, max_seqlen (CausalSelfAttention)."""
+        x = x + self.attn(self.ln_1(x), kv_cache, **documents)  # (B, T, C)
         return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
 
@@ -161,23 +191,37 @@ class GPT(nn.Module):
         idx: Tensor,
         targets: Tensor | None = None,
         kv_caches: list[KVCache] | None = None,
+        *,
+        cu_seqlens: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """idx, targets: (B, T) token ids -> (logits (B, T, V), mean cross-entropy or None).
 
         With kv_caches (one per block, from new_kv_caches), idx holds the tokens after the cached
         ones and positions continue from there.
+
+        With cu_seqlens, idx packs several documents: int32 (N + 1,) prefix sums of the document
+        lengths over the B T tokens of idx.flatten() (flash-attn's cu_seqlens; fastgpt.varlen.
+        cu_seqlens_from_lengths makes it). Attention never crosses a document boundary and
+        positions restart at 0 in each document, so each document's logits are those of the
+        model run on it alone. Read on the host (a sync on CUDA); not with kv_caches.
         """
         B, T = idx.shape
-        start = kv_caches[0].length if kv_caches is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(
-                f"Cannot run {start + T} positions (idx {tuple(idx.shape)}, {start} cached): "
-                f"the model's context is {self.config.block_size} tokens."
-            )
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        if cu_seqlens is not None:
+            pos, max_seqlen = document_positions(cu_seqlens, idx, self.config.block_size)
+            documents = {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
+            if kv_caches is not None:
+                raise ValueError("GPT.forward takes cu_seqlens or kv_caches, not both.")
+        else:
+            start = kv_caches[0].length if kv_caches is not None else 0
+            if start + T > self.config.block_size:
+                raise ValueError(
+                    f"Cannot run {start + T} positions (idx {tuple(idx.shape)}, {start} cached): "
+                    f"the model's context is {self.config.block_size} tokens."
+                )
+            pos, documents = torch.arange(start, start + T, device=idx.device), {}  # (T,)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, kv_caches[i] if kv_caches is not None else None)  # (B, T, C)
+            x = block(x, kv_caches[i] if kv_caches is not None else None, **documents)  # (B, T, C)
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         loss = None
         if targets is not None:

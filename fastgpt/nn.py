@@ -15,6 +15,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from fastgpt.attention import attention
+from fastgpt.varlen import attention_varlen
 
 # fastgpt.attention's signature: (q, k, v, *, causal, backend) -> out (B, H, Tq, D).
 AttentionFn = Callable[..., Tensor]
@@ -102,11 +103,26 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, kv_cache: KVCache | None = None) -> Tensor:
-        """x: (B, T, C) -> (B, T, C). With kv_cache, x holds the positions after the cached ones."""
+    def forward(
+        self,
+        x: Tensor,
+        kv_cache: KVCache | None = None,
+        *,
+        cu_seqlens: Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> Tensor:
+        """x: (B, T, C) -> (B, T, C). With kv_cache, x holds the positions after the cached ones.
+
+        With cu_seqlens (int32 (N + 1,) prefix sums over the B T tokens in x.flatten(0, 1) order,
+        longest document max_seqlen), x packs N documents and no token attends across a document
+        boundary (fastgpt.attention_varlen); not with kv_cache or attention_fn.
+        """
         B, T, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.c_attn(x)  # (B, T, (H + 2 Hkv) D)
+        if cu_seqlens is not None:
+            y = self._attend_documents(qkv, cu_seqlens, max_seqlen, kv_cache)  # (B T, H, D)
+            return self.resid_dropout(self.c_proj(y.view(B, T, C)))
         # Views into qkv (no copy): the head dim stays contiguous, as fastgpt.attention needs.
         q = qkv[..., : H * D].view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = qkv[..., H * D : (H + Hkv) * D].view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
@@ -118,6 +134,27 @@ class CausalSelfAttention(nn.Module):
         y = attend(q, k, v, causal=True, backend=self.backend)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def _attend_documents(
+        self, qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int | None, kv_cache: KVCache | None
+    ) -> Tensor:
+        """Causal attention within each packed document: qkv (B, T, (H + 2 Hkv) D) -> (B T, H, D)"""
+        if kv_cache is not None or self.attention_fn is not None:
+            raise NotImplementedError(
+                "CausalSelfAttention takes cu_seqlens (packed documents) without a kv_cache or "
+                "an attention_fn only."
+            )
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        if max_seqlen is None:
+            max_seqlen = int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0
+        tokens = qkv.flatten(0, 1)  # (B T, (H + 2 Hkv) D), a view
+        q = tokens[:, : H * D].unflatten(1, (H, D))  # (B T, H, D)
+        k = tokens[:, H * D : (H + Hkv) * D].unflatten(1, (Hkv, D))  # (B T, Hkv, D)
+        v = tokens[:, (H + Hkv) * D :].unflatten(1, (Hkv, D))  # (B T, Hkv, D)
+        return attention_varlen(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
+            backend=self.backend,
+        )  # fmt: skip
 
 
 # --- Encoder-decoder pieces: cross-attention, encoder and decoder blocks, sinusoidal positions ---

@@ -15,6 +15,9 @@ Semantics shared by every backend of fastgpt:
 
     lse[b, h, i] = log(sum over visible j of exp(scale * q_i . k_j)), +inf for a row with no visible
     key, so that a backward recomputing p = exp(s - lse) gets exactly 0 there.
+
+Packed variable-length attention (reference_attention_varlen) is this attention within each
+sequence of a packed batch: q (total_q, H, D), k, v (total_k, Hkv, D), cu_seqlens prefix sums.
 """
 
 import torch
@@ -78,3 +81,108 @@ def reference_attention(
 ) -> Tensor:
     """Attention output only; see reference_attention_with_lse. (B, H, Tq, D) in q's dtype."""
     return reference_attention_with_lse(q, k, v, causal, scale)[0]
+
+
+def reference_attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Packed variable-length attention, one sequence at a time. Returns (out, lse).
+
+    q: (total_q, H, D); k, v: (total_k, Hkv, D); cu_seqlens_q, cu_seqlens_k: (B + 1,) prefix sums:
+    sequence b is q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]] against k, v[cu_seqlens_k[b]:...], and
+    reference_attention_with_lse within it (causal bottom-right per sequence; a sequence may be
+    empty; a query that sees no key outputs 0 with lse +inf). out is (total_q, H, D) in q's dtype,
+    lse (H, total_q) in the compute dtype. Reads cu_seqlens on the host (a sync on CUDA).
+    """
+    H, D = q.shape[1], q.shape[2]
+    dtype = compute_dtype or accumulate_dtype(q.dtype)
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    # Empty first pieces: a batch of no sequences still concatenates to (0, H, D) and (H, 0).
+    outs, lses = [q.new_zeros(0, H, D)], [q.new_zeros(H, 0, dtype=dtype)]
+    for b in range(len(starts_q) - 1):
+        q_b = q[starts_q[b] : starts_q[b + 1]].transpose(0, 1)[None]  # (1, H, Tq_b, D)
+        k_b = k[starts_k[b] : starts_k[b + 1]].transpose(0, 1)[None]  # (1, Hkv, Tk_b, D)
+        v_b = v[starts_k[b] : starts_k[b + 1]].transpose(0, 1)[None]  # (1, Hkv, Tk_b, D)
+        out_b, lse_b = reference_attention_with_lse(q_b, k_b, v_b, causal, scale, dtype)
+        outs.append(out_b[0].transpose(0, 1))  # (Tq_b, H, D)
+        lses.append(lse_b[0])  # (H, Tq_b)
+    return torch.cat(outs, dim=0), torch.cat(lses, dim=1)  # (total_q, H, D), (H, total_q)
+
+
+def reference_attention_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of reference_attention, written out: (dq, dk, dv) in the inputs' dtypes.
+
+    q, grad_out: (B, H, Tq, D); k, v: (B, Hkv, Tk, D). With p = softmax(s) over the visible keys
+    (0 for a row that sees none), s = scale * q.k:
+        dv = p^T dO,   dp = dO v^T,   ds = p * (dp - rowsum(p * dp)),
+        dq = scale * ds k,   dk = scale * ds^T q   (dk, dv summed over the G heads of a group).
+    """
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    group = H // Hkv
+    scale = D**-0.5 if scale is None else scale
+    dtype = accumulate_dtype(q.dtype)
+
+    qg = q.to(dtype).unflatten(1, (Hkv, group))  # (B, Hkv, G, Tq, D)
+    dog = grad_out.to(dtype).unflatten(1, (Hkv, group))  # (B, Hkv, G, Tq, D)
+    kg = k.to(dtype).unsqueeze(2)  # (B, Hkv, 1, Tk, D)
+    vg = v.to(dtype).unsqueeze(2)  # (B, Hkv, 1, Tk, D)
+    scores = (qg @ kg.transpose(-2, -1)) * scale  # (B, Hkv, G, Tq, Tk)
+    visible = causal_mask(Tq, Tk, q.device) if causal else scores.new_ones(Tq, Tk).bool()
+    scores = scores.masked_fill(~visible, torch.finfo(dtype).min)  # as in the forward
+    probs = torch.softmax(scores, dim=-1) * visible.any(dim=-1)[:, None]  # (B, Hkv, G, Tq, Tk)
+
+    dv = (probs.transpose(-2, -1) @ dog).sum(2)  # (B, Hkv, Tk, D)
+    dp = dog @ vg.transpose(-2, -1)  # (B, Hkv, G, Tq, Tk)
+    ds = probs * (dp - (probs * dp).sum(-1, keepdim=True))  # (B, Hkv, G, Tq, Tk)
+    dq = scale * ds @ kg  # (B, Hkv, G, Tq, D)
+    dk = scale * (ds.transpose(-2, -1) @ qg).sum(2)  # (B, Hkv, Tk, D)
+    return dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def reference_attention_varlen_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of reference_attention_varlen, one sequence at a time: (dq, dk, dv).
+
+    grad_out, q: (total_q, H, D); k, v: (total_k, Hkv, D); each contiguous, in its input's dtype.
+    """
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # (total_q, H, D)
+    dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)  # (total_k, Hkv, D)
+    dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)  # (total_k, Hkv, D)
+    for b in range(len(starts_q) - 1):
+        rows = slice(starts_q[b], starts_q[b + 1])
+        cols = slice(starts_k[b], starts_k[b + 1])
+        heads_first = lambda t: t.transpose(0, 1)[None]  # (n, heads, D) -> (1, heads, n, D)
+        grads = reference_attention_backward(
+            heads_first(grad_out[rows]),
+            heads_first(q[rows]),
+            heads_first(k[cols]),
+            heads_first(v[cols]),
+            causal,
+            scale,
+        )
+        dq[rows], dk[cols], dv[cols] = (g[0].transpose(0, 1) for g in grads)
+    return dq, dk, dv

@@ -259,13 +259,28 @@ def test_flash_attn_func_packed_views_float32(device, backend, monkeypatch):
         dict(window_size=(-1, 2)),
         dict(softcap=30.0),
         dict(alibi_slopes=torch.ones(2)),
-        dict(return_attn_probs=True),
     ],
 )
 def test_flash_attn_func_unsupported_arguments_raise(kwargs):
     q = torch.randn(1, 5, 2, 8)
     with pytest.raises(NotImplementedError, match="does not support"):
         fastgpt.flash_attn_func(q, q, q, **kwargs)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_attn_func_returns_softmax_lse(device, backend, causal, monkeypatch):
+    """return_attn_probs=True gives (out, softmax_lse, None) as flash-attn without dropout:
+    softmax_lse (B, H, Tq) float32, natural log, +inf for rows that see no key (Tq > Tk)."""
+    monkeypatch.setenv("FASTGPT_BACKEND", backend)
+    q, k, v = (t.float().to(device) for t in leaves((2, 9, 4, 16), (2, 5, 2, 16), (2, 5, 2, 16)))
+    out, lse, probs = fastgpt.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
+    assert probs is None and lse.shape == (2, 4, 9) and lse.dtype == torch.float32
+    torch.testing.assert_close(out, fastgpt.flash_attn_func(q, k, v, causal=causal))
+    q64, k64, v64 = (t.double().transpose(1, 2) for t in (q, k, v))
+    want = fastgpt.reference.reference_attention_with_lse(q64, k64, v64, causal)[1]
+    torch.testing.assert_close(lse.double().cpu(), want.cpu(), atol=1e-5, rtol=1e-5)
+    assert torch.isinf(lse[:, :, :4]).all() == causal
 
 
 def test_flash_attn_func_accepts_no_op_arguments():

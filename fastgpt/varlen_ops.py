@@ -1,0 +1,117 @@
+"""torch.library registration of fastgpt's packed variable-length attention ops.
+
+Each backend with varlen kernels exposes two ops in the ``fastgpt`` namespace:
+
+    fastgpt::<backend>_attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k,
+        max_seqlen_q, max_seqlen_k, causal, scale) -> (out, lse)
+    fastgpt::<backend>_attention_varlen_backward(grad_out, q, k, v, out, lse, cu_seqlens_q,
+        cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale) -> (dq, dk, dv)
+
+q, out: (total_q, H, D); k, v: (total_k, Hkv, D); cu_seqlens_*: int32 (B + 1,); lse: (H, total_q)
+in float32 (float64 for float64 inputs). Today only the reference backend defines them (below);
+a compiled backend defines its two ops and calls register_varlen(backend) for the same fake
+implementations and autograd. To torch.compile each op is one opaque node with known output
+shapes (dynamic totals), and the profiler shows it as ``fastgpt::...``.
+"""
+
+import torch
+from torch import Tensor
+
+from fastgpt import reference
+from fastgpt.reference import accumulate_dtype
+
+
+@torch.library.custom_op("fastgpt::reference_attention_varlen_forward", mutates_args=())
+def reference_attention_varlen_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    out, lse = reference.reference_attention_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale
+    )
+    return out, lse  # (total_q, H, D), (H, total_q): fresh contiguous tensors (torch.cat)
+
+
+@torch.library.custom_op("fastgpt::reference_attention_varlen_backward", mutates_args=())
+def reference_attention_varlen_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return reference.reference_attention_varlen_backward(
+        grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale
+    )  # fresh contiguous tensors in the inputs' dtypes
+
+
+def _forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
+    total_q, H, D = q.shape
+    out = q.new_empty((total_q, H, D))  # (total_q, H, D), contiguous
+    lse = q.new_empty((H, total_q), dtype=accumulate_dtype(q.dtype))  # (H, total_q)
+    return out, lse
+
+
+def _backward_fake(grad_out, q, k, v, *rest):
+    # dq like q, dk and dv like k: contiguous, in the input dtype.
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    ctx.max_seqlens, ctx.causal, ctx.scale = (max_seqlen_q, max_seqlen_k), causal, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def register_varlen(backend: str) -> None:
+    """Fake implementations and autograd for fastgpt::<backend>_attention_varlen_{forward,backward}
+    (the two ops must already be defined)."""
+    forward = f"fastgpt::{backend}_attention_varlen_forward"
+    backward_op = getattr(torch.ops.fastgpt, f"{backend}_attention_varlen_backward")
+
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        dq, dk, dv = backward_op(
+            grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.max_seqlens, ctx.causal, ctx.scale
+        )
+        return dq, dk, dv, None, None, None, None, None, None
+
+    def double_backward(ctx, grad_dq, grad_dk, grad_dv):
+        raise RuntimeError(
+            f"fastgpt.attention_varlen has no double backward (second-order gradients through "
+            f"attention) on the {backend} backend."
+        )
+
+    torch.library.register_fake(forward)(_forward_fake)
+    torch.library.register_fake(f"fastgpt::{backend}_attention_varlen_backward")(_backward_fake)
+    torch.library.register_autograd(forward, backward, setup_context=_setup_context)
+    # Differentiating the backward op is a double backward: refuse it, never a wrong number.
+    torch.library.register_autograd(
+        f"fastgpt::{backend}_attention_varlen_backward",
+        double_backward,
+        setup_context=lambda ctx, inputs, output: None,
+    )
+
+
+register_varlen("reference")
+
+
+def varlen_forward_op(backend: str):
+    """The registered varlen forward op of a backend (today only "reference")."""
+    return getattr(torch.ops.fastgpt, f"{backend}_attention_varlen_forward")

@@ -1,0 +1,128 @@
+"""The float64 oracle of packed variable-length attention and its error rule.
+
+The oracle is written independently of fastgpt.reference: one (total_q, total_k) mask built
+position by position from cu_seqlens (a block diagonal of causal or full blocks), keys repeated
+per query head, one softmax over all keys. The rule is oracle.py's: at most twice the error of
+plain PyTorch in the same dtype (this oracle computed in that dtype), plus the rounding floor of
+the dtype and, for gradients, the first-order rounding of a flash-style backward
+(oracle.flash_backward_floor, per sequence).
+"""
+
+from collections.abc import Callable, Sequence
+
+import torch
+from oracle import DEVICE, flash_backward_floor, random_tensors, rounding_floor, run_attention
+
+
+def cu_seqlens(lengths: Sequence[int], device: torch.device | str = DEVICE) -> torch.Tensor:
+    """int32 (B + 1,) prefix sums of `lengths`: [0, l0, l0 + l1, ...]."""
+    sums = [0]
+    for n in lengths:
+        sums.append(sums[-1] + n)
+    return torch.tensor(sums, dtype=torch.int32, device=device)
+
+
+def varlen_mask(lens_q: Sequence[int], lens_k: Sequence[int], causal: bool) -> torch.Tensor:
+    """(total_q, total_k) bool, True where a query sees a key: same sequence, and with causal
+    key j <= query i + (Tk_b - Tq_b) within the sequence (bottom-right)."""
+    mask = torch.zeros(sum(lens_q), sum(lens_k), dtype=torch.bool)
+    row = col = 0
+    for tq, tk in zip(lens_q, lens_k, strict=True):
+        for i in range(tq):
+            for j in range(tk):
+                mask[row + i, col + j] = not causal or j <= i + tk - tq
+        row, col = row + tq, col + tk
+    return mask
+
+
+def varlen_oracle(q, k, v, lens_q, lens_k, causal, scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (total_q, H, D), lse (H, total_q)) computed in q's dtype; +inf lse and 0 out for a
+    query that sees no key. q: (total_q, H, D); k, v: (total_k, Hkv, D)."""
+    H, D = q.shape[1], q.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    group = H // k.shape[1]
+    k_, v_ = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # (total_k, H, D)
+    mask = varlen_mask(lens_q, lens_k, causal).to(q.device)  # (total_q, total_k)
+    sees = mask.any(-1)  # (total_q,)
+    s = torch.einsum("qhd,khd->hqk", q, k_) * scale  # (H, total_q, total_k)
+    s = s.masked_fill(~mask, float("-inf"))
+    s = torch.where(sees[:, None], s, 0.0)  # a row that sees nothing: no NaN, masked out below
+    p = torch.softmax(s, dim=-1) * sees[:, None]  # (H, total_q, total_k)
+    out = torch.einsum("hqk,khd->qhd", p, v_)  # (total_q, H, D)
+    lse = torch.logsumexp(s, dim=-1).masked_fill(~sees, float("inf"))  # (H, total_q)
+    return out, lse
+
+
+def random_varlen(lens_q, lens_k, H, Hkv, D, dtype=torch.float32, seed=0, **kwargs):
+    """q (total_q, H, D), k, v (total_k, Hkv, D) and a gradient for the output (total_q, H, D)."""
+    tq, tk = sum(lens_q), sum(lens_k)
+    shapes = [(tq, H, D), (tk, Hkv, D), (tk, Hkv, D), (tq, H, D)]
+    return random_tensors(*shapes, dtype=dtype, seed=seed, **kwargs)
+
+
+def varlen_floors(q, k, v, grad_out, lens_q, lens_k, causal, scale, dtype):
+    """oracle.flash_backward_floor per sequence, packed: (fq, fk, fv) shaped like q, k, v."""
+    floors = [torch.zeros_like(t) for t in (q, k, v)]
+    row = col = 0
+    for tq, tk in zip(lens_q, lens_k, strict=True):
+        rows, cols = slice(row, row + tq), slice(col, col + tk)
+        dense = [t.transpose(0, 1)[None] for t in (q[rows], k[cols], v[cols], grad_out[rows])]
+        fq, fk, fv = flash_backward_floor(*dense, causal, scale, dtype)
+        for floor, f, where in zip(floors, (fq, fk, fv), (rows, cols, cols), strict=True):
+            floor[where] = f[0].transpose(0, 1)
+        row, col = row + tq, col + tk
+    return floors
+
+
+def check_varlen_against_float64(
+    fn: Callable,
+    leaves: list[torch.Tensor],
+    grad_out: torch.Tensor,
+    lens_q: Sequence[int],
+    lens_k: Sequence[int],
+    causal: bool,
+    *,
+    views: Callable | None = None,
+    scale: float | None = None,
+    what: str = "",
+) -> None:
+    """Assert fn(q, k, v)'s output and leaf gradients meet the 2x-of-PyTorch rule against the
+    float64 oracle; q, k, v = views(*leaves) (the leaves themselves without views)."""
+    dtype = leaves[0].dtype
+    views = views or (lambda *qkv: qkv)
+
+    def oracle(q, k, v):
+        return varlen_oracle(q, k, v, lens_q, lens_k, causal, scale)[0]
+
+    ref_out, ref_grads = run_attention(oracle, leaves, views, grad_out, torch.float64)
+    pt_out, pt_grads = run_attention(oracle, leaves, views, grad_out, dtype)
+    out, grads = run_attention(fn, leaves, views, grad_out, dtype)
+
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    qkv = views(*leaves64)
+    floors = varlen_floors(
+        *[t.detach() for t in qkv], grad_out.double(), lens_q, lens_k, causal, scale, dtype
+    )
+    leaf_floors = torch.autograd.grad(qkv, leaves64, floors, allow_unused=True)
+    names = ["out"] + [f"grad of leaf {i}" for i in range(len(grads))]
+    for name, got, pt, ref, floor in zip(
+        names,
+        [out, *grads],
+        [pt_out, *pt_grads],
+        [ref_out, *ref_grads],
+        [torch.zeros_like(ref_out), *leaf_floors],
+        strict=True,
+    ):
+        assert got.shape == ref.shape, f"{what} {name}: shape {tuple(got.shape)} != {ref.shape}"
+        assert got.dtype == dtype, f"{what} {name}: dtype {got.dtype} != {dtype}"
+        assert torch.isfinite(got).all(), f"{what} {name}: non-finite values"
+        if ref.numel() == 0:
+            continue  # nothing to compare beyond the shape and dtype
+        err = (got.double() - ref).abs()
+        pt_err = (pt.double() - ref).abs().max().item()
+        bound = 2 * pt_err + rounding_floor(ref, dtype) + (0 if floor is None else floor)
+        over = err > bound
+        assert not over.any(), (
+            f"{what} {name}: max error {err.max().item():.3g} exceeds its bound (plain PyTorch "
+            f"{dtype} error {pt_err:.3g}); {int(over.sum())} of {err.numel()} elements over"
+        )
