@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastgpt.nn import AttentionFn, CausalSelfAttention, KVCache
+from fastgpt.nn import AttentionFn, CausalSelfAttention, KVCache, init_weights
 
 # MLP non-linearities by config name; "gelu_tanh" is GPT-2's tanh approximation ("gelu_new").
 ACTIVATIONS = {
@@ -159,22 +159,13 @@ class GPT(nn.Module):
         if config.tie_head:
             self.lm_head.weight = self.wte.weight  # tied: one matrix embeds and predicts tokens
 
-        self.apply(self._init_weights)
+        self.apply(init_weights)
         # GPT-2: each residual branch's output projection scaled by 1/sqrt(2 * n_layer), so the
         # residual stream's variance does not grow with depth.
         residual_std = 0.02 / math.sqrt(2 * config.n_layer)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=residual_std)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without the position embedding (as GPT-2 counts)."""

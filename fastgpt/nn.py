@@ -21,6 +21,29 @@ from fastgpt.varlen import attention_varlen
 AttentionFn = Callable[..., Tensor]
 
 
+def _head_counts(n_embd: int, n_head: int, n_kv_head: int | None) -> tuple[int, int, int]:
+    """Check the head counts of an attention layer; return (H, Hkv, head dim D = C // H)."""
+    n_kv_head = n_head if n_kv_head is None else n_kv_head
+    if n_head <= 0 or n_embd % n_head != 0:
+        raise ValueError(f"n_embd ({n_embd}) must be a positive multiple of n_head ({n_head}).")
+    if n_kv_head <= 0 or n_head % n_kv_head != 0:
+        raise ValueError(
+            f"n_head ({n_head}) must be a positive multiple of n_kv_head ({n_kv_head})."
+        )
+    return n_head, n_kv_head, n_embd // n_head
+
+
+def init_weights(module: nn.Module, embedding_std: float = 0.02) -> None:
+    """GPT-2's initialisation of one module (use with Module.apply): linear weights N(0, 0.02),
+    biases zero, embeddings N(0, embedding_std)."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=embedding_std)
+
+
 class KVCache:
     """Keys and values of the positions seen so far, for one attention layer (generation).
 
@@ -88,18 +111,10 @@ class CausalSelfAttention(nn.Module):
         attention_fn: AttentionFn | None = None,
     ) -> None:
         super().__init__()
-        n_kv_head = n_head if n_kv_head is None else n_kv_head
-        if n_head <= 0 or n_embd % n_head != 0:
-            raise ValueError(f"n_embd ({n_embd}) must be a positive multiple of n_head ({n_head}).")
-        if n_kv_head <= 0 or n_head % n_kv_head != 0:
-            raise ValueError(
-                f"n_head ({n_head}) must be a positive multiple of n_kv_head ({n_kv_head})."
-            )
-        self.n_head, self.n_kv_head = n_head, n_kv_head
-        self.head_dim = n_embd // n_head
+        self.n_head, self.n_kv_head, self.head_dim = _head_counts(n_embd, n_head, n_kv_head)
         self.backend = backend
         self.attention_fn = attention_fn
-        self.c_attn = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
+        self.c_attn = nn.Linear(n_embd, (n_head + 2 * self.n_kv_head) * self.head_dim, bias=bias)
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
@@ -187,19 +202,11 @@ class CrossAttention(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        n_kv_head = n_head if n_kv_head is None else n_kv_head
-        if n_head <= 0 or n_embd % n_head != 0:
-            raise ValueError(f"n_embd ({n_embd}) must be a positive multiple of n_head ({n_head}).")
-        if n_kv_head <= 0 or n_head % n_kv_head != 0:
-            raise ValueError(
-                f"n_head ({n_head}) must be a positive multiple of n_kv_head ({n_kv_head})."
-            )
-        self.n_head, self.n_kv_head = n_head, n_kv_head
-        self.head_dim = n_embd // n_head
+        self.n_head, self.n_kv_head, self.head_dim = _head_counts(n_embd, n_head, n_kv_head)
         self.context_dim = n_embd if context_dim is None else context_dim
         self.backend = backend
         self.q_proj = nn.Linear(n_embd, n_embd, bias=bias)
-        self.kv_proj = nn.Linear(self.context_dim, 2 * n_kv_head * self.head_dim, bias=bias)
+        self.kv_proj = nn.Linear(self.context_dim, 2 * self.n_kv_head * self.head_dim, bias=bias)
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 

@@ -11,12 +11,13 @@ from the decoder, keys and values from the encoder). Targets are shifted right: 
 """
 
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastgpt.nn import DecoderBlock, EncoderBlock, KVCache, sinusoidal_positions
+from fastgpt.nn import DecoderBlock, EncoderBlock, KVCache, init_weights, sinusoidal_positions
 
 IGNORE = -1  # target id that adds nothing to the loss (padding)
 
@@ -102,18 +103,9 @@ class Seq2Seq(nn.Module):
         )
         self.ln_dec = nn.LayerNorm(c.n_embd, bias=c.bias)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
         # Embeddings at unit scale, as the sinusoidal positions; linear layers small (GPT-2), so
         # the loss at step 0 is close to ln(vocab_size).
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=1.0)
+        self.apply(partial(init_weights, embedding_std=1.0))
 
     def encode(self, src: Tensor) -> Tensor:
         """src: (B, Ts) token ids -> memory (B, Ts, C), the encoder's output."""
