@@ -20,6 +20,8 @@ Packed variable-length attention (reference_attention_varlen) is this attention 
 sequence of a packed batch: q (total_q, H, D), k, v (total_k, Hkv, D), cu_seqlens prefix sums.
 """
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -32,6 +34,39 @@ def causal_mask(tq: int, tk: int, device: torch.device | str | None = None) -> T
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of scores and softmax: float64 stays float64, everything else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grouped_scores(
+    q: Tensor, k: Tensor, causal: bool, scale: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """q (B, H, Tq, D), k (B, Hkv, Tk, D) -> (qg (B, Hkv, G, Tq, D), masked scale * q.k scores
+    (B, Hkv, G, Tq, Tk) in dtype, row_sees_a_key (Tq,) bool): the forward's and backward's start.
+
+    Query heads are grouped by the kv head they share: no copy of K per query head.
+    """
+    Tq, Tk = q.shape[2], k.shape[2]
+    qg = q.to(dtype).unflatten(1, (k.shape[1], -1))  # (B, Hkv, G, Tq, D)
+    kg = k.to(dtype).unsqueeze(2)  # (B, Hkv, 1, Tk, D)
+    scores = (qg @ kg.transpose(-2, -1)) * scale  # (B, Hkv, G, Tq, Tk)
+    if not causal:
+        return qg, scores, torch.full((Tq,), Tk > 0, dtype=torch.bool, device=q.device)
+    visible = causal_mask(Tq, Tk, q.device)  # (Tq, Tk)
+    # A finite "minus infinity": masked entries underflow to exactly 0 after the max is
+    # subtracted, and a row with no visible key never produces inf - inf = NaN.
+    scores = scores.masked_fill(~visible, torch.finfo(dtype).min)
+    return qg, scores, visible.any(dim=-1)
+
+
+def _sequences(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor) -> Iterator[tuple[slice, slice]]:
+    """(rows of q, rows of k) of each packed sequence; reads cu_seqlens on the host."""
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(starts_q) - 1):
+        yield slice(starts_q[b], starts_q[b + 1]), slice(starts_k[b], starts_k[b + 1])
+
+
+def _heads_first(t: Tensor) -> Tensor:
+    """(n, heads, D) packed rows -> (1, heads, n, D) view, the dense layout."""
+    return t.transpose(0, 1)[None]
 
 
 def reference_attention_with_lse(
@@ -48,27 +83,10 @@ def reference_attention_with_lse(
     compute_dtype defaults to float32 (float64 for float64 inputs); the tests pass q.dtype to get
     "plain PyTorch attention in the same precision" as the error baseline for the kernels.
     """
-    B, H, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    group = H // Hkv
-    scale = D**-0.5 if scale is None else scale
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     dtype = compute_dtype or accumulate_dtype(q.dtype)
-
-    # Group query heads by the kv head they share: no copy of K or V per query head.
-    qg = q.to(dtype).unflatten(1, (Hkv, group))  # (B, Hkv, G, Tq, D)
-    kg = k.to(dtype).unsqueeze(2)  # (B, Hkv, 1, Tk, D)
+    _, scores, row_sees_a_key = _grouped_scores(q, k, causal, scale, dtype)  # (.., Tq, Tk), (Tq,)
     vg = v.to(dtype).unsqueeze(2)  # (B, Hkv, 1, Tk, D)
-    scores = (qg @ kg.transpose(-2, -1)) * scale  # (B, Hkv, G, Tq, Tk)
-
-    if causal:
-        visible = causal_mask(Tq, Tk, q.device)  # (Tq, Tk)
-        # A finite "minus infinity": masked entries underflow to exactly 0 after the max is
-        # subtracted, and a row with no visible key never produces inf - inf = NaN.
-        scores = scores.masked_fill(~visible, torch.finfo(dtype).min)
-        row_sees_a_key = visible.any(dim=-1)  # (Tq,)
-    else:
-        row_sees_a_key = torch.full((Tq,), Tk > 0, dtype=torch.bool, device=q.device)
-
     probs = torch.softmax(scores, dim=-1) * row_sees_a_key[:, None]  # (B, Hkv, G, Tq, Tk)
     out = probs @ vg  # (B, Hkv, G, Tq, D)
     lse = torch.logsumexp(scores, dim=-1)  # (B, Hkv, G, Tq)
@@ -103,13 +121,10 @@ def reference_attention_varlen(
     """
     H, D = q.shape[1], q.shape[2]
     dtype = compute_dtype or accumulate_dtype(q.dtype)
-    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     # Empty first pieces: a batch of no sequences still concatenates to (0, H, D) and (H, 0).
     outs, lses = [q.new_zeros(0, H, D)], [q.new_zeros(H, 0, dtype=dtype)]
-    for b in range(len(starts_q) - 1):
-        q_b = q[starts_q[b] : starts_q[b + 1]].transpose(0, 1)[None]  # (1, H, Tq_b, D)
-        k_b = k[starts_k[b] : starts_k[b + 1]].transpose(0, 1)[None]  # (1, Hkv, Tk_b, D)
-        v_b = v[starts_k[b] : starts_k[b + 1]].transpose(0, 1)[None]  # (1, Hkv, Tk_b, D)
+    for rows, cols in _sequences(cu_seqlens_q, cu_seqlens_k):
+        q_b, k_b, v_b = _heads_first(q[rows]), _heads_first(k[cols]), _heads_first(v[cols])
         out_b, lse_b = reference_attention_with_lse(q_b, k_b, v_b, causal, scale, dtype)
         outs.append(out_b[0].transpose(0, 1))  # (Tq_b, H, D)
         lses.append(lse_b[0])  # (H, Tq_b)
@@ -131,20 +146,13 @@ def reference_attention_backward(
         dv = p^T dO,   dp = dO v^T,   ds = p * (dp - rowsum(p * dp)),
         dq = scale * ds k,   dk = scale * ds^T q   (dk, dv summed over the G heads of a group).
     """
-    B, H, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    group = H // Hkv
-    scale = D**-0.5 if scale is None else scale
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     dtype = accumulate_dtype(q.dtype)
-
-    qg = q.to(dtype).unflatten(1, (Hkv, group))  # (B, Hkv, G, Tq, D)
-    dog = grad_out.to(dtype).unflatten(1, (Hkv, group))  # (B, Hkv, G, Tq, D)
+    qg, scores, row_sees_a_key = _grouped_scores(q, k, causal, scale, dtype)  # as the forward
+    dog = grad_out.to(dtype).unflatten(1, qg.shape[1:3])  # (B, Hkv, G, Tq, D)
     kg = k.to(dtype).unsqueeze(2)  # (B, Hkv, 1, Tk, D)
     vg = v.to(dtype).unsqueeze(2)  # (B, Hkv, 1, Tk, D)
-    scores = (qg @ kg.transpose(-2, -1)) * scale  # (B, Hkv, G, Tq, Tk)
-    visible = causal_mask(Tq, Tk, q.device) if causal else scores.new_ones(Tq, Tk).bool()
-    scores = scores.masked_fill(~visible, torch.finfo(dtype).min)  # as in the forward
-    probs = torch.softmax(scores, dim=-1) * visible.any(dim=-1)[:, None]  # (B, Hkv, G, Tq, Tk)
+    probs = torch.softmax(scores, dim=-1) * row_sees_a_key[:, None]  # (B, Hkv, G, Tq, Tk)
 
     dv = (probs.transpose(-2, -1) @ dog).sum(2)  # (B, Hkv, Tk, D)
     dp = dog @ vg.transpose(-2, -1)  # (B, Hkv, G, Tq, Tk)
@@ -168,21 +176,12 @@ def reference_attention_varlen_backward(
 
     grad_out, q: (total_q, H, D); k, v: (total_k, Hkv, D); each contiguous, in its input's dtype.
     """
-    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # (total_q, H, D)
     dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)  # (total_k, Hkv, D)
     dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)  # (total_k, Hkv, D)
-    for b in range(len(starts_q) - 1):
-        rows = slice(starts_q[b], starts_q[b + 1])
-        cols = slice(starts_k[b], starts_k[b + 1])
-        heads_first = lambda t: t.transpose(0, 1)[None]  # (n, heads, D) -> (1, heads, n, D)
-        grads = reference_attention_backward(
-            heads_first(grad_out[rows]),
-            heads_first(q[rows]),
-            heads_first(k[cols]),
-            heads_first(v[cols]),
-            causal,
-            scale,
-        )
+    for rows, cols in _sequences(cu_seqlens_q, cu_seqlens_k):
+        do_b, q_b = _heads_first(grad_out[rows]), _heads_first(q[rows])  # (1, H, Tq_b, D)
+        k_b, v_b = _heads_first(k[cols]), _heads_first(v[cols])  # (1, Hkv, Tk_b, D)
+        grads = reference_attention_backward(do_b, q_b, k_b, v_b, causal, scale)
         dq[rows], dk[cols], dv[cols] = (g[0].transpose(0, 1) for g in grads)
     return dq, dk, dv
