@@ -7,7 +7,17 @@ triton is first imported; with a GPU they run compiled and the same tests cover 
 import os
 import sys
 
+import pytest
 import torch
 
 if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def one_thread():
+    """For tiny models: one thread runs them faster than several (and shares the CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

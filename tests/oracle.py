@@ -14,11 +14,15 @@ from collections.abc import Callable
 
 import torch
 
+import fastgpt
 from fastgpt.envflags import env_flag
 from fastgpt.reference import causal_mask, reference_attention_with_lse
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRETED = DEVICE.type == "cpu" and env_flag("TRITON_INTERPRET")
+# The model tests' CPU paths: "reference", and "cpp" when the extension is built (Triton
+# interpreted on CPU is the kernel tests' business, far too slow for models).
+CPU_BACKENDS = [b for b in ("reference", "cpp") if b in fastgpt.available_backends("cpu")]
 
 
 def random_tensors(

@@ -5,14 +5,13 @@ import json
 
 import pytest
 import torch
+from oracle import CPU_BACKENDS
 
-import fastgpt
 from fastgpt.model import GPT, GPTConfig
 
 pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
-CPU_BACKENDS = [b for b in ("reference", "cpp") if b in fastgpt.available_backends("cpu")]
 F64 = dict(atol=1e-10, rtol=1e-10)
 
 

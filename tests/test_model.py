@@ -5,23 +5,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from oracle import CPU_BACKENDS
 
 import fastgpt
 import fastgpt.nn as fnn
 from fastgpt.model import GPT, preset_config
 
-# The model's CPU paths: "reference", and "cpp" when the extension is built (Triton interpreted on
-# CPU is the kernel tests' business, far too slow for models).
-CPU_BACKENDS = [b for b in ("reference", "cpp") if b in fastgpt.available_backends("cpu")]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread runs them faster than several (and shares the CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 def plain_attention(module: fnn.CausalSelfAttention, x: torch.Tensor) -> torch.Tensor:

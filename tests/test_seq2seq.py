@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from oracle import rounding_floor
+from oracle import CPU_BACKENDS, rounding_floor
 
 import fastgpt
 import fastgpt.nn as fnn
@@ -15,17 +15,8 @@ from fastgpt.cli import main
 from fastgpt.seq2seq import Seq2Seq, Seq2SeqConfig
 from fastgpt.translation import TranslationConfig, reverse_pairs, task_tokenizer, train_translation
 
-# As in test_model: the model-level CPU paths (Triton interpreted is the kernel tests' business).
-CPU_BACKENDS = [b for b in ("reference", "cpp") if b in fastgpt.available_backends("cpu")]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 HEADS = [(4, None), (4, 2), (4, 1)]  # MHA, GQA, MQA
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def plain_attention(q_in, kv_in, q_proj, kv_proj, c_proj, H, Hkv, causal=False):
