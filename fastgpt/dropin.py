@@ -258,10 +258,12 @@ def flash_attn_varlen_func(
 # --- flash-attn's packed variants: views of one tensor, then the functions above ------------------
 
 
-def _check_packed(entry: str, name: str, t: Tensor, rank: int, dim: int, count: int, layout: str):
-    if not isinstance(t, Tensor) or t.dim() != rank or t.shape[dim] != count:
+def _unpack(entry: str, name: str, t: Tensor, dim: int, count: int, layout: str) -> tuple:
+    """The count views of packed t along dim (no copies), after checking t's shape is layout."""
+    if not isinstance(t, Tensor) or t.dim() != dim + 3 or t.shape[dim] != count:
         shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
         raise ValueError(f"{entry} expects {name} of shape {layout}, got {shape}.")
+    return t.unbind(dim)
 
 
 def flash_attn_qkvpacked_func(
@@ -277,8 +279,7 @@ def flash_attn_qkvpacked_func(
 ) -> Tensor | tuple[Tensor, Tensor, None]:
     """flash_attn.flash_attn_qkvpacked_func: qkv (B, T, 3, H, D) -> flash_attn_func on its three
     (B, T, H, D) views (no copies; the gradient lands in qkv)."""
-    _check_packed("flash_attn_qkvpacked_func", "qkv", qkv, 5, 2, 3, "(B, T, 3, H, D)")
-    q, k, v = qkv.unbind(2)  # (B, T, H, D) views
+    q, k, v = _unpack("flash_attn_qkvpacked_func", "qkv", qkv, 2, 3, "(B, T, 3, H, D)")
     return flash_attn_func(
         q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
         deterministic, return_attn_probs,
@@ -299,8 +300,7 @@ def flash_attn_kvpacked_func(
 ) -> Tensor | tuple[Tensor, Tensor, None]:
     """flash_attn.flash_attn_kvpacked_func: q (B, Tq, H, D), kv (B, Tk, 2, Hkv, D) ->
     flash_attn_func on q and kv's two (B, Tk, Hkv, D) views."""
-    _check_packed("flash_attn_kvpacked_func", "kv", kv, 5, 2, 2, "(B, Tk, 2, Hkv, D)")
-    k, v = kv.unbind(2)  # (B, Tk, Hkv, D) views
+    k, v = _unpack("flash_attn_kvpacked_func", "kv", kv, 2, 2, "(B, Tk, 2, Hkv, D)")
     return flash_attn_func(
         q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
         deterministic, return_attn_probs,
@@ -322,8 +322,7 @@ def flash_attn_varlen_qkvpacked_func(
 ) -> Tensor | tuple[Tensor, Tensor, None]:
     """flash_attn.flash_attn_varlen_qkvpacked_func: qkv (total, 3, H, D), one cu_seqlens for
     queries and keys -> flash_attn_varlen_func on its three (total, H, D) views."""
-    _check_packed("flash_attn_varlen_qkvpacked_func", "qkv", qkv, 4, 1, 3, "(total, 3, H, D)")
-    q, k, v = qkv.unbind(1)  # (total, H, D) views
+    q, k, v = _unpack("flash_attn_varlen_qkvpacked_func", "qkv", qkv, 1, 3, "(total, 3, H, D)")
     return flash_attn_varlen_func(
         q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
         causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
@@ -348,8 +347,7 @@ def flash_attn_varlen_kvpacked_func(
 ) -> Tensor | tuple[Tensor, Tensor, None]:
     """flash_attn.flash_attn_varlen_kvpacked_func: q (total_q, H, D), kv (total_k, 2, Hkv, D) ->
     flash_attn_varlen_func on q and kv's two (total_k, Hkv, D) views."""
-    _check_packed("flash_attn_varlen_kvpacked_func", "kv", kv, 4, 1, 2, "(total_k, 2, Hkv, D)")
-    k, v = kv.unbind(1)  # (total_k, Hkv, D) views
+    k, v = _unpack("flash_attn_varlen_kvpacked_func", "kv", kv, 1, 2, "(total_k, 2, Hkv, D)")
     return flash_attn_varlen_func(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
         softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
