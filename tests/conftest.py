@@ -4,6 +4,7 @@ Without a GPU the Triton kernels run under the Triton interpreter, which must be
 triton is first imported; with a GPU they run compiled and the same tests cover bf16 too.
 """
 
+import logging
 import os
 import sys
 
@@ -21,3 +22,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def debug_log(caplog, monkeypatch):
+    """The FASTGPT_DEBUG lines logged while a test runs: call it for the list so far."""
+    monkeypatch.setenv("FASTGPT_DEBUG", "1")
+    caplog.set_level(logging.DEBUG, logger="fastgpt")
+    return lambda: [r.getMessage() for r in caplog.records]

@@ -23,6 +23,13 @@ INTERPRETED = DEVICE.type == "cpu" and env_flag("TRITON_INTERPRET")
 # The model tests' CPU paths: "reference", and "cpp" when the extension is built (Triton
 # interpreted on CPU is the kernel tests' business, far too slow for models).
 CPU_BACKENDS = [b for b in ("reference", "cpp") if b in fastgpt.available_backends("cpu")]
+# Every backend that runs here (the Triton kernels interpreted on a CPU without a GPU).
+DEVICE_BACKENDS = [
+    (device, backend)
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for backend in fastgpt.available_backends(device)
+]
+F64 = dict(atol=1e-10, rtol=1e-10)  # float64 against float64: the same numbers up to rounding
 
 
 def random_tensors(

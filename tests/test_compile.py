@@ -10,18 +10,12 @@ on CPU, so the cases are few and small.
 
 import pytest
 import torch
-from oracle import random_qkv
+from oracle import DEVICE_BACKENDS, random_qkv
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fastgpt
 from fastgpt.model import GPT, GPTConfig
 
-# Every backend that runs here (the Triton kernels interpreted on a CPU without a GPU).
-DEVICE_BACKENDS = [
-    (device, backend)
-    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for backend in fastgpt.available_backends(device)
-]
 LENGTHS = (8, 13)  # the second run must reuse the graph traced for the first
 
 pytestmark = pytest.mark.slow

@@ -6,29 +6,25 @@ rounding is a semantic one: a wrong causal alignment, scale or head mapping. One
 repeats a case in float32 under the 2x-of-PyTorch error rule.
 """
 
-import logging
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import rounding_floor
+from oracle import DEVICE_BACKENDS, F64, rounding_floor
 
 import fastgpt
 
 TORCH_SDPA = torch._C._nn.scaled_dot_product_attention  # torch's own, whatever F holds
-F64 = dict(atol=1e-10, rtol=1e-10)
 
 
 @pytest.fixture
-def paths(caplog, monkeypatch):
+def paths(debug_log):
     """The drop-in paths taken while a test runs, read from FASTGPT_DEBUG's log."""
-    monkeypatch.setenv("FASTGPT_DEBUG", "1")
-    caplog.set_level(logging.DEBUG, logger="fastgpt")
 
     def taken(entry: str) -> list[str]:
-        return [r.getMessage() for r in caplog.records if r.getMessage().startswith(entry)]
+        return [m for m in debug_log() if m.startswith(entry)]
 
     return taken
 
@@ -95,14 +91,6 @@ def assert_within_twice_baseline(names, got, baseline, exact):
         bound = 2 * (base.double() - ref).abs().max().item() + rounding_floor(ref, base.dtype)
         err = (ours.double() - ref).abs().max().item()
         assert err <= bound, f"{name}: error {err:.3g} > {bound:.3g}"
-
-
-# Every backend that runs here (the Triton kernels interpreted on a CPU without a GPU).
-DEVICE_BACKENDS = [
-    (device, backend)
-    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for backend in fastgpt.available_backends(device)
-]
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

@@ -3,11 +3,11 @@ from_config (nothing downloaded), run with attn_implementation="eager" and "fast
 weights. Logits and gradients are compared in float64, generate() tokens in float32.
 """
 
-import logging
 import sys
 
 import pytest
 import torch
+from oracle import F64
 
 import fastgpt
 
@@ -33,18 +33,14 @@ CONFIGS = {
         **TOKENS,
     ),
 }
-F64 = dict(atol=1e-10, rtol=1e-10)
 
 
 @pytest.fixture
-def paths(caplog, monkeypatch):
+def paths(debug_log):
     """The paths fastgpt's HF attention took while a test runs, read from FASTGPT_DEBUG's log."""
-    monkeypatch.setenv("FASTGPT_DEBUG", "1")
-    caplog.set_level(logging.DEBUG, logger="fastgpt")
 
     def taken() -> list[str]:
-        messages = [r.getMessage() for r in caplog.records]
-        return [m.split("-> ")[1] for m in messages if m.startswith("hf_attention")]
+        return [m.split("-> ")[1] for m in debug_log() if m.startswith("hf_attention")]
 
     return taken
 

@@ -5,14 +5,12 @@ import json
 
 import pytest
 import torch
-from oracle import CPU_BACKENDS
+from oracle import CPU_BACKENDS, F64
 
 from fastgpt.model import GPT, GPTConfig
 
 pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
-
-F64 = dict(atol=1e-10, rtol=1e-10)
 
 
 def tiny_gpt2(**config) -> GPT2LMHeadModel:

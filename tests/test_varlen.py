@@ -6,7 +6,6 @@ both), one token, lengths that are no multiple of 16, Tq < Tk and Tq > Tk within
 that see no key under causal), and one long sequence among short ones.
 """
 
-import logging
 import re
 
 import pytest
@@ -237,14 +236,6 @@ def test_non_finite_scale_raises():
 
 
 # --- dispatch -----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def debug_log(caplog, monkeypatch):
-    """The FASTGPT_DEBUG lines logged while a test runs."""
-    monkeypatch.setenv("FASTGPT_DEBUG", "1")
-    caplog.set_level(logging.DEBUG, logger="fastgpt")
-    return lambda: [r.getMessage() for r in caplog.records]
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpp"])
