@@ -107,14 +107,41 @@ def flash_backward_floor(q, k, v, grad_out, causal, scale, dtype):
     return fq, fk.unflatten(1, (Hkv, group)).sum(2), fv.unflatten(1, (Hkv, group)).sum(2)
 
 
-def leaf_floors(leaves, views, grad_out, causal, scale, dtype):
-    """flash_backward_floor mapped from q, k, v back onto the leaf tensors they are views of."""
+def leaf_floors(leaves, views, grad_out, floors_of: Callable) -> list[torch.Tensor | None]:
+    """floors_of(q, k, v, grad_out) -> (fq, fk, fv), all float64, mapped from q, k, v back onto
+    the leaf tensors they are views of (None for a leaf none of them reads)."""
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     qkv = views(*leaves64)
-    floors = flash_backward_floor(
-        *[t.detach() for t in qkv], grad_out.double(), causal, scale, dtype
-    )
-    return torch.autograd.grad(qkv, leaves64, floors)
+    floors = floors_of(*[t.detach() for t in qkv], grad_out.double())
+    return list(torch.autograd.grad(qkv, leaves64, floors, allow_unused=True))
+
+
+def assert_within_bounds(what, dtype, got, plain, exact, floors) -> None:
+    """The rule on each result: got (in dtype) is at most 2x plain PyTorch's (in dtype) error
+    against exact (float64), plus the rounding floor and the elementwise floor (None: 0).
+
+    got, plain, exact, floors: lists in one order, the output then the leaves' gradients.
+    """
+    names = ["out"] + [f"grad of leaf {i}" for i in range(len(got) - 1)]
+    for name, out, pt, ref, floor in zip(names, got, plain, exact, floors, strict=True):
+        assert out.shape == ref.shape, f"{what} {name}: shape {tuple(out.shape)} != {ref.shape}"
+        assert out.dtype == dtype, f"{what} {name}: dtype {out.dtype} != {dtype}"
+        assert torch.isfinite(out).all(), (
+            f"{what} {name}: {(~torch.isfinite(out)).sum()} non-finite"
+        )
+        if ref.numel() == 0:
+            continue  # nothing to compare beyond the shape and dtype
+        err = (out.double() - ref).abs()
+        pt_err = (pt.double() - ref).abs().max().item()
+        bound = 2 * pt_err + rounding_floor(ref, dtype) + (0 if floor is None else floor)
+        over = err > bound
+        worst = (err - bound).argmax()
+        assert not over.any(), (
+            f"{what} {name}: error {err.flatten()[worst].item():.3g} at index "
+            f"{[int(i) for i in torch.unravel_index(worst, err.shape)]} exceeds its bound "
+            f"{bound.flatten()[worst].item():.3g} (plain PyTorch {dtype} error {pt_err:.3g}, "
+            f"max error {err.max().item():.3g}); {int(over.sum())} of {err.numel()} elements over"
+        )
 
 
 def run_attention(fn, leaves, views, grad_out, dtype):
@@ -153,25 +180,11 @@ def check_against_float64(
     pt_out, pt_grads = run_attention(plain, leaves, views, grad_out, dtype)
     out, grads = run_attention(fn, leaves, views, grad_out, dtype)
 
-    names = ["out"] + [f"grad of leaf {i}" for i in range(len(grads))]
-    floors = [torch.zeros_like(ref_out)]
-    floors += leaf_floors(leaves, views, grad_out, causal, scale, dtype)
-    for name, got, pt, ref, floor in zip(
-        names, [out, *grads], [pt_out, *pt_grads], [ref_out, *ref_grads], floors, strict=True
-    ):
-        assert got.shape == ref.shape, f"{what} {name}: shape {tuple(got.shape)} != {ref.shape}"
-        assert got.dtype == dtype, f"{what} {name}: dtype {got.dtype} != {dtype}"
-        assert torch.isfinite(got).all(), (
-            f"{what} {name}: {(~torch.isfinite(got)).sum()} non-finite"
-        )
-        err = (got.double() - ref).abs()
-        pt_err = (pt.double() - ref).abs().max().item()
-        bound = 2 * pt_err + rounding_floor(ref, dtype) + floor  # elementwise
-        over = err > bound
-        worst = (err - bound).argmax()
-        assert not over.any(), (
-            f"{what} {name}: error {err.flatten()[worst].item():.3g} at index "
-            f"{[int(i) for i in torch.unravel_index(worst, err.shape)]} exceeds its bound "
-            f"{bound.flatten()[worst].item():.3g} (plain PyTorch {dtype} error {pt_err:.3g}, "
-            f"max error {err.max().item():.3g}); {int(over.sum())} elements over"
-        )
+    def floors_of(q, k, v, grad_out):
+        return flash_backward_floor(q, k, v, grad_out, causal, scale, dtype)
+
+    floors = leaf_floors(leaves, views, grad_out, floors_of)
+    assert_within_bounds(
+        what, dtype, [out, *grads], [pt_out, *pt_grads], [ref_out, *ref_grads],
+        [torch.zeros_like(ref_out), *floors],
+    )  # fmt: skip

@@ -11,7 +11,14 @@ the dtype and, for gradients, the first-order rounding of a flash-style backward
 from collections.abc import Callable, Sequence
 
 import torch
-from oracle import DEVICE, flash_backward_floor, random_tensors, rounding_floor, run_attention
+from oracle import (
+    DEVICE,
+    assert_within_bounds,
+    flash_backward_floor,
+    leaf_floors,
+    random_tensors,
+    run_attention,
+)
 
 
 def cu_seqlens(lengths: Sequence[int], device: torch.device | str = DEVICE) -> torch.Tensor:
@@ -98,31 +105,11 @@ def check_varlen_against_float64(
     pt_out, pt_grads = run_attention(oracle, leaves, views, grad_out, dtype)
     out, grads = run_attention(fn, leaves, views, grad_out, dtype)
 
-    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
-    qkv = views(*leaves64)
-    floors = varlen_floors(
-        *[t.detach() for t in qkv], grad_out.double(), lens_q, lens_k, causal, scale, dtype
-    )
-    leaf_floors = torch.autograd.grad(qkv, leaves64, floors, allow_unused=True)
-    names = ["out"] + [f"grad of leaf {i}" for i in range(len(grads))]
-    for name, got, pt, ref, floor in zip(
-        names,
-        [out, *grads],
-        [pt_out, *pt_grads],
-        [ref_out, *ref_grads],
-        [torch.zeros_like(ref_out), *leaf_floors],
-        strict=True,
-    ):
-        assert got.shape == ref.shape, f"{what} {name}: shape {tuple(got.shape)} != {ref.shape}"
-        assert got.dtype == dtype, f"{what} {name}: dtype {got.dtype} != {dtype}"
-        assert torch.isfinite(got).all(), f"{what} {name}: non-finite values"
-        if ref.numel() == 0:
-            continue  # nothing to compare beyond the shape and dtype
-        err = (got.double() - ref).abs()
-        pt_err = (pt.double() - ref).abs().max().item()
-        bound = 2 * pt_err + rounding_floor(ref, dtype) + (0 if floor is None else floor)
-        over = err > bound
-        assert not over.any(), (
-            f"{what} {name}: max error {err.max().item():.3g} exceeds its bound (plain PyTorch "
-            f"{dtype} error {pt_err:.3g}); {int(over.sum())} of {err.numel()} elements over"
-        )
+    def floors_of(q, k, v, grad_out):
+        return varlen_floors(q, k, v, grad_out, lens_q, lens_k, causal, scale, dtype)
+
+    floors = leaf_floors(leaves, views, grad_out, floors_of)
+    assert_within_bounds(
+        what, dtype, [out, *grads], [pt_out, *pt_grads], [ref_out, *ref_grads],
+        [torch.zeros_like(ref_out), *floors],
+    )  # fmt: skip
