@@ -168,7 +168,6 @@ def check_against_float64(
     projection); without views the leaves are q, k, v themselves.
     """
     dtype = leaves[0].dtype
-    views = views or (lambda *qkv: qkv)
 
     def oracle(q, k, v):
         return reference_attention_with_lse(q, k, v, causal, scale)[0]
@@ -176,13 +175,21 @@ def check_against_float64(
     def plain(q, k, v):
         return reference_attention_with_lse(q, k, v, causal, scale, compute_dtype=q.dtype)[0]
 
-    ref_out, ref_grads = run_attention(oracle, leaves, views, grad_out, torch.float64)
-    pt_out, pt_grads = run_attention(plain, leaves, views, grad_out, dtype)
-    out, grads = run_attention(fn, leaves, views, grad_out, dtype)
-
     def floors_of(q, k, v, grad_out):
         return flash_backward_floor(q, k, v, grad_out, causal, scale, dtype)
 
+    check_rule(fn, oracle, plain, floors_of, leaves, grad_out, views, what)
+
+
+def check_rule(fn, oracle, plain, floors_of, leaves, grad_out, views, what) -> None:
+    """The rule, whatever the layout: fn and plain (PyTorch in the leaves' dtype) on views(*leaves)
+    (the leaves themselves without views) against oracle in float64, with the elementwise
+    backward floors of floors_of(q, k, v, grad_out) -> (fq, fk, fv)."""
+    dtype = leaves[0].dtype
+    views = views or (lambda *qkv: qkv)
+    ref_out, ref_grads = run_attention(oracle, leaves, views, grad_out, torch.float64)
+    pt_out, pt_grads = run_attention(plain, leaves, views, grad_out, dtype)
+    out, grads = run_attention(fn, leaves, views, grad_out, dtype)
     floors = leaf_floors(leaves, views, grad_out, floors_of)
     assert_within_bounds(
         what, dtype, [out, *grads], [pt_out, *pt_grads], [ref_out, *ref_grads],
