@@ -81,8 +81,9 @@ def dkdv_tiles(
                 visible = visible & (offs_n[:, None] <= rows[None, :] + causal_shift)
             s_t = tl.where(visible, s_t, float("-inf"))
         # s - lse in natural units first (as exact as softmax's s - max), then base 2; lse = +inf
-        # for a row that sees no key gives p = 0 exactly.
-        p_t = tl.exp2((s_t - lse[None, :]) * LOG2E)
+        # for a row that sees no key gives p = 0 exactly. Clamped at 0 (p <= 1): at scores ~1e10
+        # the fp32 rounding of lse exceeds 128 and exp2 would overflow.
+        p_t = tl.exp2(tl.minimum((s_t - lse[None, :]) * LOG2E, 0.0))
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -206,7 +207,7 @@ def dq_tiles(
             if CAUSAL:
                 visible = visible & (cols[None, :] <= offs_m[:, None] + causal_shift)
             s = tl.where(visible, s, float("-inf"))
-        p = tl.exp2((s - lse[:, None]) * LOG2E)
+        p = tl.exp2(tl.minimum((s - lse[:, None]) * LOG2E, 0.0))  # p <= 1, as in dK/dV
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)

@@ -8,8 +8,9 @@ causal diagonal, the ragged tails and the unmasked interior in different tiles o
 
 import pytest
 import torch
-from oracle import DEVICE, INTERPRETED, random_qkv, rounding_floor
+from oracle import DEVICE, INTERPRETED, check_against_float64, random_qkv, rounding_floor
 
+import fastgpt
 from fastgpt.reference import reference_attention_with_lse
 
 triton = pytest.importorskip("triton")
@@ -282,3 +283,20 @@ def test_default_dkdv_split_of_a_small_grid_matches_float64():
     ref = grads_float64(q, k, v, grad_out, True, 0.3)
     plain = grads_plain(q, k, v, grad_out, True, 0.3)
     assert_grads_close(got, ref, plain, q.dtype, "default split")
+
+
+@pytest.mark.parametrize("shift", [1e3, 1e5])
+def test_large_scores_with_a_soft_softmax_match_float64(shift):
+    # Every key shares a large component along q's common direction: scores ~5.6 * shift but the
+    # same spread as at shift 0, so p is far from one-hot while lse carries fp32's rounding at
+    # that magnitude (the clamp p <= 1 must not cost accuracy here).
+    *leaves, grad_out = random_qkv(1, 2, 1, 21, 37, 16, torch.float64, grad_out=True, seed=11)
+    q, k, v = leaves
+    leaves = [t.float() for t in (q + 1.0, k + shift, v)]
+    scores = leaves[0].double() @ leaves[1].double().transpose(-2, -1) / 4
+    assert scores.abs().max() > 5 * shift
+
+    def fn(q, k, v):
+        return fastgpt.attention(q, k, v, causal=True, backend="triton")
+
+    check_against_float64(fn, leaves, grad_out, True, what=f"shift {shift}")
