@@ -1,8 +1,8 @@
 """Flash-attention backward: numerics and tiling only (launches live in attention.py).
 
 With s = scale * q . k, p = exp(s - lse) recomputed from the forward's row log-sum-exp
-(as exp2((s - lse) * log2(e)): the difference is taken in natural units, where it is exact enough
-for scores ~1e3):
+(as exp2(min(fma(q.k, scale, -lse), 0) * log2(e)): the difference is taken in natural units with
+one rounding, where it is exact enough for scores ~1e3; see p_exponent):
 
     dv = p^T dO          dp = dO v^T          ds = p * (dp - delta),  delta = rowsum(dO * O)
     dk = scale * ds^T q  dq = scale * ds k
@@ -49,6 +49,18 @@ def bwd_preprocess_kernel(
 
 
 @triton.jit
+def p_exponent(qk, scale, lse):
+    """log2 of p = exp(scale * qk - lse), clamped at 0 (p <= 1), for raw products qk.
+
+    scale * qk - lse is one fma: the product is not rounded on its own, so at scores ~1e3 the only
+    rounding of that size left is the forward's fp32 lse. The difference, small wherever p is not,
+    then goes to base 2. lse = +inf (a row that sees no key) gives -inf: p = 0 exactly. The clamp
+    matters at scores ~1e10, where lse's rounding exceeds 128 and exp2 would overflow.
+    """
+    return tl.minimum(tl.fma(qk, scale, -lse) * LOG2E, 0.0)
+
+
+@triton.jit
 def dkdv_tiles(
     dk, dv, k, v,  # (BLOCK_N, BLOCK_D): fp32 accumulators, then this program's K and V tiles
     q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom,  # pointers at query tile `lo`
@@ -72,18 +84,16 @@ def dkdv_tiles(
         if SCORES_AS_FORWARD:
             # q k^T then transposed: the forward's product, bit for bit (the interpreter's matmul
             # rounds k q^T differently, and scores ~1e3 magnify that in p = exp(s - lse)).
-            s_t = tl.trans(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)) * scale
+            qk_t = tl.trans(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION))
         else:
-            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale
+            qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        x_t = p_exponent(qk_t, scale, lse[None, :])
         if MASKED:
             visible = rows[None, :] < Tq
             if CAUSAL:
                 visible = visible & (offs_n[:, None] <= rows[None, :] + causal_shift)
-            s_t = tl.where(visible, s_t, float("-inf"))
-        # s - lse in natural units first (as exact as softmax's s - max), then base 2; lse = +inf
-        # for a row that sees no key gives p = 0 exactly. Clamped at 0 (p <= 1): at scores ~1e10
-        # the fp32 rounding of lse exceeds 128 and exp2 would overflow.
-        p_t = tl.exp2(tl.minimum((s_t - lse[None, :]) * LOG2E, 0.0))
+            x_t = tl.where(visible, x_t, float("-inf"))
+        p_t = tl.exp2(x_t)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -201,13 +211,14 @@ def dq_tiles(
         cols = start_n + offs_n
         k = load_tile(k_ptrs, cols, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
         v = load_tile(v_ptrs, cols, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # (BLOCK_M, BLOCK_N)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        x = p_exponent(qk, scale, lse[:, None])
         if MASKED:
             visible = cols[None, :] < Tk
             if CAUSAL:
                 visible = visible & (cols[None, :] <= offs_m[:, None] + causal_shift)
-            s = tl.where(visible, s, float("-inf"))
-        p = tl.exp2(tl.minimum((s - lse[:, None]) * LOG2E, 0.0))  # p <= 1, as in dK/dV
+            x = tl.where(visible, x, float("-inf"))
+        p = tl.exp2(x)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
