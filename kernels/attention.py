@@ -40,9 +40,9 @@ if INTERPRET:
 # per program). Tensor dtypes are added by the autotuner itself.
 _KEY = ["HEAD_DIM", "CAUSAL", "GROUP", "TQ_BUCKET", "TK_BUCKET"]
 
-_fwd = triton.autotune(FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": prune_fwd})(
-    attn_fwd_kernel
-)
+_fwd = triton.autotune(
+    FWD_CONFIGS, key=[*_KEY, "USE_TMA"], prune_configs_by={"early_config_prune": prune_fwd}
+)(attn_fwd_kernel)
 _dkdv = triton.autotune(
     DKDV_CONFIGS, key=[*_KEY, "SPLITS"], prune_configs_by={"early_config_prune": prune_dkdv}
 )(bwd_dkdv_kernel)
@@ -77,9 +77,18 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def attention_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    scale: float,
+    use_tma: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused attention forward. Returns out (B, H, Tq, D) in q.dtype and lse (B, H, Tq) fp32."""
+    """Fused attention forward. Returns out (B, H, Tq, D) in q.dtype and lse (B, H, Tq) fp32.
+
+    use_tma: Q/K/V loads and the O store through tensor descriptors; default tma_ok(...) (sm_90+
+    with 16-byte-aligned bases and strides). True forces it (the interpreter tests both paths).
+    """
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -92,6 +101,10 @@ def attention_forward(
     if Tq == 1 and Tk >= DECODE_MIN_KEYS:
         return decode_forward(q, k, v, scale)
 
+    use_tma = tma_ok(q, k, v, out) if use_tma is None else use_tma
+    if use_tma and not INTERPRET:
+        _set_descriptor_allocator()
+
     def grid(meta):
         return (triton.cdiv(Tq, meta["BLOCK_M"]), H, B)
 
@@ -101,9 +114,34 @@ def attention_forward(
         H, H // Hkv, Tq, Tk, abs(scale) * LOG2E.value, abs(scale),
         _bucket(Tq), _bucket(Tk),
         HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=bool(causal), SCALE_NEG=scale < 0,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        DOT_PRECISION=_dot_precision(q.dtype), USE_TMA=bool(use_tma),
     )  # fmt: skip
     return out, lse
+
+
+def tma_ok(*tensors: torch.Tensor) -> bool:
+    """Whether tensor descriptors can read / write these (B, H, T, D) tensors: a CUDA device of
+    compute capability 9.0 or newer, unit last stride, 16-byte-aligned data pointer and strides."""
+    t0 = tensors[0]
+    if t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9:
+        return False
+    return all(
+        t.stride(-1) == 1
+        and t.data_ptr() % 16 == 0
+        and t.stride(-2) > 0
+        and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+        for t in tensors
+    )
+
+
+@functools.cache
+def _set_descriptor_allocator() -> None:
+    """Descriptors made inside a kernel need global scratch memory from Triton's allocator."""
+
+    def alloc(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.int8, device="cuda")
+
+    triton.set_allocator(alloc)
 
 
 def decode_forward(
