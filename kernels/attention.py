@@ -120,17 +120,22 @@ def attention_forward(
 
 
 def tma_ok(*tensors: torch.Tensor) -> bool:
-    """Whether tensor descriptors can read / write these (B, H, T, D) tensors: a CUDA device of
-    compute capability 9.0 or newer, unit last stride, 16-byte-aligned data pointer and strides."""
+    """Whether the forward reads / writes these (B, H, T, D) tensors through tensor descriptors:
+    a CUDA device of compute capability 9.0 or newer and every tensor descriptor_aligned."""
     t0 = tensors[0]
     if t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9:
         return False
-    return all(
+    return all(descriptor_aligned(t) for t in tensors)
+
+
+def descriptor_aligned(t: torch.Tensor) -> bool:
+    """TMA's layout rules for a (B, H, T, D) tensor: unit last stride, a row stride above 0, and
+    the data pointer and every other stride (in bytes) multiples of 16."""
+    return (
         t.stride(-1) == 1
-        and t.data_ptr() % 16 == 0
         and t.stride(-2) > 0
+        and t.data_ptr() % 16 == 0
         and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
-        for t in tensors
     )
 
 
