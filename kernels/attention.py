@@ -46,9 +46,9 @@ _fwd = triton.autotune(
 _dkdv = triton.autotune(
     DKDV_CONFIGS, key=[*_KEY, "SPLITS"], prune_configs_by={"early_config_prune": prune_dkdv}
 )(bwd_dkdv_kernel)
-_dq = triton.autotune(DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": prune_dq})(
-    bwd_dq_kernel
-)
+_dq = triton.autotune(
+    DQ_CONFIGS, key=[*_KEY, "USE_TMA"], prune_configs_by={"early_config_prune": prune_dq}
+)(bwd_dq_kernel)
 _decode = triton.autotune(
     DECODE_CONFIGS,
     key=["HEAD_DIM", "TK_BUCKET"],
@@ -200,11 +200,13 @@ def attention_backward(
     causal: bool,
     scale: float,
     dkdv_split: int | None = None,
+    use_tma: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused attention backward. Returns dq like q, dk and dv like k, contiguous, input dtype.
 
     dkdv_split: how many programs share one KV head's GQA group in the dK/dV pass (a divisor of
     the group); default dkdv_splits(...), more than 1 only when the grid would not fill the GPU.
+    use_tma: the dQ pass through tensor descriptors (as attention_forward's); default tma_ok(...).
     """
     grad_out, q, k, v, out = (last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
     B, H, Tq, D = q.shape
@@ -252,10 +254,13 @@ def attention_backward(
     def dq_grid(meta):
         return (triton.cdiv(Tq, meta["BLOCK_M"]), H, B)
 
+    use_tma = tma_ok(q, k, v, grad_out, dq) if use_tma is None else use_tma
+    if use_tma and not INTERPRET:
+        _set_descriptor_allocator()
     _dq[dq_grid](
         q, k, v, grad_out, lse, delta, dq,
         *strides, *dq.stride()[:3],
-        H, H // Hkv, Tq, Tk, scale, *buckets, **common,
+        H, H // Hkv, Tq, Tk, scale, *buckets, **common, USE_TMA=bool(use_tma),
     )  # fmt: skip
     return dq, dk, dv
 

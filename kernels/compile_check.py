@@ -42,7 +42,7 @@ HEAD_DIMS = (16, 32, 64, 128, 256)  # BLOCK_D buckets: every padded head dim a l
 _SOURCES = ("flash_fwd.py", "flash_bwd.py", "decode.py", "aot.py")  # what a compile depends on
 
 # A case: (arch, kind, dtype, head_dim, (BLOCK_M, BLOCK_N, warps, stages), overrides or None).
-TMA = {"USE_TMA": True}  # the forward's sm_90 path: Q/K/V/O through tensor descriptors
+TMA = {"USE_TMA": True}  # the sm_90 path of the forward and dQ: tiles through tensor descriptors
 
 
 def cases(arch: int, dtypes=("bf16", "fp32")):
@@ -59,7 +59,7 @@ def cases(arch: int, dtypes=("bf16", "fp32")):
             for block_d in dims:
                 for row in configs.select_rows(kind, capability, block_d, elem, limit):
                     yield arch, kind, dtype, block_d, row, None
-                    if kind == "fwd" and arch >= 90 and elem == 2:  # the tensor-descriptor path
+                    if kind in ("fwd", "dq") and arch >= 90 and elem == 2:  # descriptor path
                         yield arch, kind, dtype, block_d, row, TMA
     for dtype in dtypes:  # untuned helpers: one fixed config each
         yield arch, "preprocess", dtype, 256, (128, 0, 4, 1), None
@@ -92,7 +92,7 @@ def constexprs_of(kind: str, block_d: int, row: tuple[int, int, int, int], dtype
     if kind in ("fwd", "dkdv", "dq"):
         tiles = {"CAUSAL": True, "BLOCK_M": block_m, "BLOCK_N": block_n}
         extra = {"fwd": {"SCALE_NEG": False, "USE_TMA": False}}
-        extra |= {"dkdv": {"SCORES_AS_FORWARD": False}, "dq": {}}
+        extra |= {"dkdv": {"SCORES_AS_FORWARD": False}, "dq": {"USE_TMA": False}}
         return {**base, **precision, **tiles, **extra[kind]}
     if kind == "decode":
         return {**base, **precision, "BLOCK_G": 16, "BLOCK_N": block_n, "SCALE_NEG": False}

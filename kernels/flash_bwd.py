@@ -20,7 +20,7 @@ Both loops skip tiles the causal mask hides and mask only the diagonal / ragged 
 import triton
 import triton.language as tl
 
-from .flash_fwd import LOG2E, head_base_offset, load_tile
+from .flash_fwd import LOG2E, head_base_offset, load_tile, tile_descriptor
 
 
 @triton.jit
@@ -199,18 +199,22 @@ def bwd_dkdv_kernel(
 @triton.jit
 def dq_tiles(
     dq, q, do, lse, delta,  # (BLOCK_M, BLOCK_D) fp32 acc, q, dO tiles; (BLOCK_M,) fp32 x2
-    k_ptrs, v_ptrs, stride_kn, stride_vn,  # (BLOCK_N, BLOCK_D) pointers at key tile `lo`
-    offs_m, offs_n, offs_d,
+    k_src, v_src, stride_kn, stride_vn,  # (BLOCK_N, BLOCK_D) pointers at key tile `lo`, or
+    offs_m, offs_n, offs_d,  # with USE_TMA tensor descriptors of K and V (Tk, HEAD_DIM)
     lo, hi, Tk, HEAD_DIM, causal_shift, scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     """Accumulate the key tiles [lo, hi) into dq (unscaled)."""
     # Masked (diagonal, ragged) tiles are not software-pipelined, as in the forward.
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASKED else None):
         cols = start_n + offs_n
-        k = load_tile(k_ptrs, cols, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
-        v = load_tile(v_ptrs, cols, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
+        if USE_TMA:  # rows past Tk and columns past HEAD_DIM come back as zeros
+            k = k_src.load([start_n, 0])
+            v = v_src.load([start_n, 0])
+        else:
+            k = load_tile(k_src, cols, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
+            v = load_tile(v_src, cols, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         x = p_exponent(qk, scale, lse[:, None])
         if MASKED:
@@ -222,9 +226,10 @@ def dq_tiles(
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
-    return dq, k_ptrs, v_ptrs
+        if not USE_TMA:
+            k_src += BLOCK_N * stride_kn
+            v_src += BLOCK_N * stride_vn
+    return dq, k_src, v_src
 
 
 @triton.jit
@@ -239,8 +244,10 @@ def bwd_dq_kernel(
     TQ_BUCKET, TK_BUCKET,  # autotune keys only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr = False,
 ):  # fmt: skip
     # Grid: (cdiv(Tq, BLOCK_M), H, B), diagonal-heavy (late) query tiles first under causal.
+    # USE_TMA: Q/dO/K/V loads and the dQ store through tensor descriptors, as in the forward.
     n_m_blocks = tl.cdiv(Tq, BLOCK_M)
     pid_m = n_m_blocks - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
     h = tl.program_id(1)
@@ -252,12 +259,16 @@ def bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
-    q_ptrs = Q + head_base_offset(b, h, stride_qb, stride_qh)
-    q_ptrs += offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :]
-    do_ptrs = DO + head_base_offset(b, h, stride_dob, stride_doh)
-    do_ptrs += offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :]
-    q = load_tile(q_ptrs, offs_m, offs_d, Tq, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
-    do = load_tile(do_ptrs, offs_m, offs_d, Tq, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+    q_base = Q + head_base_offset(b, h, stride_qb, stride_qh)
+    do_base = DO + head_base_offset(b, h, stride_dob, stride_doh)
+    if USE_TMA:
+        q = tile_descriptor(q_base, Tq, HEAD_DIM, stride_qm, BLOCK_M, BLOCK_D).load([start_m, 0])
+        do = tile_descriptor(do_base, Tq, HEAD_DIM, stride_dom, BLOCK_M, BLOCK_D).load([start_m, 0])
+    else:
+        q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :]
+        do_ptrs = do_base + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :]
+        q = load_tile(q_ptrs, offs_m, offs_d, Tq, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+        do = load_tile(do_ptrs, offs_m, offs_d, Tq, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
     row_ptr = pid_bh.to(tl.int64) * Tq + offs_m
     lse = tl.load(Lse + row_ptr, mask=offs_m < Tq, other=float("inf"))
     delta = tl.load(Delta + row_ptr, mask=offs_m < Tq, other=0.0)
@@ -274,24 +285,32 @@ def bwd_dq_kernel(
         n_end = Tk
     n_full = tl.minimum(n_full, n_end)
 
-    k_ptrs = K + head_base_offset(b, h_kv, stride_kb, stride_kh)
-    k_ptrs += offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + head_base_offset(b, h_kv, stride_vb, stride_vh)
-    v_ptrs += offs_n[:, None] * stride_vn + offs_d[None, :]
+    k_base = K + head_base_offset(b, h_kv, stride_kb, stride_kh)
+    v_base = V + head_base_offset(b, h_kv, stride_vb, stride_vh)
+    if USE_TMA:
+        k_src = tile_descriptor(k_base, Tk, HEAD_DIM, stride_kn, BLOCK_N, BLOCK_D)
+        v_src = tile_descriptor(v_base, Tk, HEAD_DIM, stride_vn, BLOCK_N, BLOCK_D)
+    else:
+        k_src = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
+        v_src = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq, k_ptrs, v_ptrs = dq_tiles(
-        dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+    dq, k_src, v_src = dq_tiles(
+        dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, offs_m, offs_n, offs_d,
         0, n_full, Tk, HEAD_DIM, causal_shift, scale,
-        False, CAUSAL, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        False, CAUSAL, BLOCK_N, BLOCK_D, DOT_PRECISION, USE_TMA,
     )  # fmt: skip
-    dq, k_ptrs, v_ptrs = dq_tiles(
-        dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+    dq, k_src, v_src = dq_tiles(
+        dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, offs_m, offs_n, offs_d,
         n_full, n_end, Tk, HEAD_DIM, causal_shift, scale,
-        True, CAUSAL, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        True, CAUSAL, BLOCK_N, BLOCK_D, DOT_PRECISION, USE_TMA,
     )  # fmt: skip
 
     dq *= scale
-    dq_ptrs = DQ + head_base_offset(b, h, stride_dqb, stride_dqh)
-    dq_ptrs += offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :]
-    mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)
+    dq_base = DQ + head_base_offset(b, h, stride_dqb, stride_dqh)
+    if USE_TMA:  # rows past Tq and columns past HEAD_DIM are not written
+        dq_desc = tile_descriptor(dq_base, Tq, HEAD_DIM, stride_dqm, BLOCK_M, BLOCK_D)
+        dq_desc.store([start_m, 0], dq.to(DQ.dtype.element_ty))
+    else:
+        dq_ptrs = dq_base + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :]
+        mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)
