@@ -23,6 +23,7 @@ from .configs import (
     DQ_CONFIGS,
     FWD_CONFIGS,
     INTERPRET,
+    TMA_MAX_BLOCK_D,
     prune_decode,
     prune_dkdv,
     prune_dq,
@@ -101,7 +102,8 @@ def attention_forward(
     if Tq == 1 and Tk >= DECODE_MIN_KEYS:
         return decode_forward(q, k, v, scale)
 
-    use_tma = tma_ok(q, k, v, out) if use_tma is None else use_tma
+    if use_tma is None:
+        use_tma = _block_d(D) <= TMA_MAX_BLOCK_D["fwd"] and tma_ok(q, k, v, out)
     if use_tma and not INTERPRET:
         _set_descriptor_allocator()
 
@@ -206,7 +208,8 @@ def attention_backward(
 
     dkdv_split: how many programs share one KV head's GQA group in the dK/dV pass (a divisor of
     the group); default dkdv_splits(...), more than 1 only when the grid would not fill the GPU.
-    use_tma: the dQ pass through tensor descriptors (as attention_forward's); default tma_ok(...).
+    use_tma: the dQ pass through tensor descriptors (as attention_forward's); default tma_ok(...)
+    up to head dim 128 (configs.TMA_MAX_BLOCK_D).
     """
     grad_out, q, k, v, out = (last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
     B, H, Tq, D = q.shape
@@ -254,7 +257,8 @@ def attention_backward(
     def dq_grid(meta):
         return (triton.cdiv(Tq, meta["BLOCK_M"]), H, B)
 
-    use_tma = tma_ok(q, k, v, grad_out, dq) if use_tma is None else use_tma
+    if use_tma is None:
+        use_tma = block_d <= TMA_MAX_BLOCK_D["dq"] and tma_ok(q, k, v, grad_out, dq)
     if use_tma and not INTERPRET:
         _set_descriptor_allocator()
     _dq[dq_grid](

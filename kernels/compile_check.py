@@ -59,7 +59,8 @@ def cases(arch: int, dtypes=("bf16", "fp32")):
             for block_d in dims:
                 for row in configs.select_rows(kind, capability, block_d, elem, limit):
                     yield arch, kind, dtype, block_d, row, None
-                    if kind in ("fwd", "dq") and arch >= 90 and elem == 2:  # descriptor path
+                    tma_max = configs.TMA_MAX_BLOCK_D.get(kind, 0)
+                    if arch >= 90 and elem == 2 and block_d <= tma_max:  # descriptor path
                         yield arch, kind, dtype, block_d, row, TMA
     for dtype in dtypes:  # untuned helpers: one fixed config each
         yield arch, "preprocess", dtype, 256, (128, 0, 4, 1), None
