@@ -45,7 +45,9 @@ _fwd = triton.autotune(
     FWD_CONFIGS, key=[*_KEY, "USE_TMA"], prune_configs_by={"early_config_prune": prune_fwd}
 )(attn_fwd_kernel)
 _dkdv = triton.autotune(
-    DKDV_CONFIGS, key=[*_KEY, "SPLITS"], prune_configs_by={"early_config_prune": prune_dkdv}
+    DKDV_CONFIGS,
+    key=[*_KEY, "SPLITS", "USE_TMA"],
+    prune_configs_by={"early_config_prune": prune_dkdv},
 )(bwd_dkdv_kernel)
 _dq = triton.autotune(
     DQ_CONFIGS, key=[*_KEY, "USE_TMA"], prune_configs_by={"early_config_prune": prune_dq}
@@ -208,8 +210,8 @@ def attention_backward(
 
     dkdv_split: how many programs share one KV head's GQA group in the dK/dV pass (a divisor of
     the group); default dkdv_splits(...), more than 1 only when the grid would not fill the GPU.
-    use_tma: the dQ pass through tensor descriptors (as attention_forward's); default tma_ok(...)
-    up to head dim 128 (configs.TMA_MAX_BLOCK_D).
+    use_tma: the dK/dV and dQ passes through tensor descriptors (as attention_forward's); default
+    tma_ok(...) up to head dim 128 (configs.TMA_MAX_BLOCK_D).
     """
     grad_out, q, k, v, out = (last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
     B, H, Tq, D = q.shape
@@ -241,6 +243,12 @@ def attention_backward(
             f"dkdv_split={splits} must divide the GQA group {group} (H={H}, Hkv={Hkv})"
         )
     dk_out, dv_out = _dkdv_targets(dk, dv, splits)
+    if use_tma is None:
+        tma_dkdv = block_d <= TMA_MAX_BLOCK_D["dkdv"] and tma_ok(q, k, v, grad_out, dk_out, dv_out)
+    else:
+        tma_dkdv = use_tma
+    if tma_dkdv and not INTERPRET:
+        _set_descriptor_allocator()
 
     def dkdv_grid(meta):
         return (triton.cdiv(Tk, meta["BLOCK_N"]), Hkv * splits, B)
@@ -249,6 +257,7 @@ def attention_backward(
         q, k, v, grad_out, lse, delta, dk_out, dv_out,
         *strides, *dk_out.stride()[:3], *dv_out.stride()[:3],
         H, Hkv, group, splits, Tq, Tk, scale, *buckets, **common, SCORES_AS_FORWARD=INTERPRET,
+        USE_TMA=bool(tma_dkdv),
     )  # fmt: skip
     if splits > 1:
         _sum_partials(dk, dk_out, splits)

@@ -42,7 +42,7 @@ HEAD_DIMS = (16, 32, 64, 128, 256)  # BLOCK_D buckets: every padded head dim a l
 _SOURCES = ("flash_fwd.py", "flash_bwd.py", "decode.py", "aot.py")  # what a compile depends on
 
 # A case: (arch, kind, dtype, head_dim, (BLOCK_M, BLOCK_N, warps, stages), overrides or None).
-TMA = {"USE_TMA": True}  # the sm_90 path of the forward and dQ: tiles through tensor descriptors
+TMA = {"USE_TMA": True}  # the sm_90 path of fwd, dK/dV and dQ: tiles through tensor descriptors
 
 
 def cases(arch: int, dtypes=("bf16", "fp32")):
@@ -93,7 +93,7 @@ def constexprs_of(kind: str, block_d: int, row: tuple[int, int, int, int], dtype
     if kind in ("fwd", "dkdv", "dq"):
         tiles = {"CAUSAL": True, "BLOCK_M": block_m, "BLOCK_N": block_n}
         extra = {"fwd": {"SCALE_NEG": False, "USE_TMA": False}}
-        extra |= {"dkdv": {"SCORES_AS_FORWARD": False}, "dq": {"USE_TMA": False}}
+        extra |= {"dkdv": {"SCORES_AS_FORWARD": False, "USE_TMA": False}, "dq": {"USE_TMA": False}}
         return {**base, **precision, **tiles, **extra[kind]}
     if kind == "decode":
         return {**base, **precision, "BLOCK_G": 16, "BLOCK_N": block_n, "SCALE_NEG": False}

@@ -73,8 +73,8 @@ _DECODE_ROWS = {
 _DECODE = {"hopper": _DECODE_ROWS, "ampere": _DECODE_ROWS}
 
 # Largest BLOCK_D that takes the tensor-descriptor path on sm_90 (compile_check: the dQ D=256
-# tiles, 32 x 32 on mma.sync, spill 2-2.4 KB with descriptors and none without).
-TMA_MAX_BLOCK_D = {"fwd": 256, "dq": 128}
+# tiles, 32 x 32 on mma.sync, spill 2-2.4 KB with descriptors and none without; dK/dV alike).
+TMA_MAX_BLOCK_D = {"fwd": 256, "dq": 128, "dkdv": 128}
 TABLES = {"fwd": _FWD, "dkdv": _DKDV, "dq": _DQ, "decode": _DECODE}
 _INTERPRET_ROW = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
 _INTERPRET_ROW["decode"] = (16, 16, 4, 1)

@@ -61,20 +61,53 @@ def p_exponent(qk, scale, lse):
 
 
 @triton.jit
+def load_rows(
+    base, start, n_rows, stride_row, offs_r, offs_d, HEAD_DIM,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr,
+):  # fmt: skip
+    """Rows [start, start + BLOCK_R) (offs_r) of one (n_rows, HEAD_DIM) head slice as a
+    (BLOCK_R, BLOCK_D) tile, zeros past either end; through a tensor descriptor with USE_TMA."""
+    if USE_TMA:
+        desc = tile_descriptor(base, n_rows, HEAD_DIM, stride_row, BLOCK_R, BLOCK_D)
+        return desc.load([start, 0])
+    else:
+        ptrs = base + offs_r[:, None].to(tl.int64) * stride_row + offs_d[None, :]
+        return load_tile(ptrs, offs_r, offs_d, n_rows, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+
+
+@triton.jit
+def store_rows(
+    base, tile, start, n_rows, stride_row, offs_r, offs_d, HEAD_DIM,
+    BLOCK_R: tl.constexpr, USE_TMA: tl.constexpr,
+):  # fmt: skip
+    """Store `tile` as rows [start, start + BLOCK_R) of one head slice, nothing past either end."""
+    if USE_TMA:
+        desc = tile_descriptor(base, n_rows, HEAD_DIM, stride_row, BLOCK_R, tile.shape[1])
+        desc.store([start, 0], tile)
+    else:
+        ptrs = base + offs_r[:, None].to(tl.int64) * stride_row + offs_d[None, :]
+        tl.store(ptrs, tile, mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
 def dkdv_tiles(
     dk, dv, k, v,  # (BLOCK_N, BLOCK_D): fp32 accumulators, then this program's K and V tiles
-    q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom,  # pointers at query tile `lo`
-    offs_n, offs_m, offs_d,
+    q_src, do_src, lse_ptr, delta_ptr, stride_qm, stride_dom,  # pointers at query tile `lo`,
+    offs_n, offs_m, offs_d,  # or with USE_TMA descriptors of this head's Q and dO (Tq, HEAD_DIM)
     lo, hi, Tq, HEAD_DIM, causal_shift, scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SCORES_AS_FORWARD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SCORES_AS_FORWARD: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     """Accumulate the query tiles [lo, hi) into dk, dv, kept transposed (keys x queries)."""
     # Masked (diagonal, ragged) tiles are not software-pipelined, as in the forward.
     for start_m in tl.range(lo, hi, BLOCK_M, num_stages=1 if MASKED else None):
         rows = start_m + offs_m
-        q = load_tile(q_ptrs, rows, offs_d, Tq, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
-        do = load_tile(do_ptrs, rows, offs_d, Tq, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
+        if USE_TMA:  # rows past Tq and columns past HEAD_DIM come back as zeros
+            q = q_src.load([start_m, 0])
+            do = do_src.load([start_m, 0])
+        else:
+            q = load_tile(q_src, rows, offs_d, Tq, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
+            do = load_tile(do_src, rows, offs_d, Tq, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
         if MASKED:
             lse = tl.load(lse_ptr + rows, mask=rows < Tq, other=float("inf"))
             delta = tl.load(delta_ptr + rows, mask=rows < Tq, other=0.0)
@@ -98,9 +131,10 @@ def dkdv_tiles(
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
-        q_ptrs += BLOCK_M * stride_qm
-        do_ptrs += BLOCK_M * stride_dom
-    return dk, dv, q_ptrs, do_ptrs
+        if not USE_TMA:
+            q_src += BLOCK_M * stride_qm
+            do_src += BLOCK_M * stride_dom
+    return dk, dv, q_src, do_src
 
 
 @triton.jit
@@ -116,8 +150,9 @@ def bwd_dkdv_kernel(
     TQ_BUCKET, TK_BUCKET,  # autotune keys only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SCORES_AS_FORWARD: tl.constexpr,
+    SCORES_AS_FORWARD: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):  # fmt: skip
+    # USE_TMA: K/V/Q/dO loads and the dK/dV stores through tensor descriptors, as in the forward.
     # Grid: (cdiv(Tk, BLOCK_N), H_KV * SPLITS, B). Early key tiles see the most queries under the
     # causal mask, so they are launched first. Program (n, h_out, b) covers the query heads
     # [split * per_split, (split + 1) * per_split) of KV head h_kv's group and writes head h_out
@@ -133,12 +168,14 @@ def bwd_dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
 
-    k_ptrs = K + head_base_offset(b, h_kv, stride_kb, stride_kh)
-    k_ptrs += offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
-    v_ptrs = V + head_base_offset(b, h_kv, stride_vb, stride_vh)
-    v_ptrs += offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
-    k = load_tile(k_ptrs, offs_n, offs_d, Tk, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
-    v = load_tile(v_ptrs, offs_n, offs_d, Tk, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+    k_base = K + head_base_offset(b, h_kv, stride_kb, stride_kh)
+    v_base = V + head_base_offset(b, h_kv, stride_vb, stride_vh)
+    k = load_rows(
+        k_base, start_n, Tk, stride_kn, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA
+    )
+    v = load_rows(
+        v_base, start_n, Tk, stride_vn, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA
+    )
 
     # Query range: [m_lo, m_full) on the diagonal (masked), [m_full, m_tail) unmasked,
     # [m_tail, Tq) the ragged last query tile (masked). A ragged key tile masks everything: its
@@ -164,36 +201,40 @@ def bwd_dkdv_kernel(
         # The query heads of this slice in a fixed order: deterministic, no atomics.
         h = first_head + g
         bh = b * H + h
-        q_ptrs = Q + head_base_offset(b, h, stride_qb, stride_qh)
-        q_ptrs += m_lo.to(tl.int64) * stride_qm + offs_m[:, None] * stride_qm + offs_d[None, :]
-        do_ptrs = DO + head_base_offset(b, h, stride_dob, stride_doh)
-        do_ptrs += m_lo.to(tl.int64) * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :]
+        q_base = Q + head_base_offset(b, h, stride_qb, stride_qh)
+        do_base = DO + head_base_offset(b, h, stride_dob, stride_doh)
+        if USE_TMA:
+            q_src = tile_descriptor(q_base, Tq, HEAD_DIM, stride_qm, BLOCK_M, BLOCK_D)
+            do_src = tile_descriptor(do_base, Tq, HEAD_DIM, stride_dom, BLOCK_M, BLOCK_D)
+        else:
+            q_src = q_base + m_lo.to(tl.int64) * stride_qm
+            q_src += offs_m[:, None] * stride_qm + offs_d[None, :]
+            do_src = do_base + m_lo.to(tl.int64) * stride_dom
+            do_src += offs_m[:, None] * stride_dom + offs_d[None, :]
         lse_ptr = Lse + bh.to(tl.int64) * Tq
         delta_ptr = Delta + bh.to(tl.int64) * Tq
-        dk, dv, q_ptrs, do_ptrs = dkdv_tiles(
-            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom,
+        dk, dv, q_src, do_src = dkdv_tiles(
+            dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qm, stride_dom,
             offs_n, offs_m, offs_d, m_lo, m_full, Tq, HEAD_DIM, causal_shift, scale,
-            True, CAUSAL, BLOCK_M, BLOCK_D, DOT_PRECISION, SCORES_AS_FORWARD,
+            True, CAUSAL, BLOCK_M, BLOCK_D, DOT_PRECISION, SCORES_AS_FORWARD, USE_TMA,
         )  # fmt: skip
-        dk, dv, q_ptrs, do_ptrs = dkdv_tiles(
-            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom,
+        dk, dv, q_src, do_src = dkdv_tiles(
+            dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qm, stride_dom,
             offs_n, offs_m, offs_d, m_full, m_tail, Tq, HEAD_DIM, causal_shift, scale,
-            False, CAUSAL, BLOCK_M, BLOCK_D, DOT_PRECISION, SCORES_AS_FORWARD,
+            False, CAUSAL, BLOCK_M, BLOCK_D, DOT_PRECISION, SCORES_AS_FORWARD, USE_TMA,
         )  # fmt: skip
-        dk, dv, q_ptrs, do_ptrs = dkdv_tiles(
-            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom,
+        dk, dv, q_src, do_src = dkdv_tiles(
+            dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qm, stride_dom,
             offs_n, offs_m, offs_d, m_tail, Tq, Tq, HEAD_DIM, causal_shift, scale,
-            True, CAUSAL, BLOCK_M, BLOCK_D, DOT_PRECISION, SCORES_AS_FORWARD,
+            True, CAUSAL, BLOCK_M, BLOCK_D, DOT_PRECISION, SCORES_AS_FORWARD, USE_TMA,
         )  # fmt: skip
 
-    dk *= scale
-    mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
-    dk_ptrs = DK + head_base_offset(b, h_out, stride_dkb, stride_dkh)
-    dk_ptrs += offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :]
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask)
-    dv_ptrs = DV + head_base_offset(b, h_out, stride_dvb, stride_dvh)
-    dv_ptrs += offs_n[:, None].to(tl.int64) * stride_dvn + offs_d[None, :]
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+    dk = (dk * scale).to(DK.dtype.element_ty)
+    dk_base = DK + head_base_offset(b, h_out, stride_dkb, stride_dkh)
+    store_rows(dk_base, dk, start_n, Tk, stride_dkn, offs_n, offs_d, HEAD_DIM, BLOCK_N, USE_TMA)
+    dv_base = DV + head_base_offset(b, h_out, stride_dvb, stride_dvh)
+    dv = dv.to(DV.dtype.element_ty)
+    store_rows(dv_base, dv, start_n, Tk, stride_dvn, offs_n, offs_d, HEAD_DIM, BLOCK_N, USE_TMA)
 
 
 @triton.jit

@@ -339,16 +339,18 @@ def test_descriptor_alignment_rules():
         assert not ka.tma_ok(x, x, x, x)
 
 
-@pytest.mark.parametrize("tq, tk", [(70, 70), (33, 81), (81, 33)])
-def test_dq_descriptor_path_matches_pointer_path_and_float64(tq, tk):
-    # The dQ pass with Q/dO/K/V/dQ through tensor descriptors, forced; D=40 pads to 64.
+@pytest.mark.parametrize("tq, tk, split", [(70, 70, 1), (33, 81, 2), (81, 33, 1)])
+def test_backward_descriptor_path_matches_pointer_path_and_float64(tq, tk, split):
+    # dK/dV and dQ with Q/dO/K/V loads and dK/dV/dQ stores (fp32 partials with split 2) through
+    # tensor descriptors, forced; D=40 pads to 64; GQA group 2.
     q, k, v = random_qkv(1, 4, 2, tq, tk, 40, seed=12)
     out, lse = ka.attention_forward(q, k, v, True, 0.3)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(13)).to(DEVICE)
-    got = ka.attention_backward(grad_out, q, k, v, out, lse, True, 0.3, use_tma=True)
+    args = (grad_out, q, k, v, out, lse, True, 0.3, split)
+    got = ka.attention_backward(*args, use_tma=True)
     ref = grads_float64(q, k, v, grad_out, True, 0.3)
     plain = grads_plain(q, k, v, grad_out, True, 0.3)
     assert_grads_close(got, ref, plain, q.dtype, f"descriptors {tq} x {tk}")
-    ptr = ka.attention_backward(grad_out, q, k, v, out, lse, True, 0.3, use_tma=False)
+    ptr = ka.attention_backward(*args, use_tma=False)
     for a, b in zip(got, ptr, strict=True):
         assert torch.equal(a, b)
