@@ -23,6 +23,7 @@ from .configs import (
     DQ_CONFIGS,
     FWD_CONFIGS,
     INTERPRET,
+    TMA_MAX_BLOCK_D,
     prune_decode,
     prune_dkdv,
     prune_dq,
@@ -40,15 +41,17 @@ if INTERPRET:
 # per program). Tensor dtypes are added by the autotuner itself.
 _KEY = ["HEAD_DIM", "CAUSAL", "GROUP", "TQ_BUCKET", "TK_BUCKET"]
 
-_fwd = triton.autotune(FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": prune_fwd})(
-    attn_fwd_kernel
-)
+_fwd = triton.autotune(
+    FWD_CONFIGS, key=[*_KEY, "USE_TMA"], prune_configs_by={"early_config_prune": prune_fwd}
+)(attn_fwd_kernel)
 _dkdv = triton.autotune(
-    DKDV_CONFIGS, key=[*_KEY, "SPLITS"], prune_configs_by={"early_config_prune": prune_dkdv}
+    DKDV_CONFIGS,
+    key=[*_KEY, "SPLITS", "USE_TMA"],
+    prune_configs_by={"early_config_prune": prune_dkdv},
 )(bwd_dkdv_kernel)
-_dq = triton.autotune(DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": prune_dq})(
-    bwd_dq_kernel
-)
+_dq = triton.autotune(
+    DQ_CONFIGS, key=[*_KEY, "USE_TMA"], prune_configs_by={"early_config_prune": prune_dq}
+)(bwd_dq_kernel)
 _decode = triton.autotune(
     DECODE_CONFIGS,
     key=["HEAD_DIM", "TK_BUCKET"],
@@ -77,9 +80,18 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def attention_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    scale: float,
+    use_tma: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused attention forward. Returns out (B, H, Tq, D) in q.dtype and lse (B, H, Tq) fp32."""
+    """Fused attention forward. Returns out (B, H, Tq, D) in q.dtype and lse (B, H, Tq) fp32.
+
+    use_tma: Q/K/V loads and the O store through tensor descriptors; default tma_ok(...) (sm_90+
+    with 16-byte-aligned bases and strides). True forces it (the interpreter tests both paths).
+    """
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -92,6 +104,11 @@ def attention_forward(
     if Tq == 1 and Tk >= DECODE_MIN_KEYS:
         return decode_forward(q, k, v, scale)
 
+    if use_tma is None:
+        use_tma = _block_d(D) <= TMA_MAX_BLOCK_D["fwd"] and tma_ok(q, k, v, out)
+    if use_tma and not INTERPRET:
+        _set_descriptor_allocator()
+
     def grid(meta):
         return (triton.cdiv(Tq, meta["BLOCK_M"]), H, B)
 
@@ -101,9 +118,39 @@ def attention_forward(
         H, H // Hkv, Tq, Tk, abs(scale) * LOG2E.value, abs(scale),
         _bucket(Tq), _bucket(Tk),
         HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=bool(causal), SCALE_NEG=scale < 0,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        DOT_PRECISION=_dot_precision(q.dtype), USE_TMA=bool(use_tma),
     )  # fmt: skip
     return out, lse
+
+
+def tma_ok(*tensors: torch.Tensor) -> bool:
+    """Whether the forward reads / writes these (B, H, T, D) tensors through tensor descriptors:
+    a CUDA device of compute capability 9.0 or newer and every tensor descriptor_aligned."""
+    t0 = tensors[0]
+    if t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9:
+        return False
+    return all(descriptor_aligned(t) for t in tensors)
+
+
+def descriptor_aligned(t: torch.Tensor) -> bool:
+    """TMA's layout rules for a (B, H, T, D) tensor: unit last stride, a row stride above 0, and
+    the data pointer and every other stride (in bytes) multiples of 16."""
+    return (
+        t.stride(-1) == 1
+        and t.stride(-2) > 0
+        and t.data_ptr() % 16 == 0
+        and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+    )
+
+
+@functools.cache
+def _set_descriptor_allocator() -> None:
+    """Descriptors made inside a kernel need global scratch memory from Triton's allocator."""
+
+    def alloc(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.int8, device="cuda")
+
+    triton.set_allocator(alloc)
 
 
 def decode_forward(
@@ -157,11 +204,14 @@ def attention_backward(
     causal: bool,
     scale: float,
     dkdv_split: int | None = None,
+    use_tma: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused attention backward. Returns dq like q, dk and dv like k, contiguous, input dtype.
 
     dkdv_split: how many programs share one KV head's GQA group in the dK/dV pass (a divisor of
     the group); default dkdv_splits(...), more than 1 only when the grid would not fill the GPU.
+    use_tma: the dK/dV and dQ passes through tensor descriptors (as attention_forward's); default
+    tma_ok(...) up to head dim 128 (configs.TMA_MAX_BLOCK_D).
     """
     grad_out, q, k, v, out = (last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
     B, H, Tq, D = q.shape
@@ -193,6 +243,12 @@ def attention_backward(
             f"dkdv_split={splits} must divide the GQA group {group} (H={H}, Hkv={Hkv})"
         )
     dk_out, dv_out = _dkdv_targets(dk, dv, splits)
+    if use_tma is None:
+        tma_dkdv = block_d <= TMA_MAX_BLOCK_D["dkdv"] and tma_ok(q, k, v, grad_out, dk_out, dv_out)
+    else:
+        tma_dkdv = use_tma
+    if tma_dkdv and not INTERPRET:
+        _set_descriptor_allocator()
 
     def dkdv_grid(meta):
         return (triton.cdiv(Tk, meta["BLOCK_N"]), Hkv * splits, B)
@@ -201,6 +257,7 @@ def attention_backward(
         q, k, v, grad_out, lse, delta, dk_out, dv_out,
         *strides, *dk_out.stride()[:3], *dv_out.stride()[:3],
         H, Hkv, group, splits, Tq, Tk, scale, *buckets, **common, SCORES_AS_FORWARD=INTERPRET,
+        USE_TMA=bool(tma_dkdv),
     )  # fmt: skip
     if splits > 1:
         _sum_partials(dk, dk_out, splits)
@@ -209,10 +266,14 @@ def attention_backward(
     def dq_grid(meta):
         return (triton.cdiv(Tq, meta["BLOCK_M"]), H, B)
 
+    if use_tma is None:
+        use_tma = block_d <= TMA_MAX_BLOCK_D["dq"] and tma_ok(q, k, v, grad_out, dq)
+    if use_tma and not INTERPRET:
+        _set_descriptor_allocator()
     _dq[dq_grid](
         q, k, v, grad_out, lse, delta, dq,
         *strides, *dq.stride()[:3],
-        H, H // Hkv, Tq, Tk, scale, *buckets, **common,
+        H, H // Hkv, Tq, Tk, scale, *buckets, **common, USE_TMA=bool(use_tma),
     )  # fmt: skip
     return dq, dk, dv
 

@@ -42,6 +42,7 @@ HEAD_DIMS = (16, 32, 64, 128, 256)  # BLOCK_D buckets: every padded head dim a l
 _SOURCES = ("flash_fwd.py", "flash_bwd.py", "decode.py", "aot.py")  # what a compile depends on
 
 # A case: (arch, kind, dtype, head_dim, (BLOCK_M, BLOCK_N, warps, stages), overrides or None).
+TMA = {"USE_TMA": True}  # the sm_90 path of fwd, dK/dV and dQ: tiles through tensor descriptors
 
 
 def cases(arch: int, dtypes=("bf16", "fp32")):
@@ -58,6 +59,9 @@ def cases(arch: int, dtypes=("bf16", "fp32")):
             for block_d in dims:
                 for row in configs.select_rows(kind, capability, block_d, elem, limit):
                     yield arch, kind, dtype, block_d, row, None
+                    tma_max = configs.TMA_MAX_BLOCK_D.get(kind, 0)
+                    if arch >= 90 and elem == 2 and block_d <= tma_max:  # descriptor path
+                        yield arch, kind, dtype, block_d, row, TMA
     for dtype in dtypes:  # untuned helpers: one fixed config each
         yield arch, "preprocess", dtype, 256, (128, 0, 4, 1), None
         yield arch, "combine", dtype, 256, (0, 0, 4, 1), None
@@ -88,7 +92,8 @@ def constexprs_of(kind: str, block_d: int, row: tuple[int, int, int, int], dtype
     precision = {"DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     if kind in ("fwd", "dkdv", "dq"):
         tiles = {"CAUSAL": True, "BLOCK_M": block_m, "BLOCK_N": block_n}
-        extra = {"fwd": {"SCALE_NEG": False}, "dkdv": {"SCORES_AS_FORWARD": False}, "dq": {}}
+        extra = {"fwd": {"SCALE_NEG": False, "USE_TMA": False}}
+        extra |= {"dkdv": {"SCORES_AS_FORWARD": False, "USE_TMA": False}, "dq": {"USE_TMA": False}}
         return {**base, **precision, **tiles, **extra[kind]}
     if kind == "decode":
         return {**base, **precision, "BLOCK_G": 16, "BLOCK_N": block_n, "SCALE_NEG": False}

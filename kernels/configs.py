@@ -46,7 +46,8 @@ _DKDV = {
     "ampere": {
         (16, 32): [(32, 128, 4, 3), (64, 64, 4, 3)],  # (32, 128, 8, 3) spills 40 B at D=16
         (64,): [(32, 128, 8, 3), (32, 64, 4, 3)],
-        (128,): [(32, 64, 8, 2), (64, 64, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2)],
+        # (16, 64, 4, 2) spills 32 B once p's exponent is one fma (255 registers): (32, 32, 4, 2)
+        (128,): [(32, 64, 8, 2), (64, 64, 8, 2), (16, 128, 8, 2), (32, 32, 4, 2)],
         (256,): [(32, 32, 8, 1), (16, 32, 8, 2)],
     },
 }
@@ -71,6 +72,9 @@ _DECODE_ROWS = {
 }
 _DECODE = {"hopper": _DECODE_ROWS, "ampere": _DECODE_ROWS}
 
+# Largest BLOCK_D that takes the tensor-descriptor path on sm_90 (compile_check: the dQ D=256
+# tiles, 32 x 32 on mma.sync, spill 2-2.4 KB with descriptors and none without; dK/dV alike).
+TMA_MAX_BLOCK_D = {"fwd": 256, "dq": 128, "dkdv": 128}
 TABLES = {"fwd": _FWD, "dkdv": _DKDV, "dq": _DQ, "decode": _DECODE}
 _INTERPRET_ROW = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
 _INTERPRET_ROW["decode"] = (16, 16, 4, 1)

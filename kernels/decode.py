@@ -58,12 +58,12 @@ def decode_split_kernel(
     acc, m_i, l_i, k_ptrs, v_ptrs = fwd_tiles(
         acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_g, offs_n, offs_d,
         lo, hi_full, Tk, HEAD_DIM, 0, qk_scale,
-        False, False, SCALE_NEG, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        False, False, SCALE_NEG, BLOCK_N, BLOCK_D, DOT_PRECISION, False,  # pointer loads
     )  # fmt: skip
     acc, m_i, l_i, k_ptrs, v_ptrs = fwd_tiles(
         acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_g, offs_n, offs_d,
         hi_full, hi, Tk, HEAD_DIM, 0, qk_scale,
-        True, False, SCALE_NEG, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        True, False, SCALE_NEG, BLOCK_N, BLOCK_D, DOT_PRECISION, False,
     )  # fmt: skip
 
     # Row of a partial: ((b * H + h) * S + s), with h = h_kv * GROUP + g.

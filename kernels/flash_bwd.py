@@ -1,8 +1,8 @@
 """Flash-attention backward: numerics and tiling only (launches live in attention.py).
 
 With s = scale * q . k, p = exp(s - lse) recomputed from the forward's row log-sum-exp
-(as exp2((s - lse) * log2(e)): the difference is taken in natural units, where it is exact enough
-for scores ~1e3):
+(as exp2(min(fma(q.k, scale, -lse), 0) * log2(e)): the difference is taken in natural units with
+one rounding, where it is exact enough for scores ~1e3; see p_exponent):
 
     dv = p^T dO          dp = dO v^T          ds = p * (dp - delta),  delta = rowsum(dO * O)
     dk = scale * ds^T q  dq = scale * ds k
@@ -20,7 +20,7 @@ Both loops skip tiles the causal mask hides and mask only the diagonal / ragged 
 import triton
 import triton.language as tl
 
-from .flash_fwd import LOG2E, head_base_offset, load_tile
+from .flash_fwd import LOG2E, head_base_offset, load_tile, tile_descriptor
 
 
 @triton.jit
@@ -49,20 +49,65 @@ def bwd_preprocess_kernel(
 
 
 @triton.jit
+def p_exponent(qk, scale, lse):
+    """log2 of p = exp(scale * qk - lse), clamped at 0 (p <= 1), for raw products qk.
+
+    scale * qk - lse is one fma: the product is not rounded on its own, so at scores ~1e3 the only
+    rounding of that size left is the forward's fp32 lse. The difference, small wherever p is not,
+    then goes to base 2. lse = +inf (a row that sees no key) gives -inf: p = 0 exactly. The clamp
+    matters at scores ~1e10, where lse's rounding exceeds 128 and exp2 would overflow.
+    """
+    return tl.minimum(tl.fma(qk, scale, -lse) * LOG2E, 0.0)
+
+
+@triton.jit
+def load_rows(
+    base, start, n_rows, stride_row, offs_r, offs_d, HEAD_DIM,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr,
+):  # fmt: skip
+    """Rows [start, start + BLOCK_R) (offs_r) of one (n_rows, HEAD_DIM) head slice as a
+    (BLOCK_R, BLOCK_D) tile, zeros past either end; through a tensor descriptor with USE_TMA."""
+    if USE_TMA:
+        desc = tile_descriptor(base, n_rows, HEAD_DIM, stride_row, BLOCK_R, BLOCK_D)
+        return desc.load([start, 0])
+    else:
+        ptrs = base + offs_r[:, None].to(tl.int64) * stride_row + offs_d[None, :]
+        return load_tile(ptrs, offs_r, offs_d, n_rows, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+
+
+@triton.jit
+def store_rows(
+    base, tile, start, n_rows, stride_row, offs_r, offs_d, HEAD_DIM,
+    BLOCK_R: tl.constexpr, USE_TMA: tl.constexpr,
+):  # fmt: skip
+    """Store `tile` as rows [start, start + BLOCK_R) of one head slice, nothing past either end."""
+    if USE_TMA:
+        desc = tile_descriptor(base, n_rows, HEAD_DIM, stride_row, BLOCK_R, tile.shape[1])
+        desc.store([start, 0], tile)
+    else:
+        ptrs = base + offs_r[:, None].to(tl.int64) * stride_row + offs_d[None, :]
+        tl.store(ptrs, tile, mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
 def dkdv_tiles(
     dk, dv, k, v,  # (BLOCK_N, BLOCK_D): fp32 accumulators, then this program's K and V tiles
-    q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom,  # pointers at query tile `lo`
-    offs_n, offs_m, offs_d,
+    q_src, do_src, lse_ptr, delta_ptr, stride_qm, stride_dom,  # pointers at query tile `lo`,
+    offs_n, offs_m, offs_d,  # or with USE_TMA descriptors of this head's Q and dO (Tq, HEAD_DIM)
     lo, hi, Tq, HEAD_DIM, causal_shift, scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SCORES_AS_FORWARD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SCORES_AS_FORWARD: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     """Accumulate the query tiles [lo, hi) into dk, dv, kept transposed (keys x queries)."""
     # Masked (diagonal, ragged) tiles are not software-pipelined, as in the forward.
     for start_m in tl.range(lo, hi, BLOCK_M, num_stages=1 if MASKED else None):
         rows = start_m + offs_m
-        q = load_tile(q_ptrs, rows, offs_d, Tq, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
-        do = load_tile(do_ptrs, rows, offs_d, Tq, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
+        if USE_TMA:  # rows past Tq and columns past HEAD_DIM come back as zeros
+            q = q_src.load([start_m, 0])
+            do = do_src.load([start_m, 0])
+        else:
+            q = load_tile(q_src, rows, offs_d, Tq, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
+            do = load_tile(do_src, rows, offs_d, Tq, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
         if MASKED:
             lse = tl.load(lse_ptr + rows, mask=rows < Tq, other=float("inf"))
             delta = tl.load(delta_ptr + rows, mask=rows < Tq, other=0.0)
@@ -72,24 +117,24 @@ def dkdv_tiles(
         if SCORES_AS_FORWARD:
             # q k^T then transposed: the forward's product, bit for bit (the interpreter's matmul
             # rounds k q^T differently, and scores ~1e3 magnify that in p = exp(s - lse)).
-            s_t = tl.trans(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)) * scale
+            qk_t = tl.trans(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION))
         else:
-            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale
+            qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        x_t = p_exponent(qk_t, scale, lse[None, :])
         if MASKED:
             visible = rows[None, :] < Tq
             if CAUSAL:
                 visible = visible & (offs_n[:, None] <= rows[None, :] + causal_shift)
-            s_t = tl.where(visible, s_t, float("-inf"))
-        # s - lse in natural units first (as exact as softmax's s - max), then base 2; lse = +inf
-        # for a row that sees no key gives p = 0 exactly.
-        p_t = tl.exp2((s_t - lse[None, :]) * LOG2E)
+            x_t = tl.where(visible, x_t, float("-inf"))
+        p_t = tl.exp2(x_t)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
-        q_ptrs += BLOCK_M * stride_qm
-        do_ptrs += BLOCK_M * stride_dom
-    return dk, dv, q_ptrs, do_ptrs
+        if not USE_TMA:
+            q_src += BLOCK_M * stride_qm
+            do_src += BLOCK_M * stride_dom
+    return dk, dv, q_src, do_src
 
 
 @triton.jit
@@ -105,8 +150,9 @@ def bwd_dkdv_kernel(
     TQ_BUCKET, TK_BUCKET,  # autotune keys only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SCORES_AS_FORWARD: tl.constexpr,
+    SCORES_AS_FORWARD: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):  # fmt: skip
+    # USE_TMA: K/V/Q/dO loads and the dK/dV stores through tensor descriptors, as in the forward.
     # Grid: (cdiv(Tk, BLOCK_N), H_KV * SPLITS, B). Early key tiles see the most queries under the
     # causal mask, so they are launched first. Program (n, h_out, b) covers the query heads
     # [split * per_split, (split + 1) * per_split) of KV head h_kv's group and writes head h_out
@@ -122,12 +168,14 @@ def bwd_dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
 
-    k_ptrs = K + head_base_offset(b, h_kv, stride_kb, stride_kh)
-    k_ptrs += offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
-    v_ptrs = V + head_base_offset(b, h_kv, stride_vb, stride_vh)
-    v_ptrs += offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
-    k = load_tile(k_ptrs, offs_n, offs_d, Tk, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
-    v = load_tile(v_ptrs, offs_n, offs_d, Tk, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+    k_base = K + head_base_offset(b, h_kv, stride_kb, stride_kh)
+    v_base = V + head_base_offset(b, h_kv, stride_vb, stride_vh)
+    k = load_rows(
+        k_base, start_n, Tk, stride_kn, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA
+    )
+    v = load_rows(
+        v_base, start_n, Tk, stride_vn, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA
+    )
 
     # Query range: [m_lo, m_full) on the diagonal (masked), [m_full, m_tail) unmasked,
     # [m_tail, Tq) the ragged last query tile (masked). A ragged key tile masks everything: its
@@ -153,66 +201,76 @@ def bwd_dkdv_kernel(
         # The query heads of this slice in a fixed order: deterministic, no atomics.
         h = first_head + g
         bh = b * H + h
-        q_ptrs = Q + head_base_offset(b, h, stride_qb, stride_qh)
-        q_ptrs += m_lo.to(tl.int64) * stride_qm + offs_m[:, None] * stride_qm + offs_d[None, :]
-        do_ptrs = DO + head_base_offset(b, h, stride_dob, stride_doh)
-        do_ptrs += m_lo.to(tl.int64) * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :]
+        q_base = Q + head_base_offset(b, h, stride_qb, stride_qh)
+        do_base = DO + head_base_offset(b, h, stride_dob, stride_doh)
+        if USE_TMA:
+            q_src = tile_descriptor(q_base, Tq, HEAD_DIM, stride_qm, BLOCK_M, BLOCK_D)
+            do_src = tile_descriptor(do_base, Tq, HEAD_DIM, stride_dom, BLOCK_M, BLOCK_D)
+        else:
+            q_src = q_base + m_lo.to(tl.int64) * stride_qm
+            q_src += offs_m[:, None] * stride_qm + offs_d[None, :]
+            do_src = do_base + m_lo.to(tl.int64) * stride_dom
+            do_src += offs_m[:, None] * stride_dom + offs_d[None, :]
         lse_ptr = Lse + bh.to(tl.int64) * Tq
         delta_ptr = Delta + bh.to(tl.int64) * Tq
-        dk, dv, q_ptrs, do_ptrs = dkdv_tiles(
-            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom,
+        dk, dv, q_src, do_src = dkdv_tiles(
+            dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qm, stride_dom,
             offs_n, offs_m, offs_d, m_lo, m_full, Tq, HEAD_DIM, causal_shift, scale,
-            True, CAUSAL, BLOCK_M, BLOCK_D, DOT_PRECISION, SCORES_AS_FORWARD,
+            True, CAUSAL, BLOCK_M, BLOCK_D, DOT_PRECISION, SCORES_AS_FORWARD, USE_TMA,
         )  # fmt: skip
-        dk, dv, q_ptrs, do_ptrs = dkdv_tiles(
-            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom,
+        dk, dv, q_src, do_src = dkdv_tiles(
+            dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qm, stride_dom,
             offs_n, offs_m, offs_d, m_full, m_tail, Tq, HEAD_DIM, causal_shift, scale,
-            False, CAUSAL, BLOCK_M, BLOCK_D, DOT_PRECISION, SCORES_AS_FORWARD,
+            False, CAUSAL, BLOCK_M, BLOCK_D, DOT_PRECISION, SCORES_AS_FORWARD, USE_TMA,
         )  # fmt: skip
-        dk, dv, q_ptrs, do_ptrs = dkdv_tiles(
-            dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom,
+        dk, dv, q_src, do_src = dkdv_tiles(
+            dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qm, stride_dom,
             offs_n, offs_m, offs_d, m_tail, Tq, Tq, HEAD_DIM, causal_shift, scale,
-            True, CAUSAL, BLOCK_M, BLOCK_D, DOT_PRECISION, SCORES_AS_FORWARD,
+            True, CAUSAL, BLOCK_M, BLOCK_D, DOT_PRECISION, SCORES_AS_FORWARD, USE_TMA,
         )  # fmt: skip
 
-    dk *= scale
-    mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
-    dk_ptrs = DK + head_base_offset(b, h_out, stride_dkb, stride_dkh)
-    dk_ptrs += offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :]
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask)
-    dv_ptrs = DV + head_base_offset(b, h_out, stride_dvb, stride_dvh)
-    dv_ptrs += offs_n[:, None].to(tl.int64) * stride_dvn + offs_d[None, :]
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+    dk = (dk * scale).to(DK.dtype.element_ty)
+    dk_base = DK + head_base_offset(b, h_out, stride_dkb, stride_dkh)
+    store_rows(dk_base, dk, start_n, Tk, stride_dkn, offs_n, offs_d, HEAD_DIM, BLOCK_N, USE_TMA)
+    dv_base = DV + head_base_offset(b, h_out, stride_dvb, stride_dvh)
+    dv = dv.to(DV.dtype.element_ty)
+    store_rows(dv_base, dv, start_n, Tk, stride_dvn, offs_n, offs_d, HEAD_DIM, BLOCK_N, USE_TMA)
 
 
 @triton.jit
 def dq_tiles(
     dq, q, do, lse, delta,  # (BLOCK_M, BLOCK_D) fp32 acc, q, dO tiles; (BLOCK_M,) fp32 x2
-    k_ptrs, v_ptrs, stride_kn, stride_vn,  # (BLOCK_N, BLOCK_D) pointers at key tile `lo`
-    offs_m, offs_n, offs_d,
+    k_src, v_src, stride_kn, stride_vn,  # (BLOCK_N, BLOCK_D) pointers at key tile `lo`, or
+    offs_m, offs_n, offs_d,  # with USE_TMA tensor descriptors of K and V (Tk, HEAD_DIM)
     lo, hi, Tk, HEAD_DIM, causal_shift, scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     """Accumulate the key tiles [lo, hi) into dq (unscaled)."""
     # Masked (diagonal, ragged) tiles are not software-pipelined, as in the forward.
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASKED else None):
         cols = start_n + offs_n
-        k = load_tile(k_ptrs, cols, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
-        v = load_tile(v_ptrs, cols, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # (BLOCK_M, BLOCK_N)
+        if USE_TMA:  # rows past Tk and columns past HEAD_DIM come back as zeros
+            k = k_src.load([start_n, 0])
+            v = v_src.load([start_n, 0])
+        else:
+            k = load_tile(k_src, cols, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
+            v = load_tile(v_src, cols, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        x = p_exponent(qk, scale, lse[:, None])
         if MASKED:
             visible = cols[None, :] < Tk
             if CAUSAL:
                 visible = visible & (cols[None, :] <= offs_m[:, None] + causal_shift)
-            s = tl.where(visible, s, float("-inf"))
-        p = tl.exp2((s - lse[:, None]) * LOG2E)
+            x = tl.where(visible, x, float("-inf"))
+        p = tl.exp2(x)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
-    return dq, k_ptrs, v_ptrs
+        if not USE_TMA:
+            k_src += BLOCK_N * stride_kn
+            v_src += BLOCK_N * stride_vn
+    return dq, k_src, v_src
 
 
 @triton.jit
@@ -227,8 +285,10 @@ def bwd_dq_kernel(
     TQ_BUCKET, TK_BUCKET,  # autotune keys only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr = False,
 ):  # fmt: skip
     # Grid: (cdiv(Tq, BLOCK_M), H, B), diagonal-heavy (late) query tiles first under causal.
+    # USE_TMA: Q/dO/K/V loads and the dQ store through tensor descriptors, as in the forward.
     n_m_blocks = tl.cdiv(Tq, BLOCK_M)
     pid_m = n_m_blocks - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
     h = tl.program_id(1)
@@ -240,12 +300,16 @@ def bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
-    q_ptrs = Q + head_base_offset(b, h, stride_qb, stride_qh)
-    q_ptrs += offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :]
-    do_ptrs = DO + head_base_offset(b, h, stride_dob, stride_doh)
-    do_ptrs += offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :]
-    q = load_tile(q_ptrs, offs_m, offs_d, Tq, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
-    do = load_tile(do_ptrs, offs_m, offs_d, Tq, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+    q_base = Q + head_base_offset(b, h, stride_qb, stride_qh)
+    do_base = DO + head_base_offset(b, h, stride_dob, stride_doh)
+    if USE_TMA:
+        q = tile_descriptor(q_base, Tq, HEAD_DIM, stride_qm, BLOCK_M, BLOCK_D).load([start_m, 0])
+        do = tile_descriptor(do_base, Tq, HEAD_DIM, stride_dom, BLOCK_M, BLOCK_D).load([start_m, 0])
+    else:
+        q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :]
+        do_ptrs = do_base + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :]
+        q = load_tile(q_ptrs, offs_m, offs_d, Tq, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+        do = load_tile(do_ptrs, offs_m, offs_d, Tq, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
     row_ptr = pid_bh.to(tl.int64) * Tq + offs_m
     lse = tl.load(Lse + row_ptr, mask=offs_m < Tq, other=float("inf"))
     delta = tl.load(Delta + row_ptr, mask=offs_m < Tq, other=0.0)
@@ -262,24 +326,32 @@ def bwd_dq_kernel(
         n_end = Tk
     n_full = tl.minimum(n_full, n_end)
 
-    k_ptrs = K + head_base_offset(b, h_kv, stride_kb, stride_kh)
-    k_ptrs += offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + head_base_offset(b, h_kv, stride_vb, stride_vh)
-    v_ptrs += offs_n[:, None] * stride_vn + offs_d[None, :]
+    k_base = K + head_base_offset(b, h_kv, stride_kb, stride_kh)
+    v_base = V + head_base_offset(b, h_kv, stride_vb, stride_vh)
+    if USE_TMA:
+        k_src = tile_descriptor(k_base, Tk, HEAD_DIM, stride_kn, BLOCK_N, BLOCK_D)
+        v_src = tile_descriptor(v_base, Tk, HEAD_DIM, stride_vn, BLOCK_N, BLOCK_D)
+    else:
+        k_src = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
+        v_src = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq, k_ptrs, v_ptrs = dq_tiles(
-        dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+    dq, k_src, v_src = dq_tiles(
+        dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, offs_m, offs_n, offs_d,
         0, n_full, Tk, HEAD_DIM, causal_shift, scale,
-        False, CAUSAL, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        False, CAUSAL, BLOCK_N, BLOCK_D, DOT_PRECISION, USE_TMA,
     )  # fmt: skip
-    dq, k_ptrs, v_ptrs = dq_tiles(
-        dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+    dq, k_src, v_src = dq_tiles(
+        dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, offs_m, offs_n, offs_d,
         n_full, n_end, Tk, HEAD_DIM, causal_shift, scale,
-        True, CAUSAL, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        True, CAUSAL, BLOCK_N, BLOCK_D, DOT_PRECISION, USE_TMA,
     )  # fmt: skip
 
     dq *= scale
-    dq_ptrs = DQ + head_base_offset(b, h, stride_dqb, stride_dqh)
-    dq_ptrs += offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :]
-    mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)
+    dq_base = DQ + head_base_offset(b, h, stride_dqb, stride_dqh)
+    if USE_TMA:  # rows past Tq and columns past HEAD_DIM are not written
+        dq_desc = tile_descriptor(dq_base, Tq, HEAD_DIM, stride_dqm, BLOCK_M, BLOCK_D)
+        dq_desc.store([start_m, 0], dq.to(DQ.dtype.element_ty))
+    else:
+        dq_ptrs = dq_base + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :]
+        mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)

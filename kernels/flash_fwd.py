@@ -10,6 +10,10 @@ BLOCK_N through an online softmax kept in base 2:
 Causal (bottom-right: query i sees key j <= i + Tk - Tq) splits the key range of a program in two:
 tiles every row of the program sees in full run without a mask, the tiles on the diagonal (and a
 ragged last tile) run with one. Tiles no row sees are never visited.
+
+Two load paths (USE_TMA, constexpr): pointer loads (any GPU, any stride) or, on sm_90 with
+16-byte-aligned bases and strides, tensor descriptors for Q/K/V and the O store, which pad
+out-of-bounds rows and columns themselves.
 """
 
 import triton
@@ -40,6 +44,15 @@ def load_tile(ptrs, rows, cols, n_rows, n_cols, CHECK_ROWS: tl.constexpr, CHECK_
 
 
 @triton.jit
+def tile_descriptor(base, n_rows, n_cols, stride_row, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Tensor descriptor of one (n_rows, n_cols) head slice with unit column stride, read and
+    written in (BLOCK_R, BLOCK_C) tiles; out-of-bounds elements load as 0 and are not stored."""
+    return tl.make_tensor_descriptor(
+        base, shape=[n_rows, n_cols], strides=[stride_row, 1], block_shape=[BLOCK_R, BLOCK_C]
+    )
+
+
+@triton.jit
 def natural_lse(m, l, qk_scale, scale):
     """ln(sum_j exp(scale * q.k_j)) from the running max m of q.k and l = sum_j 2^(q.k_j * qk_scale
     - fl(m * qk_scale)). Scores ~1e3 leave ~3e-5 of fp32 resolution, so this per-row step runs in
@@ -55,15 +68,17 @@ def natural_lse(m, l, qk_scale, scale):
 @triton.jit
 def fwd_tiles(
     acc, m_i, l_i, q,  # (BLOCK_M, BLOCK_D) fp32, (BLOCK_M,) fp32 x2, (BLOCK_M, BLOCK_D) input dtype
-    k_ptrs, v_ptrs, stride_kn, stride_vn,  # (BLOCK_N, BLOCK_D) pointers at key tile `lo`
-    offs_m, offs_n, offs_d,
+    k_src, v_src, stride_kn, stride_vn,  # (BLOCK_N, BLOCK_D) pointers at key tile `lo`, or
+    offs_m, offs_n, offs_d,  # with USE_TMA tensor descriptors of K and V (Tk, HEAD_DIM)
     lo, hi, Tk, HEAD_DIM, causal_shift, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, SCALE_NEG: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):  # fmt: skip
     """Fold key tiles [lo, hi) into the running (acc, m_i, l_i). MASKED adds causal + length masks.
 
-    Returns the pointers advanced past `hi`, so the masked pass continues where the unmasked ended.
+    Returns the pointers advanced past `hi` (descriptors as they were: they take the tile's row),
+    so the masked pass continues where the unmasked ended.
     qk_scale may be 0 (scale 0, -0.0 or below fp32's range): no -inf score is ever multiplied by
     it, so scores are then all 0 and the softmax is uniform over the visible keys.
     """
@@ -71,8 +86,12 @@ def fwd_tiles(
     # serialize wgmma in every pipelined loop of the kernel (C7515, measured by compile_check).
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASKED else None):
         cols = start_n + offs_n
-        k = load_tile(k_ptrs, cols, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
-        v = load_tile(v_ptrs, cols, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
+        if USE_TMA:  # rows past Tk and columns past HEAD_DIM come back as zeros
+            k = k_src.load([start_n, 0])
+            v = v_src.load([start_n, 0])
+        else:
+            k = load_tile(k_src, cols, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
+            v = load_tile(v_src, cols, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) q.k
         if SCALE_NEG:
             qk = -qk  # scores are scale * q.k = |scale| * (-q.k): qk_scale is positive
@@ -97,9 +116,10 @@ def fwd_tiles(
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
-    return acc, m_i, l_i, k_ptrs, v_ptrs
+        if not USE_TMA:
+            k_src += BLOCK_N * stride_kn
+            v_src += BLOCK_N * stride_vn
+    return acc, m_i, l_i, k_src, v_src
 
 
 @triton.jit
@@ -115,8 +135,10 @@ def attn_fwd_kernel(
     TQ_BUCKET, TK_BUCKET,  # autotune keys only (lengths rounded up to a power of two)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     SCALE_NEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):  # fmt: skip
+    # USE_TMA: Q/K/V loads and the O store through tensor descriptors (sm_90 TMA); the host asks
+    # for it only when every base and row stride is 16-byte aligned.
     # Grid: (cdiv(Tq, BLOCK_M), H, B). Diagonal-heavy query blocks first, so the longest programs
     # start early and the short ones fill the tail; programs of one head run together (K/V in L2).
     n_m_blocks = tl.cdiv(Tq, BLOCK_M)
@@ -134,8 +156,11 @@ def attn_fwd_kernel(
     q_base = Q + head_base_offset(b, h, stride_qb, stride_qh)
     k_base = K + head_base_offset(b, h_kv, stride_kb, stride_kh)
     v_base = V + head_base_offset(b, h_kv, stride_vb, stride_vh)
-    q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :]
-    q = load_tile(q_ptrs, offs_m, offs_d, Tq, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+    if USE_TMA:
+        q = tile_descriptor(q_base, Tq, HEAD_DIM, stride_qm, BLOCK_M, BLOCK_D).load([start_m, 0])
+    else:
+        q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :]
+        q = load_tile(q_ptrs, offs_m, offs_d, Tq, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -155,17 +180,21 @@ def attn_fwd_kernel(
         n_end = Tk
     n_full = tl.minimum(n_full, n_end)
 
-    k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]  # (BLOCK_N, BLOCK_D) at key 0
-    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
-    acc, m_i, l_i, k_ptrs, v_ptrs = fwd_tiles(
-        acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+    if USE_TMA:
+        k_src = tile_descriptor(k_base, Tk, HEAD_DIM, stride_kn, BLOCK_N, BLOCK_D)
+        v_src = tile_descriptor(v_base, Tk, HEAD_DIM, stride_vn, BLOCK_N, BLOCK_D)
+    else:
+        k_src = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]  # (BLOCK_N, BLOCK_D), key 0
+        v_src = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
+    acc, m_i, l_i, k_src, v_src = fwd_tiles(
+        acc, m_i, l_i, q, k_src, v_src, stride_kn, stride_vn, offs_m, offs_n, offs_d,
         0, n_full, Tk, HEAD_DIM, causal_shift, qk_scale,
-        False, CAUSAL, SCALE_NEG, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        False, CAUSAL, SCALE_NEG, BLOCK_N, BLOCK_D, DOT_PRECISION, USE_TMA,
     )  # fmt: skip
-    acc, m_i, l_i, k_ptrs, v_ptrs = fwd_tiles(
-        acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+    acc, m_i, l_i, k_src, v_src = fwd_tiles(
+        acc, m_i, l_i, q, k_src, v_src, stride_kn, stride_vn, offs_m, offs_n, offs_d,
         n_full, n_end, Tk, HEAD_DIM, causal_shift, qk_scale,
-        True, CAUSAL, SCALE_NEG, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        True, CAUSAL, SCALE_NEG, BLOCK_N, BLOCK_D, DOT_PRECISION, USE_TMA,
     )  # fmt: skip
 
     # A row that saw no key has l = 0 and acc = 0: output 0 and lse = +inf (never NaN).
@@ -175,8 +204,12 @@ def attn_fwd_kernel(
     lse = tl.where(empty, float("inf"), lse)
 
     o_base = Out + head_base_offset(b, h, stride_ob, stride_oh)
-    o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :]
-    mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask)
+    if USE_TMA:  # rows past Tq and columns past HEAD_DIM are not written
+        o_desc = tile_descriptor(o_base, Tq, HEAD_DIM, stride_om, BLOCK_M, BLOCK_D)
+        o_desc.store([start_m, 0], out.to(Out.dtype.element_ty))
+    else:
+        o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :]
+        mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask)
     lse_ptrs = Lse + pid_bh.to(tl.int64) * Tq + offs_m
     tl.store(lse_ptrs, lse, mask=offs_m < Tq)

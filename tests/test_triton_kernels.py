@@ -8,8 +8,9 @@ causal diagonal, the ragged tails and the unmasked interior in different tiles o
 
 import pytest
 import torch
-from oracle import DEVICE, INTERPRETED, random_qkv, rounding_floor
+from oracle import DEVICE, INTERPRETED, check_against_float64, random_qkv, rounding_floor
 
+import fastgpt
 from fastgpt.reference import reference_attention_with_lse
 
 triton = pytest.importorskip("triton")
@@ -282,3 +283,74 @@ def test_default_dkdv_split_of_a_small_grid_matches_float64():
     ref = grads_float64(q, k, v, grad_out, True, 0.3)
     plain = grads_plain(q, k, v, grad_out, True, 0.3)
     assert_grads_close(got, ref, plain, q.dtype, "default split")
+
+
+@pytest.mark.parametrize("shift", [1e3, 1e5])
+def test_large_scores_with_a_soft_softmax_match_float64(shift):
+    # Every key shares a large component along q's common direction: scores ~5.6 * shift but the
+    # same spread as at shift 0, so p is far from one-hot while lse carries fp32's rounding at
+    # that magnitude (the clamp p <= 1 must not cost accuracy here).
+    *leaves, grad_out = random_qkv(1, 2, 1, 21, 37, 16, torch.float64, grad_out=True, seed=11)
+    q, k, v = leaves
+    leaves = [t.float() for t in (q + 1.0, k + shift, v)]
+    scores = leaves[0].double() @ leaves[1].double().transpose(-2, -1) / 4
+    assert scores.abs().max() > 5 * shift
+
+    def fn(q, k, v):
+        return fastgpt.attention(q, k, v, causal=True, backend="triton")
+
+    check_against_float64(fn, leaves, grad_out, True, what=f"shift {shift}")
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("case", list(LSE_CASES))
+def test_forward_descriptor_path_matches_pointer_path_and_float64(case, causal):
+    # USE_TMA: Q/K/V/O through tensor descriptors (the sm_90 path), forced here; the descriptors
+    # pad ragged rows and the padded head dim (D=40 -> 64) with zeros themselves.
+    q, k, v = random_qkv(*LSE_CASES[case])
+    out, lse = ka.attention_forward(q, k, v, causal, 0.3, use_tma=True)
+    ref_out, ref_lse = reference_attention_with_lse(q.double(), k.double(), v.double(), causal, 0.3)
+    plain_out, plain_lse = reference_attention_with_lse(q, k, v, causal, 0.3, q.dtype)
+    assert_close_2x(out, ref_out, plain_out, q.dtype, f"{case} out")
+    assert_close_2x(lse, ref_lse, plain_lse, q.dtype, f"{case} lse")
+    out_ptr, lse_ptr = ka.attention_forward(q, k, v, causal, 0.3, use_tma=False)
+    assert torch.equal(out, out_ptr) and torch.equal(lse, lse_ptr)
+
+
+def test_forward_descriptor_path_reads_strided_views():
+    # q, k, v as views of one packed (B, T, 3, H, D) projection: row stride 3 * H * D.
+    B, T, H, D = 2, 37, 2, 32
+    qkv = random_qkv(B, 1, 1, T, 1, 3 * H * D, seed=9)[0]  # (B, 1, T, 3 * H * D)
+    q, k, v = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+    assert all(ka.descriptor_aligned(t) for t in (q, k, v)) and not q.is_contiguous()
+    out, lse = ka.attention_forward(q, k, v, True, D**-0.5, use_tma=True)
+    out_ptr, lse_ptr = ka.attention_forward(q, k, v, True, D**-0.5, use_tma=False)
+    assert torch.equal(out, out_ptr) and torch.equal(lse, lse_ptr)
+
+
+def test_descriptor_alignment_rules():
+    x = torch.zeros(1, 2, 8, 64, dtype=torch.float16, device=DEVICE)
+    assert ka.descriptor_aligned(x)
+    assert not ka.descriptor_aligned(x.flatten()[1:513].view(1, 1, 8, 64))  # pointer off by 2 B
+    assert not ka.descriptor_aligned(x.transpose(-2, -1))  # last dim not contiguous
+    assert not ka.descriptor_aligned(torch.zeros(1, 2, 8, 20, dtype=torch.float16))  # 40 B rows
+    assert ka.descriptor_aligned(torch.zeros(1, 2, 8, 20, dtype=torch.float32))  # 80 B rows
+    if DEVICE.type == "cpu":  # the auto choice: pointer loads off sm_90
+        assert not ka.tma_ok(x, x, x, x)
+
+
+@pytest.mark.parametrize("tq, tk, split", [(70, 70, 1), (33, 81, 2), (81, 33, 1)])
+def test_backward_descriptor_path_matches_pointer_path_and_float64(tq, tk, split):
+    # dK/dV and dQ with Q/dO/K/V loads and dK/dV/dQ stores (fp32 partials with split 2) through
+    # tensor descriptors, forced; D=40 pads to 64; GQA group 2.
+    q, k, v = random_qkv(1, 4, 2, tq, tk, 40, seed=12)
+    out, lse = ka.attention_forward(q, k, v, True, 0.3)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(13)).to(DEVICE)
+    args = (grad_out, q, k, v, out, lse, True, 0.3, split)
+    got = ka.attention_backward(*args, use_tma=True)
+    ref = grads_float64(q, k, v, grad_out, True, 0.3)
+    plain = grads_plain(q, k, v, grad_out, True, 0.3)
+    assert_grads_close(got, ref, plain, q.dtype, f"descriptors {tq} x {tk}")
+    ptr = ka.attention_backward(*args, use_tma=False)
+    for a, b in zip(got, ptr, strict=True):
+        assert torch.equal(a, b)
