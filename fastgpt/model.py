@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastgpt.nn import AttentionFn, CausalSelfAttention, KVCache, init_weights
-
-# MLP non-linearities by config name; "gelu_tanh" is GPT-2's tanh approximation ("gelu_new").
-ACTIVATIONS = {
-    "gelu": lambda: nn.GELU(),
-    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
-    "relu": lambda: nn.ReLU(),
-}
+from fastgpt.nn import (
+    ACTIVATIONS,
+    AttentionFn,
+    CausalSelfAttention,
+    FeedForward,
+    KVCache,
+    init_weights,
+)
 
 
 @dataclass
@@ -106,18 +106,6 @@ def document_positions(cu_seqlens: Tensor, idx: Tensor, block_size: int) -> tupl
     return pos.view(idx.shape), longest
 
 
-class MLP(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.act = ACTIVATIONS[config.activation]()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))  # (B, T, C)
-
-
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, attention_fn: AttentionFn | None = None) -> None:
         super().__init__()
@@ -132,7 +120,7 @@ class Block(nn.Module):
             attention_fn=attention_fn,
         )
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
-        self.mlp = MLP(config)
+        self.mlp = FeedForward(config.n_embd, config.activation, config.bias, config.dropout)
 
     def forward(self, x: Tensor, kv_cache: KVCache | None = None, **documents) -> Tensor:
         """x: (B, T, C) -> (B, T, C); documents: cu_seqlens, max_seqlen (CausalSelfAttention)."""

@@ -252,17 +252,31 @@ class CrossAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+# Feed-forward non-linearities by name; "gelu_tanh" is GPT-2's tanh approximation ("gelu_new").
+ACTIVATIONS = {
+    "gelu": lambda: nn.GELU(),
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": lambda: nn.ReLU(),
+}
+
+
 class FeedForward(nn.Module):
-    """The position-wise 4x MLP: Linear, ReLU (or GELU), Linear, dropout. (B, T, C) -> (B, T, C)."""
+    """The position-wise 4x MLP: Linear, activation, Linear, dropout. (B, T, C) -> (B, T, C).
+
+    The GPT's MLP and the encoder/decoder blocks' feed-forward layer; activation is a key of
+    ACTIVATIONS.
+    """
 
     def __init__(
         self, n_embd: int, activation: str = "relu", bias: bool = True, dropout: float = 0.0
     ) -> None:
         super().__init__()
-        if activation not in ("gelu", "relu"):
-            raise ValueError(f"activation must be 'gelu' or 'relu', got {activation!r}.")
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}."
+            )
         self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
-        self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
+        self.act = ACTIVATIONS[activation]()
         self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
