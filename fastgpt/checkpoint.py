@@ -14,6 +14,7 @@ Paths read from disk are not trusted: `latest` must name a `ckpt-NNNNNN` folder 
 OUT (anything else is an error), and nothing outside OUT is ever deleted.
 """
 
+import contextlib
 import json
 import os
 import pickle
@@ -25,7 +26,7 @@ import safetensors.torch
 import torch
 
 from fastgpt.errors import FastGPTError
-from fastgpt.files import make_folder, write_atomic
+from fastgpt.files import FolderLock, make_folder, writable_folder, write_atomic
 from fastgpt.model import GPT, GPTConfig
 from fastgpt.tokenizer import load_tokenizer, save_tokenizer
 
@@ -171,6 +172,16 @@ def prepare_out(out_dir: str | os.PathLike, resume: bool, overwrite: bool) -> Pa
     if not overwrite:
         clean_orphans(out_dir, keep=None)  # no run here: only leftovers of killed ones
     return None
+
+
+def claim_out(
+    out_dir: str | os.PathLike, resume: bool, overwrite: bool, stack: contextlib.ExitStack
+) -> tuple[Path, Path | None]:
+    """Check OUT is a writable folder, lock it for the run (released by stack) and check it for
+    a run (prepare_out): (OUT, the checkpoint to resume from or None)."""
+    out = writable_folder(out_dir)
+    stack.enter_context(FolderLock(out))
+    return out, prepare_out(out, resume, overwrite)
 
 
 def clear_run(out_dir: str | os.PathLike) -> None:

@@ -28,7 +28,6 @@ from fastgpt import checkpoint, data
 from fastgpt.attention import select_backend
 from fastgpt.devices import peak_flops, pick_device, pick_dtype
 from fastgpt.errors import FastGPTError
-from fastgpt.files import FolderLock, writable_folder
 from fastgpt.metrics import MetricsLog, plot_losses, write_metrics
 from fastgpt.model import GPT, GPTConfig, preset_config
 from fastgpt.sample import generate_text
@@ -251,9 +250,7 @@ def claim_out(cfg: TrainConfig, rank: int, world: int, stack: contextlib.ExitSta
     verdict = None
     if rank == 0:
         try:
-            out = writable_folder(cfg.out)
-            stack.enter_context(FolderLock(out))
-            ckpt = checkpoint.prepare_out(out, cfg.resume, cfg.overwrite)
+            ckpt = checkpoint.claim_out(cfg.out, cfg.resume, cfg.overwrite, stack)[1]
             verdict = ("ok", None if ckpt is None else str(ckpt))
         except FastGPTError as e:
             if world == 1:

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from fastgpt import checkpoint, data
-from fastgpt.files import FolderLock, writable_folder
 from fastgpt.seq2seq import Seq2Seq, Seq2SeqConfig
 from fastgpt.tokenizer import END, WordTokenizer, load_tokenizer
 
@@ -111,11 +110,7 @@ def train_translation(cfg: TranslationConfig) -> dict:
     device = pick_device(cfg.device)
     threads = torch.get_num_threads()
     with contextlib.ExitStack() as stack:
-        out = writable_folder(cfg.out)
-        stack.enter_context(FolderLock(out))  # one run at a time in OUT
-        checkpoint.prepare_out(out, resume=False, overwrite=cfg.overwrite)
-        if cfg.overwrite:
-            checkpoint.clear_run(out)
+        checkpoint.claim_out(cfg.out, resume=False, overwrite=cfg.overwrite, stack=stack)
         if device.type == "cpu":
             torch.set_num_threads(1)  # a model this small runs slower on several threads
         try:
@@ -164,6 +159,8 @@ def run_translation_training(cfg: TranslationConfig, device: torch.device) -> di
     elapsed = time.perf_counter() - t0
     config = {"task": TASK, "model": model.config.to_dict(), "train": asdict(cfg)}
     state = {"step": len(losses), "losses": losses}
+    if cfg.overwrite:  # only now that the new run has trained: a failed run removes nothing
+        checkpoint.clear_run(cfg.out)
     ckpt = checkpoint.save_checkpoint(cfg.out, len(losses), model, tok, config, state)
     log(f"done: {len(losses)} steps in {elapsed:.1f} s, exact match {matches}/{len(pairs)}")
     log(f"wrote {ckpt}")
