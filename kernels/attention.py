@@ -104,10 +104,7 @@ def attention_forward(
     if Tq == 1 and Tk >= DECODE_MIN_KEYS:
         return decode_forward(q, k, v, scale)
 
-    if use_tma is None:
-        use_tma = _block_d(D) <= TMA_MAX_BLOCK_D["fwd"] and tma_ok(q, k, v, out)
-    if use_tma and not INTERPRET:
-        _set_descriptor_allocator()
+    use_tma = _use_descriptors(use_tma, "fwd", _block_d(D), q, k, v, out)
 
     def grid(meta):
         return (triton.cdiv(Tq, meta["BLOCK_M"]), H, B)
@@ -118,7 +115,7 @@ def attention_forward(
         H, H // Hkv, Tq, Tk, abs(scale) * LOG2E.value, abs(scale),
         _bucket(Tq), _bucket(Tk),
         HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=bool(causal), SCALE_NEG=scale < 0,
-        DOT_PRECISION=_dot_precision(q.dtype), USE_TMA=bool(use_tma),
+        DOT_PRECISION=_dot_precision(q.dtype), USE_TMA=use_tma,
     )  # fmt: skip
     return out, lse
 
@@ -141,6 +138,17 @@ def descriptor_aligned(t: torch.Tensor) -> bool:
         and t.data_ptr() % 16 == 0
         and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
     )
+
+
+def _use_descriptors(use_tma: bool | None, kind: str, block_d: int, *tensors) -> bool:
+    """Whether the pass `kind` ("fwd", "dkdv", "dq") runs through tensor descriptors: use_tma when
+    given, else tma_ok(*tensors) up to configs.TMA_MAX_BLOCK_D[kind]. Compiled, the descriptor
+    path needs Triton's scratch allocator, set here the first time."""
+    if use_tma is None:
+        use_tma = block_d <= TMA_MAX_BLOCK_D[kind] and tma_ok(*tensors)
+    if use_tma and not INTERPRET:
+        _set_descriptor_allocator()
+    return bool(use_tma)
 
 
 @functools.cache
@@ -243,12 +251,7 @@ def attention_backward(
             f"dkdv_split={splits} must divide the GQA group {group} (H={H}, Hkv={Hkv})"
         )
     dk_out, dv_out = _dkdv_targets(dk, dv, splits)
-    if use_tma is None:
-        tma_dkdv = block_d <= TMA_MAX_BLOCK_D["dkdv"] and tma_ok(q, k, v, grad_out, dk_out, dv_out)
-    else:
-        tma_dkdv = use_tma
-    if tma_dkdv and not INTERPRET:
-        _set_descriptor_allocator()
+    tma_dkdv = _use_descriptors(use_tma, "dkdv", block_d, q, k, v, grad_out, dk_out, dv_out)
 
     def dkdv_grid(meta):
         return (triton.cdiv(Tk, meta["BLOCK_N"]), Hkv * splits, B)
@@ -257,7 +260,7 @@ def attention_backward(
         q, k, v, grad_out, lse, delta, dk_out, dv_out,
         *strides, *dk_out.stride()[:3], *dv_out.stride()[:3],
         H, Hkv, group, splits, Tq, Tk, scale, *buckets, **common, SCORES_AS_FORWARD=INTERPRET,
-        USE_TMA=bool(tma_dkdv),
+        USE_TMA=tma_dkdv,
     )  # fmt: skip
     if splits > 1:
         _sum_partials(dk, dk_out, splits)
@@ -266,14 +269,11 @@ def attention_backward(
     def dq_grid(meta):
         return (triton.cdiv(Tq, meta["BLOCK_M"]), H, B)
 
-    if use_tma is None:
-        use_tma = block_d <= TMA_MAX_BLOCK_D["dq"] and tma_ok(q, k, v, grad_out, dq)
-    if use_tma and not INTERPRET:
-        _set_descriptor_allocator()
+    tma_dq = _use_descriptors(use_tma, "dq", block_d, q, k, v, grad_out, dq)
     _dq[dq_grid](
         q, k, v, grad_out, lse, delta, dq,
         *strides, *dq.stride()[:3],
-        H, H // Hkv, Tq, Tk, scale, *buckets, **common, USE_TMA=bool(use_tma),
+        H, H // Hkv, Tq, Tk, scale, *buckets, **common, USE_TMA=tma_dq,
     )  # fmt: skip
     return dq, dk, dv
 
