@@ -77,19 +77,23 @@ def _register(backend: str) -> None:
         dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None
 
-    def double_backward(ctx, grad_dq, grad_dk, grad_dv):
-        raise RuntimeError(
-            f"The {backend} backend has no double backward (second-order gradients through "
-            'attention); use backend="reference" for them.'
-        )
-
     torch.library.register_fake(forward)(_forward_fake)
     torch.library.register_fake(f"fastgpt::{backend}_attention_backward")(_backward_fake)
     torch.library.register_autograd(forward, backward, setup_context=_setup_context)
-    # Differentiating the backward op is a double backward: refuse it, never a wrong number.
-    torch.library.register_autograd(
-        f"fastgpt::{backend}_attention_backward", double_backward, setup_context=_no_context
+    refuse_double_backward(
+        f"fastgpt::{backend}_attention_backward",
+        f"The {backend} backend has no double backward (second-order gradients through "
+        'attention); use backend="reference" for them.',
     )
+
+
+def refuse_double_backward(backward_op: str, message: str) -> None:
+    """Differentiating a backward op is a double backward: raise message, never a wrong number."""
+
+    def double_backward(ctx, *grads):
+        raise RuntimeError(message)
+
+    torch.library.register_autograd(backward_op, double_backward, setup_context=_no_context)
 
 
 _register("triton")

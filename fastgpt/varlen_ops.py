@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from fastgpt import reference
+from fastgpt.ops import refuse_double_backward
 from fastgpt.reference import accumulate_dtype
 
 
@@ -92,20 +93,13 @@ def register_varlen(backend: str) -> None:
         )
         return dq, dk, dv, None, None, None, None, None, None
 
-    def double_backward(ctx, grad_dq, grad_dk, grad_dv):
-        raise RuntimeError(
-            f"fastgpt.attention_varlen has no double backward (second-order gradients through "
-            f"attention) on the {backend} backend."
-        )
-
     torch.library.register_fake(forward)(_forward_fake)
     torch.library.register_fake(f"fastgpt::{backend}_attention_varlen_backward")(_backward_fake)
     torch.library.register_autograd(forward, backward, setup_context=_setup_context)
-    # Differentiating the backward op is a double backward: refuse it, never a wrong number.
-    torch.library.register_autograd(
+    refuse_double_backward(
         f"fastgpt::{backend}_attention_varlen_backward",
-        double_backward,
-        setup_context=lambda ctx, inputs, output: None,
+        "fastgpt.attention_varlen has no double backward (second-order gradients through "
+        f"attention) on the {backend} backend.",
     )
 
 
