@@ -6,9 +6,12 @@
 
 The registered function follows transformers' "sdpa" integration, with fastgpt's kernels where
 it would call torch's SDPA without a mask: causal prefill, one-token decoding against the KV
-cache, GQA without repeating K/V. Calls that carry a mask (padding, packed sequences, sliding
-windows), dropout in training, a position bias or a paged cache go to transformers' own sdpa
-function, so results match what the model gives with "eager" and "sdpa".
+cache, GQA without repeating K/V. Padded batches (a 2-D attention_mask, left or right padding,
+prefill and generate()) and packed ones (position_ids restarting per sequence, or the
+cu_seq_lens_q/k kwargs of DataCollatorWithFlattening) run on fastgpt.attention_varlen: unpad,
+attend, pad back (fastgpt.hf_varlen). Any other mask (sliding windows, biases), dropout in
+training, a position bias or a paged cache go to transformers' own sdpa function, so results match
+what the model gives with "eager" and "sdpa"; FASTGPT_DEBUG=1 says which path ran and why.
 
 transformers is imported only by register_hf_attention, never by ``import fastgpt``.
 """
@@ -20,6 +23,14 @@ from torch import Tensor
 
 from fastgpt.attention import log_path
 from fastgpt.dropin import scaled_dot_product_attention
+from fastgpt.hf_varlen import (
+    VarlenLayout,
+    attend,
+    cached,
+    layout_from_kwargs,
+    layout_from_mask,
+    layout_from_positions,
+)
 
 # transformers' sdpa attention function, looked up by register_hf_attention.
 _hf_sdpa_forward: Callable | None = None
@@ -41,14 +52,24 @@ def fastgpt_attention_forward(
 
     query: (B, H, Tq, D); key, value: (B, Hkv, Tk, D); attention_mask: None or a (B, 1, Tq, Tk)
     mask made by transformers' sdpa mask function (None when plain causal attention is exact).
+    A padding or packing mask (or the flattening collator's cu_seq_lens_q/k kwargs) runs on
+    fastgpt.attention_varlen; other masks on transformers' sdpa.
     """
     extras = [name for name in _FALLBACK_KWARGS if kwargs.get(name) is not None]
-    if attention_mask is not None or dropout > 0.0 or extras:
-        why = "an attention mask" if attention_mask is not None else f"dropout={dropout}"
-        log_path("hf_attention", "transformers sdpa", ", ".join(extras) or why)
+    why = ", ".join(extras) or (f"dropout={dropout}" if dropout > 0.0 else None)
+    layout = None if why else _padding_or_packing(query, key, attention_mask, kwargs)
+    why = layout if isinstance(layout, str) else why
+    if why is not None:
+        log_path("hf_attention", "transformers sdpa", why)
         return _hf_sdpa_forward(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
         )
+    if isinstance(layout, VarlenLayout):
+        log_path(
+            "hf_attention", "fastgpt varlen", f"{layout.sequences} sequences of a "
+            f"({layout.batch}, {layout.q_len}) batch, longest {layout.max_seqlen_q}",
+        )  # fmt: skip
+        return attend(query, key, value, layout, scaling), None  # (B, Tq, H, D)
 
     # As transformers' sdpa: a single query sees the whole cache; longer query blocks without a
     # mask are causal with torch's top-left alignment (an empty cache, static slots past Tq).
@@ -59,6 +80,26 @@ def fastgpt_attention_forward(
         query, key, value, is_causal=causal, scale=scaling, enable_gqa=True
     )  # (B, H, Tq, D)
     return out.transpose(1, 2).contiguous(), None  # (B, Tq, H, D)
+
+
+def _padding_or_packing(
+    query: Tensor, key: Tensor, attention_mask: Tensor | None, kwargs: dict
+) -> VarlenLayout | str | None:
+    """The varlen layout of a padded or packed call, from the flattening collator's kwargs, the
+    mask, or (without a mask) restarting position_ids; None for plain causal attention; a reason
+    string for a mask that is neither. query (B, H, Tq, D), key (B, Hkv, Tk, D)."""
+    B, Tq, Tk = query.shape[0], query.shape[2], key.shape[2]
+    layout = layout_from_kwargs(kwargs, B, Tq, Tk)
+    if layout is not None:
+        return layout
+    if attention_mask is not None:
+        if attention_mask.shape[-2:] != (Tq, Tk):
+            return f"a mask of shape {tuple(attention_mask.shape)} for {Tq} queries and {Tk} keys"
+        return cached(layout_from_mask, attention_mask, B)
+    positions = kwargs.get("position_ids")
+    if isinstance(positions, Tensor) and Tq == Tk > 1 and positions.shape[-1] == Tq:
+        return cached(layout_from_positions, positions, B)
+    return None
 
 
 def register_hf_attention(name: str = "fastgpt") -> str:
