@@ -46,7 +46,19 @@ def _train_parser(sub) -> None:
     )
     t.add_argument("--config", help="TOML file of options (names as below, - or _; CLI wins)")
     t.add_argument("--task", choices=["lm", "seq2seq"], help="seq2seq: translation (default: lm)")
-    t.add_argument("--data", help="UTF-8 text file or folder, or embedded:poem (default: rhyme)")
+    t.add_argument(
+        "--data",
+        help="UTF-8 text file or folder (each file a document), or embedded:poem (default: rhyme)",
+    )
+    t.add_argument(
+        "--doc-sep", help='split each --data file into documents at this text, e.g. "<|endoftext|>"'
+    )
+    t.add_argument(
+        "--no-doc-mask",
+        dest="doc_mask",
+        action="store_false",
+        help="let attention cross document boundaries (default: within each document)",
+    )
     t.add_argument("--tokenizer", choices=KINDS, help="default: the preset's")
     t.add_argument(
         "--bpe-vocab-size", type=_positive_int, help="subword vocabulary: 50257 (gpt2), else 1024"

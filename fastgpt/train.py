@@ -32,6 +32,7 @@ from fastgpt.metrics import MetricsLog, plot_losses, write_metrics
 from fastgpt.model import GPT, GPTConfig, preset_config
 from fastgpt.sample import generate_text
 from fastgpt.tokenizer import build_tokenizer, tokenizer_from_dict
+from fastgpt.varlen import select_varlen_backend
 
 # Defaults per preset: tokenizer, steps, batch size, learning rate, warm-up steps, BPE vocabulary.
 PRESET_TRAINING = {
@@ -52,6 +53,8 @@ RESUME_OWN += ("resume", "overwrite")
 @dataclass
 class TrainConfig:
     data: str | None = None  # .txt file or folder, or embedded:poem; None = the embedded rhyme
+    doc_sep: str | None = None  # splits each --data file into documents (e.g. "<|endoftext|>")
+    doc_mask: bool = True  # attention within each document, where the corpus has several
     tokenizer: str | None = None  # one of tokenizer.KINDS ("word", "bpe"...); None = the preset's
     bpe_vocab_size: int | None = None  # BPE vocabulary; None = 50257 for gpt2, else 1024
     preset: str = "tiny"  # model architecture: "tiny", "small" or "gpt2"
@@ -100,6 +103,11 @@ def check_values(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and not ok(value):  # NaN fails every comparison
             raise FastGPTError(f"--{name.replace('_', '-')} must be {text}, got {value}.")
+    if cfg.doc_sep is not None and (cfg.doc_sep == "" or data.embedded_text(cfg.data)):
+        raise FastGPTError(
+            f"--doc-sep {cfg.doc_sep!r} needs a non-empty separator and --data files to split "
+            f"(--data is {cfg.data or 'the embedded rhyme'})."
+        )
 
 
 def resolved(cfg: TrainConfig) -> TrainConfig:
@@ -188,19 +196,31 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
+def window_batch(ids, starts, offsets: torch.Tensor, block_size: int, device) -> tuple:
+    """(x, y, model keyword arguments) of the windows of ids at offsets (N,): with document starts,
+    cu_seqlens keeps attention within each document (data.get_document_batch)."""
+    if starts is None:
+        return *data.get_batch(ids, offsets, block_size, device), {}
+    x, y, cu_seqlens = data.get_document_batch(ids, starts, offsets, block_size, device)
+    return x, y, {"cu_seqlens": cu_seqlens}
+
+
 @torch.no_grad()
-def estimate_loss(model, ids, cfg: TrainConfig, global_batch: int, device, autocast) -> float:
-    """Mean loss over eval_batches global batches of windows of ids, the same at every evaluation
-    and for any split of the global batch into processes and micro-steps."""
+def estimate_loss(
+    model, ids, cfg: TrainConfig, global_batch: int, device, autocast, starts=None
+) -> float:
+    """Mean loss over eval_batches global batches of windows of ids (documents starting at
+    `starts`, or None), the same at every evaluation and for any split of the global batch into
+    processes and micro-steps."""
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed)
     n = cfg.eval_batches * global_batch
     offsets = torch.randint(len(ids) - cfg.block_size, (n,), generator=gen)
     losses = []
     for chunk in offsets.split(cfg.batch_size):  # equal chunks: their mean is the overall mean
-        x, y = data.get_batch(ids, chunk, cfg.block_size, device)
+        x, y, documents = window_batch(ids, starts, chunk, cfg.block_size, device)
         with autocast:
-            losses.append(model(x, y)[1].float())
+            losses.append(model(x, y, **documents)[1].float())
     model.train()
     return torch.stack(losses).mean().item()
 
@@ -263,26 +283,28 @@ def claim_out(cfg: TrainConfig, rank: int, world: int, stack: contextlib.ExitSta
 
 
 def _tokenizer_and_data(cfg: TrainConfig, ckpt: Path | None, rank: int, world: int):
-    """(tokenizer, train ids, val ids). Rank 0 learns the tokenizer (or it comes from the
-    checkpoint) and writes the token cache; the other ranks receive the one and read the other."""
+    """(tokenizer, data.Corpus). Rank 0 learns the tokenizer (or it comes from the checkpoint)
+    and writes the token cache; the other ranks receive the one and read the other."""
     if ckpt is not None:
         vocab = checkpoint.read_config(ckpt)["model"].get("vocab_size")
         tok = checkpoint.load_checkpoint_tokenizer(ckpt, vocab)
     else:
         tok = None
         if rank == 0:
-            text = data.embedded_text(cfg.data) or data.read_text(cfg.data)
+            text = data.embedded_text(cfg.data) or "".join(
+                data.read_documents(cfg.data, cfg.doc_sep)
+            )
             tok = build_tokenizer(cfg.tokenizer, text, cfg.bpe_vocab_size).to_dict()
         tok = tokenizer_from_dict(_broadcast(tok, rank, world))
     embedded = data.embedded_text(cfg.data)
-    if embedded is not None:
-        return tok, *data.split(data.encode(tok, embedded), cfg.block_size)
+    if embedded is not None:  # one stream, no documents
+        return tok, data.Corpus(*data.split(data.encode(tok, embedded), cfg.block_size))
     cache = Path(cfg.out) / "data"
     if rank == 0:
-        data.cached_split(cfg.data, tok, cfg.block_size, cache)
+        data.cached_corpus(cfg.data, tok, cfg.block_size, cache, cfg.doc_sep)
     if world > 1:
         dist.barrier()
-    return tok, *data.cached_split(cfg.data, tok, cfg.block_size, cache)
+    return tok, data.cached_corpus(cfg.data, tok, cfg.block_size, cache, cfg.doc_sep)
 
 
 @dataclass
@@ -307,6 +329,9 @@ class Run:
     start: int = 0
     history: dict = field(default_factory=lambda: {"losses": [], "val": [], "elapsed_s": 0.0})
     log: MetricsLog | None = None
+    # Where the documents of train_ids / val_ids start (int64); None: attention over whole windows.
+    train_starts: object = None
+    val_starts: object = None
 
     @property
     def main(self) -> bool:
@@ -328,7 +353,8 @@ class Run:
 
 def setup_run(cfg: TrainConfig, rank: int, world: int, device, ckpt: Path | None) -> Run:
     """Tokenizer, data, model, optimizer and RNGs of a run (restored from ckpt when resuming)."""
-    tok, train_ids, val_ids = _tokenizer_and_data(cfg, ckpt, rank, world)
+    tok, corpus = _tokenizer_and_data(cfg, ckpt, rank, world)
+    train_ids, val_ids = corpus.train, corpus.val
     # Model: identical initial weights on every rank; then a per-rank RNG for dropout.
     torch.manual_seed(cfg.seed)
     overrides = {"dropout": cfg.dropout} if cfg.dropout is not None else {}
@@ -354,6 +380,12 @@ def setup_run(cfg: TrainConfig, rank: int, world: int, device, ckpt: Path | None
         backend=select_backend(device, cfg.backend)[0],
         data_gen=torch.Generator().manual_seed(cfg.seed),
     )  # fmt: skip
+    if cfg.doc_mask and corpus.has_documents:
+        run.train_starts, run.val_starts = corpus.train_starts, corpus.val_starts
+        try:
+            select_varlen_backend(device, cfg.backend)
+        except NotImplementedError as e:
+            raise FastGPTError(f"{e} Or train without document masks: --no-doc-mask.") from None
     torch.manual_seed(cfg.seed + rank)
     if ckpt is not None:
         _restore(run, checkpoint.load_state(ckpt))
@@ -402,11 +434,13 @@ def train_step(run: Run, step: int) -> torch.Tensor:
     )[:, run.rank]  # (grad_accum, batch_size): this rank's slice of the global batch
     loss_sum = torch.zeros((), device=run.device)
     for micro in range(cfg.grad_accum):
-        x, y = data.get_batch(run.train_ids, offsets[micro], cfg.block_size, run.device)
+        x, y, documents = window_batch(
+            run.train_ids, run.train_starts, offsets[micro], cfg.block_size, run.device
+        )
         if world > 1:  # all-reduce gradients on the last micro-step only
             run.model.require_backward_grad_sync = micro == cfg.grad_accum - 1
         with run.autocast():
-            _, loss = run.model(x, y)
+            _, loss = run.model(x, y, **documents)
         run.scaler.scale(loss / cfg.grad_accum).backward()
         loss_sum += loss.detach().float()
     if cfg.grad_clip > 0:
@@ -442,8 +476,9 @@ def evaluate(run: Run, done: int, speed: dict) -> float | None:
     val = None
     if len(run.val_ids):  # a corpus too small for a held-out estimate has none
         val = estimate_loss(
-            run.raw_model, run.val_ids, run.cfg, run.global_batch, run.device, run.autocast()
-        )
+            run.raw_model, run.val_ids, run.cfg, run.global_batch, run.device, run.autocast(),
+            run.val_starts,
+        )  # fmt: skip
         if not math.isfinite(val):
             return val
         run.history["val"].append([done, val])
@@ -551,6 +586,13 @@ def _announce(run: Run, note: str | None, say) -> None:
         f"x{run.world}, attention backend {run.backend} ({why}); {cfg.steps} steps of "
         f"{tokens_per_step:,} tokens" + (f"\n{note}" if note else "")
     )
+    if run.train_starts is not None:
+        name, why = select_varlen_backend(run.device, cfg.backend)
+        say(
+            f"documents: {len(run.train_starts):,} start in the train tokens; attention stays "
+            f"within each and positions restart (varlen attention on {name}: {why}; "
+            "--no-doc-mask turns it off)"
+        )
     if len(run.val_ids):
         say(describe_validation(run))
     else:
