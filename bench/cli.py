@@ -14,7 +14,9 @@ Timing: on CUDA the median of triton.testing.do_bench (CUDA events, L2 flushed b
 an untimed warm-up call; on CPU the median of time.perf_counter over repeated calls. FLOPs are
 counted as flash-attn does: 4 * B * H * Tq * Tk * D for the forward, halved when causal, x2.5 for
 the backward, x3.5 for forward + backward. Decode (Tq = 1 against a KV cache) is reported in GB/s
-(q, k, v read once, out written once) beside the device's measured copy bandwidth.
+(q, k, v read once, out written once) beside the device's measured copy bandwidth. The varlen case
+(fastgpt.bench.varlen) packs sequences of mixed lengths: fastgpt.attention_varlen beside padded
+dense SDPA (and padded cpp on CPU, FlexAttention's document mask on CUDA).
 
 Results: <out>/<machine>-<date>.json (machine, versions, git commit, every number; rewritten after
 each configuration, so an interrupted run keeps what it measured) and PNG plots beside it; <out>
@@ -39,6 +41,7 @@ from fastgpt.bench.providers import available_providers
 from fastgpt.bench.report import plot, summary
 from fastgpt.bench.suite import Run, run_decode, run_kernels, speedups
 from fastgpt.bench.timing import DTYPES, MIB, MODES, copy_bandwidth_gbps
+from fastgpt.bench.varlen import run_varlen
 
 
 def _ints(text: str) -> list[int]:
@@ -60,6 +63,8 @@ PROFILES = {
         seqlens=[512 << i for i in range(6)],  # 512 .. 16k
         decode_lens=[1024 << i for i in range(8)],  # 1k .. 128k
         decode_head_dim=128,
+        varlen_lengths=[128, 4096],  # uniform 128..4096, 16k tokens a batch
+        varlen_tokens=16384,
         warmup_ms=25,
         rep_ms=100,
     ),
@@ -71,6 +76,8 @@ PROFILES = {
         seqlens=[128, 256, 512],
         decode_lens=[16384, 65536],  # KV of 32 and 128 MiB: beyond the caches
         decode_head_dim=64,
+        varlen_lengths=[64, 1024],
+        varlen_tokens=4096,
         warmup_ms=25,
         rep_ms=100,
     ),
@@ -82,6 +89,8 @@ PROFILES = {
         seqlens=[16, 32],
         decode_lens=[64, 128],
         decode_head_dim=16,
+        varlen_lengths=[3, 20],
+        varlen_tokens=64,
         warmup_ms=1,
         rep_ms=5,
     ),
@@ -107,6 +116,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--decode-batch", type=int, default=1)
     ap.add_argument("--no-kernel", action="store_true", help="skip the prefill/training shapes")
     ap.add_argument("--no-decode", action="store_true", help="skip the decode benchmark")
+    ap.add_argument("--no-varlen", action="store_true", help="skip the packed-sequences case")
+    ap.add_argument(
+        "--varlen-lengths", type=_ints, default=None, help="LO,HI: lengths drawn uniformly"
+    )
+    ap.add_argument("--varlen-tokens", type=int, default=None, help="tokens a varlen batch")
+    ap.add_argument(
+        "--varlen-providers", type=_names, default=None, help="default: all that run here"
+    )
     ap.add_argument("--warmup-ms", type=float, default=None, help="do_bench warm-up (default 25)")
     ap.add_argument("--rep-ms", type=float, default=None, help="do_bench repetition (default 100)")
     ap.add_argument(
@@ -141,6 +158,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for mode in args.modes:
         if mode not in MODES:
             ap.error(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    if len(args.varlen_lengths) != 2 or not 0 < args.varlen_lengths[0] <= args.varlen_lengths[1]:
+        ap.error(f"--varlen-lengths needs LO,HI with 0 < LO <= HI, got {args.varlen_lengths}")
     for d in args.head_dims + [args.decode_head_dim]:
         if d <= 0 or args.hidden % d:
             ap.error(f"hidden size {args.hidden} is not a multiple of head dim {d}")
@@ -171,6 +190,7 @@ def _new_results(args: argparse.Namespace, provs: dict) -> dict:
         "copy_gbps": None,
         "kernel": [],
         "decode": [],
+        "varlen": [],
         "speedups": [],
         "skipped": [],
         "complete": False,
@@ -199,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     # Decode first: it is quick, and the run may stop on budget before the last kernel shapes.
     if not args.no_decode:
         run_decode(run)
+    if not args.no_varlen:
+        run_varlen(run)
     if not args.no_kernel:
         run_kernels(run)
     results["speedups"] = speedups(results["kernel"], {n: p.fastgpt for n, p in provs.items()})

@@ -79,12 +79,44 @@ def decode_table(results: dict) -> str | None:
     return f"{title}\n\n{markdown_table(rows)}"
 
 
+def varlen_table(results: dict) -> str | None:
+    """The varlen case: ms and useful TFLOP/s per provider and mode, speed-up over sdpa-padded."""
+    recs = results.get("varlen", [])
+    cell = {(r["provider"], r["mode"]): r for r in recs if r["ms"] is not None}
+    if not cell:
+        return None
+    names = list(dict.fromkeys(r["provider"] for r in recs))
+    modes = list(dict.fromkeys(r["mode"] for r in recs))
+    rows = [
+        ["provider", *(f"{m} {unit}" for m in modes for unit in ("ms", "TFLOP/s", "vs padded"))]
+    ]
+    for n in names:
+        row = [n]
+        for m in modes:
+            r, base = cell.get((n, m)), cell.get(("sdpa-padded", m))
+            row += [format_number(r["ms"]), format_number(r["tflops"])] if r else ["-", "-"]
+            row.append(f"{base['ms'] / r['ms']:.2f}x" if r and base else "-")
+        rows.append(row)
+    r = recs[0]
+    title = (
+        f"varlen: {r['sequences']} causal sequences of {r['lo']}..{r['hi']} tokens ({r['tokens']} "
+        f"tokens, {r['padded_tokens']} padded), {r['dtype']}, H={r['heads']}, D={r['d']}; useful "
+        "TFLOP/s"
+    )
+    return f"{title}\n\n{markdown_table(rows)}"
+
+
 def accuracy_warnings(results: dict, limit: float = 2e-2) -> list[str]:
     """Forward outputs further than `limit` (relative) from the fp32 reference."""
+
+    def where(r: dict) -> str:
+        if "tq" not in r:  # the varlen case
+            return f"{r['provider']} varlen {r['dtype']} D={r['d']}"
+        return f"{r['provider']} {r['dtype']} D={r['d']} T={r['tq']} causal={r['causal']}"
+
     return [
-        f"WARNING: {r['provider']} {r['dtype']} D={r['d']} T={r['tq']} causal={r['causal']}: "
-        f"relative error {r['rel_err']:.2e} against the reference"
-        for r in results["kernel"] + results["decode"]
+        f"WARNING: {where(r)}: relative error {r['rel_err']:.2e} against the reference"
+        for r in results["kernel"] + results["decode"] + results.get("varlen", [])
         if r.get("rel_err") is not None and not r["rel_err"] < limit  # NaN is caught too
     ]
 
@@ -104,6 +136,7 @@ def summary(results: dict, full: bool) -> str:
                     tables.append(memory_table(results, dtype_name, d, causal, "fwd_bwd"))
                 parts += filter(None, tables)
     parts.append(decode_table(results) or "")
+    parts.append(varlen_table(results) or "")
     return "\n\n".join(p for p in parts if p)
 
 

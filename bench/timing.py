@@ -65,7 +65,7 @@ def time_ms(
     return statistics.median(times)
 
 
-def _peak_mib(fn: Callable[[], object], device: torch.device) -> float | None:
+def peak_mib(fn: Callable[[], object], device: torch.device) -> float | None:
     """Warm fn up; on CUDA return the peak memory one call allocates above what is held before.
 
     On CUDA fn runs twice: the first call (compilation, autotuning) is left out of the peak.
@@ -169,7 +169,7 @@ def measure(
                 fn = lambda: out.backward(grad_out, retain_graph=True)
             else:
                 fn = lambda: p.call(q, k, v, causal).backward(grad_out)
-        record["peak_mib"] = _peak_mib(fn, device)  # also the untimed warm-up
+        record["peak_mib"] = peak_mib(fn, device)  # also the untimed warm-up
         if check:
             with torch.no_grad():
                 record["rel_err"] = _relative_error(p, p.call(q, k, v, causal), q, k, v, causal)

@@ -13,6 +13,7 @@ import torch
 import fastgpt
 from fastgpt import bench
 from fastgpt.bench import machine
+from fastgpt.bench import varlen as bench_varlen
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -138,6 +139,35 @@ def test_summary_table_has_a_row_per_sequence_length(tiny_run):
     _, results = tiny_run
     text = bench.summary(results, full=True)
     assert "| T |" in text and "| 16 |" in text and "| 33 |" in text and "| Tk |" in text
+
+
+def test_varlen_case_has_a_record_per_provider_and_mode(tiny_run):
+    """The packed-sequences case of the tiny run: varlen beside padded SDPA (and padded cpp)."""
+    _, results = tiny_run
+    lengths = results["varlen_lengths"]
+    assert sum(lengths) == 64 and all(3 <= n <= 20 for n in lengths[:-1]) and lengths[-1] > 0
+    records = {(r["provider"], r["mode"]): r for r in results["varlen"]}
+    assert len(records) == len(results["varlen"])  # one record each
+    names = {name for name, _ in records}
+    assert {"varlen-reference", "sdpa-padded"} <= names
+    if "cpp" in results["machine"]["fastgpt_backends"]:
+        assert "cpp-padded" in names
+    assert set(records) == {(n, m) for n in names for m in ("fwd", "fwd_bwd")}
+    for r in records.values():
+        assert r["ms"] > 0 and r["error"] is None, r
+        flops = bench_varlen.useful_flops(lengths, r["heads"], r["d"], r["mode"])
+        assert r["tflops"] == pytest.approx(flops / (r["ms"] * 1e-3) / 1e12)
+        assert r["sequences"] == len(lengths) and r["padded_tokens"] == len(lengths) * max(lengths)
+        if r["mode"] == "fwd":
+            assert r["rel_err"] < 1e-5, r  # fp32 against the fp32 reference, real tokens only
+    assert "varlen: " in bench.summary(results, full=False)
+
+
+def test_length_mix_is_uniform_and_fills_the_batch():
+    lengths = bench_varlen.length_mix(16384, 128, 4096)
+    assert sum(lengths) == 16384 and all(128 <= n <= 4096 for n in lengths[:-1])
+    assert lengths == bench_varlen.length_mix(16384, 128, 4096)  # seeded
+    assert bench_varlen.useful_flops([4, 2], 1, 8, "fwd") == 4 * 8 * (16 + 4) / 2
 
 
 @pytest.mark.parametrize("provider", ["fastgpt-triton", "flex"])
