@@ -88,9 +88,13 @@ def _segments(visible: Tensor) -> tuple[Tensor, Tensor, Tensor] | str:
     first = as_int.argmax(-1)  # (B, Tq) first visible key
     last = Tk - 1 - as_int.flip(-1).argmax(-1)  # (B, Tq) last visible key
     count = as_int.sum(-1, dtype=torch.int64)  # (B, Tq)
-    # A real query sees exactly the interval [first, own position]; a padded one is unseen.
+    # A real query sees exactly the interval [first, own position]; a padded one is unseen, and
+    # sees nothing (left padding) or follows a real query of its row (right padding). A query that
+    # sees keys with none real before it is no padding: e.g. a static cache, whose queries do not
+    # sit at the last Tq keys.
     interval = ~real | ((last == pos) & (count == pos - first + 1))
-    padding = real | ~seen
+    after_real = F.pad(real.to(torch.uint8).cummax(1).values[:, :-1], (1, 0)) > 0  # (B, Tq)
+    padding = real | (~seen & ((count == 0) | after_real))
     prev_real = F.pad(real[:, :-1], (1, 0), value=False)  # (B, Tq)
     prev_first = F.pad(first[:, :-1], (1, 0))  # (B, Tq)
     same = real & prev_real & (first == prev_first)  # continues the previous query's sequence

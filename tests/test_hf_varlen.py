@@ -231,3 +231,16 @@ def test_layout_from_positions():
     assert layout_from_positions(torch.arange(5)[None], 2) is None  # one sequence per row
     layout = layout_from_positions(torch.tensor([[0, 1, 0, 1, 2], [3, 4, 5, 0, 1]]), 2)
     assert layout.cu_seqlens_q.tolist() == [0, 2, 5, 8, 10] and layout.max_seqlen_q == 3
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_with_a_static_cache_matches_eager(arch, paths):
+    """A static cache: its queries do not sit at the last Tq keys, so its masks are no padding
+    layout; they go to transformers' sdpa and the tokens stay eager's."""
+    ids, mask = padded_batch("left", seed=6)
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False)
+    kwargs["cache_implementation"] = "static"
+    want = build(arch, "eager").generate(ids, **kwargs)
+    got = build(arch, NAME).generate(ids, **kwargs)
+    assert torch.equal(got, want), f"fastgpt {got.tolist()} != eager {want.tolist()}"
+    assert any(p.startswith("transformers sdpa") for p in paths()), paths()
