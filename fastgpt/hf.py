@@ -57,7 +57,8 @@ def fastgpt_attention_forward(
     """
     extras = [name for name in _FALLBACK_KWARGS if kwargs.get(name) is not None]
     why = ", ".join(extras) or (f"dropout={dropout}" if dropout > 0.0 else None)
-    layout = None if why else _padding_or_packing(query, key, attention_mask, kwargs)
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    layout = None if why else _padding_or_packing(query, key, attention_mask, is_causal, kwargs)
     why = layout if isinstance(layout, str) else why
     if why is not None:
         log_path("hf_attention", "transformers sdpa", why)
@@ -73,7 +74,6 @@ def fastgpt_attention_forward(
 
     # As transformers' sdpa: a single query sees the whole cache; longer query blocks without a
     # mask are causal with torch's top-left alignment (an empty cache, static slots past Tq).
-    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = is_causal and query.shape[2] > 1
     log_path("hf_attention", "fastgpt", f"causal={causal}")
     out = scaled_dot_product_attention(
@@ -83,13 +83,14 @@ def fastgpt_attention_forward(
 
 
 def _padding_or_packing(
-    query: Tensor, key: Tensor, attention_mask: Tensor | None, kwargs: dict
+    query: Tensor, key: Tensor, attention_mask: Tensor | None, causal: bool, kwargs: dict
 ) -> VarlenLayout | str | None:
     """The varlen layout of a padded or packed call, from the flattening collator's kwargs, the
-    mask, or (without a mask) restarting position_ids; None for plain causal attention; a reason
-    string for a mask that is neither. query (B, H, Tq, D), key (B, Hkv, Tk, D)."""
+    mask, or (without a mask) restarting position_ids; None for plain attention; a reason string
+    for a mask that is neither. The kwargs and position_ids count for causal modules only (the
+    mask says what any module sees). query (B, H, Tq, D), key (B, Hkv, Tk, D)."""
     B, Tq, Tk = query.shape[0], query.shape[2], key.shape[2]
-    layout = layout_from_kwargs(kwargs, B, Tq, Tk)
+    layout = layout_from_kwargs(kwargs, B, Tq, Tk) if causal else None
     if layout is not None:
         return layout
     if attention_mask is not None:
@@ -97,7 +98,7 @@ def _padding_or_packing(
             return f"a mask of shape {tuple(attention_mask.shape)} for {Tq} queries and {Tk} keys"
         return cached(layout_from_mask, attention_mask, B)
     positions = kwargs.get("position_ids")
-    if isinstance(positions, Tensor) and Tq == Tk > 1 and positions.shape[-1] == Tq:
+    if causal and isinstance(positions, Tensor) and Tq == Tk > 1 and positions.shape[-1] == Tq:
         return cached(layout_from_positions, positions, B)
     return None
 
