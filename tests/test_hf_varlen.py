@@ -244,3 +244,23 @@ def test_generate_with_a_static_cache_matches_eager(arch, paths):
     got = build(arch, NAME).generate(ids, **kwargs)
     assert torch.equal(got, want), f"fastgpt {got.tolist()} != eager {want.tolist()}"
     assert any(p.startswith("transformers sdpa") for p in paths()), paths()
+
+
+def test_the_mask_is_read_once_per_forward(monkeypatch):
+    """Every layer gets the same mask tensor: its layout is read for the first layer only."""
+    import fastgpt.hf
+
+    reads = []
+
+    def counting(mask, batch):
+        reads.append(mask.shape)
+        return layout_from_mask(mask, batch)
+
+    monkeypatch.setattr(fastgpt.hf, "layout_from_mask", counting)
+    ids, mask = padded_batch("right")
+    model = build("llama", NAME)  # 2 layers
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+        assert reads == [(3, 1, 9, 9)]
+        model(ids, attention_mask=mask)  # a new forward builds a new mask: read again
+    assert len(reads) == 2
