@@ -293,6 +293,14 @@ def get_batch(
     return xy[:, :-1], xy[:, 1:]  # (N, T) each
 
 
+def count_targets(starts: np.ndarray, offsets: Tensor, block_size: int) -> int:
+    """How many targets of the windows at offsets (N,) count: block_size each, less those that are
+    a document's first token (get_document_batch ignores them); at least 1."""
+    first = offsets.numpy().astype(np.int64) + 1  # (N,) each window's first target
+    ignored = np.searchsorted(starts, first + block_size) - np.searchsorted(starts, first)
+    return max(int(len(first) * block_size - ignored.sum()), 1)
+
+
 def get_document_batch(
     ids: np.ndarray, starts: np.ndarray, offsets: Tensor, block_size: int, device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor]:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from fastgpt import checkpoint, data
@@ -196,6 +197,13 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
+def summed_loss(model, x: torch.Tensor, y: torch.Tensor, documents: dict) -> torch.Tensor:
+    """Cross-entropy of model on x (N, T) summed over the targets y (N, T) that count (not -100),
+    as GPT.forward takes it (float32 logits)."""
+    logits = model(x, **documents)[0]  # (N, T, V)
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+
+
 def window_batch(ids, starts, offsets: torch.Tensor, block_size: int, device) -> tuple:
     """(x, y, model keyword arguments) of the windows of ids at offsets (N,): with document starts,
     cu_seqlens keeps attention within each document (data.get_document_batch)."""
@@ -220,9 +228,14 @@ def estimate_loss(
     for chunk in offsets.split(cfg.batch_size):  # equal chunks: their mean is the overall mean
         x, y, documents = window_batch(ids, starts, chunk, cfg.block_size, device)
         with autocast:
-            losses.append(model(x, y, **documents)[1].float())
+            if starts is None:
+                losses.append(model(x, y)[1].float())
+            else:  # chunks hold different numbers of targets: sum, then divide by them all
+                losses.append(summed_loss(model, x, y, documents))
     model.train()
-    return torch.stack(losses).mean().item()
+    if starts is None:
+        return torch.stack(losses).mean().item()
+    return (torch.stack(losses).sum() / data.count_targets(starts, offsets, cfg.block_size)).item()
 
 
 def _world() -> tuple[int, int, int]:
@@ -427,11 +440,15 @@ def train_step(run: Run, step: int) -> torch.Tensor:
     cfg, world = run.cfg, run.world
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
-    offsets = torch.randint(
+    global_offsets = torch.randint(
         len(run.train_ids) - cfg.block_size,
         (cfg.grad_accum, world, cfg.batch_size),
         generator=run.data_gen,
-    )[:, run.rank]  # (grad_accum, batch_size): this rank's slice of the global batch
+    )
+    offsets = global_offsets[:, run.rank]  # (grad_accum, batch_size): this rank's slice
+    targets = None  # with documents: the targets that count in the whole global batch
+    if run.train_starts is not None:
+        targets = data.count_targets(run.train_starts, global_offsets.flatten(), cfg.block_size)
     loss_sum = torch.zeros((), device=run.device)
     for micro in range(cfg.grad_accum):
         x, y, documents = window_batch(
@@ -440,8 +457,11 @@ def train_step(run: Run, step: int) -> torch.Tensor:
         if world > 1:  # all-reduce gradients on the last micro-step only
             run.model.require_backward_grad_sync = micro == cfg.grad_accum - 1
         with run.autocast():
-            _, loss = run.model(x, y, **documents)
-        run.scaler.scale(loss / cfg.grad_accum).backward()
+            if targets is None:
+                loss = run.model(x, y)[1] / cfg.grad_accum
+            else:  # every target weighs alike, whatever micro-step and process holds it
+                loss = summed_loss(run.model, x, y, documents) * world / targets
+        run.scaler.scale(loss).backward()
         loss_sum += loss.detach().float()
     if cfg.grad_clip > 0:
         run.scaler.unscale_(run.optimizer)
@@ -449,7 +469,7 @@ def train_step(run: Run, step: int) -> torch.Tensor:
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    step_loss = loss_sum / cfg.grad_accum
+    step_loss = loss_sum
     if world > 1:  # the mean over all ranks (gloo has no AVG reduction)
         dist.all_reduce(step_loss)
         step_loss /= world

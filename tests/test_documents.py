@@ -66,6 +66,7 @@ def test_document_batch_cuts_windows_and_ignores_cross_document_targets():
         [12, 13, 14, 15, 16, 17],
         [7, 8, 9, 10, -100, 12],
     ]
+    assert data.count_targets(starts, torch.tensor([1, 11, 6]), 6) == int((y != -100).sum()) == 15
 
 
 def test_packed_window_logits_loss_and_gradients_equal_each_document_alone():
@@ -108,6 +109,15 @@ def test_a_run_on_documents_finishes_and_no_doc_mask_differs(tmp_path, folder, c
     # The same windows (some cross a boundary), attended and scored otherwise.
     assert plain["losses"] != result["losses"]
     assert all(math.isfinite(x) for x in plain["losses"])
+
+
+def test_micro_steps_weigh_every_target_alike(tmp_path, folder):
+    """Windows hold different numbers of counted targets: 2 micro-steps of 8 windows give the
+    losses of one step of 16 (sums over the global batch's targets, not means of means)."""
+    one = run(tmp_path, "one", data=str(folder), batch_size=16)
+    two = run(tmp_path, "two", data=str(folder), batch_size=8, grad_accum=2)
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-6)
+    assert [v for _, v in two["val"]] == pytest.approx([v for _, v in one["val"]], rel=1e-6)
 
 
 def test_one_stream_is_unchanged_by_doc_mask(tmp_path):
