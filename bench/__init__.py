@@ -7,6 +7,7 @@
 Layout (this folder is the package; the scripts, results/ and notes sit beside it):
     cli.py        the command line and the run's results dict (main, parse_args)
     suite.py      the run loops: kernel shapes and decode lengths, speed-ups
+    varlen.py     the packed-sequences case: attention_varlen vs padded SDPA / cpp, document masks
     providers.py  what is timed: fastgpt's backends and their peers, (q, k, v, causal) -> out
     timing.py     timing, memory, one measurement, CPU peak memory
     machine.py    machine description, git commit, results folder and files, datasheet peaks
