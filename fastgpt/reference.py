@@ -16,6 +16,24 @@ Semantics shared by every backend of fastgpt:
     lse[b, h, i] = log(sum over visible j of exp(scale * q_i . k_j)), +inf for a row with no visible
     key, so that a backward recomputing p = exp(s - lse) gets exactly 0 there.
 
+Variants (flash-attn's semantics; each off by default, and then not a single op is added):
+
+    window=(left, right): query i sees keys j with d - left <= j <= d + right, where d = i + Tk - Tq
+        is the key aligned with it (bottom-right) and -1 means unbounded; with causal, right is 0.
+        For Tq = Tk = 5, causal, window=(2, -1):   1 0 0 0 0
+                                                   1 1 0 0 0
+                                                   1 1 1 0 0
+                                                   0 1 1 1 0
+                                                   0 0 1 1 1
+    softcap=c > 0: each score s = scale * q.k becomes c * tanh(s / c) before the mask and softmax.
+    sinks (H,): one extra logit per head in each row's softmax denominator (gpt-oss's learnable
+        sink): p_ij = exp(s_ij) / (sum over visible j' of exp(s_ij') + exp(sinks[h])). The sink
+        takes probability mass but has no value, so out rows sum less than one p.
+
+    lse is the log of that whole denominator, the sink's term included (as flash-attn's learnable
+    sink and split-KV merging need: out = sum_j exp(s_ij - lse_i) v_j holds with or without
+    sinks). A row that sees no key outputs 0 with lse = +inf, or lse = sinks[h] with sinks.
+
 Packed variable-length attention (reference_attention_varlen) is this attention within each
 sequence of a packed batch: q (total_q, H, D), k, v (total_k, Hkv, D), cu_seqlens prefix sums.
 """
@@ -31,16 +49,46 @@ def causal_mask(tq: int, tk: int, device: torch.device | str | None = None) -> T
     return torch.ones(tq, tk, dtype=torch.bool, device=device).tril(diagonal=tk - tq)
 
 
+def window_mask(
+    tq: int,
+    tk: int,
+    causal: bool,
+    window: tuple[int, int],
+    device: torch.device | str | None = None,
+) -> Tensor | None:
+    """(Tq, Tk) bool mask, True where query i may see key j under causal and window=(left, right)
+    (bottom-right aligned, -1 unbounded); None when every key is visible."""
+    left, right = window
+    right = 0 if causal else right
+    if left < 0 and right < 0:
+        return None
+    aligned = torch.arange(tq, device=device)[:, None] + (tk - tq)  # (Tq, 1): key j = i + Tk - Tq
+    j = torch.arange(tk, device=device)  # (Tk,)
+    visible = torch.ones(tq, tk, dtype=torch.bool, device=device)  # (Tq, Tk)
+    if left >= 0:
+        visible &= j >= aligned - left
+    if right >= 0:
+        visible &= j <= aligned + right
+    return visible
+
+
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of scores and softmax: float64 stays float64, everything else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _grouped_scores(
-    q: Tensor, k: Tensor, causal: bool, scale: float, dtype: torch.dtype
+    q: Tensor,
+    k: Tensor,
+    causal: bool,
+    scale: float,
+    dtype: torch.dtype,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """q (B, H, Tq, D), k (B, Hkv, Tk, D) -> (qg (B, Hkv, G, Tq, D), masked scale * q.k scores
-    (B, Hkv, G, Tq, Tk) in dtype, row_sees_a_key (Tq,) bool): the forward's and backward's start.
+    """q (B, H, Tq, D), k (B, Hkv, Tk, D) -> (qg (B, Hkv, G, Tq, D), masked (soft-capped)
+    scale * q.k scores (B, Hkv, G, Tq, Tk) in dtype, row_sees_a_key (Tq,) bool): the forward's
+    and backward's start.
 
     Query heads are grouped by the kv head they share: no copy of K per query head.
     """
@@ -48,9 +96,14 @@ def _grouped_scores(
     qg = q.to(dtype).unflatten(1, (k.shape[1], -1))  # (B, Hkv, G, Tq, D)
     kg = k.to(dtype).unsqueeze(2)  # (B, Hkv, 1, Tk, D)
     scores = (qg @ kg.transpose(-2, -1)) * scale  # (B, Hkv, G, Tq, Tk)
-    if not causal:
+    if softcap > 0.0:
+        scores = softcap * torch.tanh(scores / softcap)  # (B, Hkv, G, Tq, Tk)
+    if tuple(window) == (-1, -1):
+        visible = causal_mask(Tq, Tk, q.device) if causal else None  # (Tq, Tk)
+    else:
+        visible = window_mask(Tq, Tk, causal, window, q.device)  # (Tq, Tk) or None
+    if visible is None:
         return qg, scores, torch.full((Tq,), Tk > 0, dtype=torch.bool, device=q.device)
-    visible = causal_mask(Tq, Tk, q.device)  # (Tq, Tk)
     # A finite "minus infinity": masked entries underflow to exactly 0 after the max is
     # subtracted, and a row with no visible key never produces inf - inf = NaN.
     scores = scores.masked_fill(~visible, torch.finfo(dtype).min)
@@ -76,21 +129,37 @@ def reference_attention_with_lse(
     causal: bool = True,
     scale: float | None = None,
     compute_dtype: torch.dtype | None = None,
+    *,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Attention by the book: matmul, mask, softmax, matmul. Returns (out, lse).
+    """Attention by the book: matmul, (soft-cap,) mask, softmax, matmul. Returns (out, lse).
 
     out has q's dtype and shape (B, H, Tq, D); lse is (B, H, Tq) in the compute dtype.
     compute_dtype defaults to float32 (float64 for float64 inputs); the tests pass q.dtype to get
     "plain PyTorch attention in the same precision" as the error baseline for the kernels.
+    window, softcap and sinks (H,) are the variants of the module docstring; every op here is a
+    torch op, so autograd differentiates all of it, the sinks included.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dtype = compute_dtype or accumulate_dtype(q.dtype)
-    _, scores, row_sees_a_key = _grouped_scores(q, k, causal, scale, dtype)  # (.., Tq, Tk), (Tq,)
+    _, scores, row_sees_a_key = _grouped_scores(
+        q, k, causal, scale, dtype, window, softcap
+    )  # (B, Hkv, G, Tq, Tk), (Tq,)
     vg = v.to(dtype).unsqueeze(2)  # (B, Hkv, 1, Tk, D)
-    probs = torch.softmax(scores, dim=-1) * row_sees_a_key[:, None]  # (B, Hkv, G, Tq, Tk)
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1) * row_sees_a_key[:, None]  # (B, Hkv, G, Tq, Tk)
+        lse = torch.logsumexp(scores, dim=-1)  # (B, Hkv, G, Tq)
+        lse = lse.masked_fill(~row_sees_a_key, float("inf"))
+    else:
+        # The sink as one more column of logits that has no value: softmax over [scores | sink],
+        # then drop its column. A row that sees no key puts all its mass on the sink.
+        sink = sinks.to(dtype).view(scores.shape[1], scores.shape[2], 1, 1)  # (Hkv, G, 1, 1)
+        logits = torch.cat([scores, sink.expand(*scores.shape[:-1], 1)], dim=-1)  # (.., Tk + 1)
+        probs = torch.softmax(logits, dim=-1)[..., :-1] * row_sees_a_key[:, None]  # (.., Tq, Tk)
+        lse = torch.logsumexp(logits, dim=-1)  # (B, Hkv, G, Tq): the sink's term included
     out = probs @ vg  # (B, Hkv, G, Tq, D)
-    lse = torch.logsumexp(scores, dim=-1)  # (B, Hkv, G, Tq)
-    lse = lse.masked_fill(~row_sees_a_key, float("inf"))
     return out.flatten(1, 2).to(q.dtype), lse.flatten(1, 2)
 
 
@@ -110,6 +179,10 @@ def reference_attention_varlen(
     causal: bool = True,
     scale: float | None = None,
     compute_dtype: torch.dtype | None = None,
+    *,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Packed variable-length attention, one sequence at a time. Returns (out, lse).
 
@@ -118,6 +191,8 @@ def reference_attention_varlen(
     reference_attention_with_lse within it (causal bottom-right per sequence; a sequence may be
     empty; a query that sees no key outputs 0 with lse +inf). out is (total_q, H, D) in q's dtype,
     lse (H, total_q) in the compute dtype. Reads cu_seqlens on the host (a sync on CUDA).
+    window, softcap and sinks (H,) apply within each sequence (the window bottom-right aligned
+    per sequence); differentiable through torch ops.
     """
     H, D = q.shape[1], q.shape[2]
     dtype = compute_dtype or accumulate_dtype(q.dtype)
@@ -125,7 +200,9 @@ def reference_attention_varlen(
     outs, lses = [q.new_zeros(0, H, D)], [q.new_zeros(H, 0, dtype=dtype)]
     for rows, cols in _sequences(cu_seqlens_q, cu_seqlens_k):
         q_b, k_b, v_b = _heads_first(q[rows]), _heads_first(k[cols]), _heads_first(v[cols])
-        out_b, lse_b = reference_attention_with_lse(q_b, k_b, v_b, causal, scale, dtype)
+        out_b, lse_b = reference_attention_with_lse(
+            q_b, k_b, v_b, causal, scale, dtype, window=window, softcap=softcap, sinks=sinks
+        )
         outs.append(out_b[0].transpose(0, 1))  # (Tq_b, H, D)
         lses.append(lse_b[0])  # (H, Tq_b)
     return torch.cat(outs, dim=0), torch.cat(lses, dim=1)  # (total_q, H, D), (H, total_q)
