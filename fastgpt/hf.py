@@ -6,24 +6,28 @@
 
 The registered function follows transformers' "sdpa" integration, with fastgpt's kernels where
 it would call torch's SDPA without a mask: causal prefill, one-token decoding against the KV
-cache, GQA without repeating K/V. Calls that carry a mask (padding, packed sequences, sliding
-windows), dropout in training, a position bias or a paged cache go to transformers' own sdpa
-function, so results match what the model gives with "eager" and "sdpa".
+cache, GQA without repeating K/V, and the attention variants transformers passes as keyword
+arguments (see variant_attention): Mistral's sliding window, Gemma 2's logit softcap, gpt-oss's
+learnable sinks. Calls that carry a mask (padding, packed sequences), dropout in training, a
+position bias or a paged cache go to transformers' own sdpa function (to the model's own eager
+function when they also carry a softcap or sinks, which sdpa lacks), so results match what the
+model gives with "eager".
 
 transformers is imported only by register_hf_attention, never by ``import fastgpt``.
 """
 
+import sys
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from fastgpt.attention import log_path
+from fastgpt.attention import attention, log_path, variants_in_use
 from fastgpt.dropin import scaled_dot_product_attention
 
 # transformers' sdpa attention function, looked up by register_hf_attention.
 _hf_sdpa_forward: Callable | None = None
-_FALLBACK_KWARGS = ("position_bias", "cache", "softcap", "s_aux")
+_FALLBACK_KWARGS = ("position_bias", "cache")
 
 
 def fastgpt_attention_forward(
@@ -45,6 +49,10 @@ def fastgpt_attention_forward(
     extras = [name for name in _FALLBACK_KWARGS if kwargs.get(name) is not None]
     if attention_mask is not None or dropout > 0.0 or extras:
         why = "an attention mask" if attention_mask is not None else f"dropout={dropout}"
+        if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+            return eager_fallback(
+                module, query, key, value, attention_mask, dropout, scaling, why, kwargs
+            )
         log_path("hf_attention", "transformers sdpa", ", ".join(extras) or why)
         return _hf_sdpa_forward(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
@@ -54,11 +62,79 @@ def fastgpt_attention_forward(
     # mask are causal with torch's top-left alignment (an empty cache, static slots past Tq).
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = is_causal and query.shape[2] > 1
+    if any(kwargs.get(name) is not None for name in ("sliding_window", "softcap", "s_aux")):
+        return variant_attention(query, key, value, scaling, causal, kwargs)
     log_path("hf_attention", "fastgpt", f"causal={causal}")
     out = scaled_dot_product_attention(
         query, key, value, is_causal=causal, scale=scaling, enable_gqa=True
     )  # (B, H, Tq, D)
     return out.transpose(1, 2).contiguous(), None  # (B, Tq, H, D)
+
+
+# --- The attention variants transformers passes as keyword arguments ----------------------------
+
+
+def variant_attention(
+    query: Tensor, key: Tensor, value: Tensor, scaling: float | None, causal: bool, kwargs: dict
+) -> tuple[Tensor, None]:
+    """An unmasked call with sliding_window (Mistral, Gemma 2, gpt-oss), softcap (Gemma 2) or
+    s_aux (gpt-oss's sinks) on fastgpt.attention: ((B, Tq, H, D) contiguous, None).
+
+    query: (B, H, Tq, D); key, value: (B, Hkv, Tk, D). transformers' sliding window W lets a
+    token see itself and the W - 1 before it: window=(W - 1, 0). Without a mask a causal block
+    of Tq < Tk queries is top-left aligned (an empty static cache: the slots past Tq hold no key
+    yet), which is bottom-right on the first Tq keys.
+    """
+    tq, tk = query.shape[2], key.shape[2]
+    if causal and tq < tk:
+        key, value = key[:, :, :tq], value[:, :, :tq]  # (B, Hkv, Tq, D) views
+    window = kwargs.get("sliding_window")
+    variants = {
+        "window": None if window is None else (window - 1, 0 if causal else -1),
+        "softcap": kwargs.get("softcap") or 0.0,
+        "sinks": kwargs.get("s_aux"),
+    }
+    used = ", ".join(variants_in_use(**variants))
+    log_path("hf_attention", "fastgpt", f"causal={causal}, {used}")
+    out = attention(query, key, value, causal=causal, scale=scaling, **variants)  # (B, H, Tq, D)
+    return out.transpose(1, 2).contiguous(), None  # (B, Tq, H, D)
+
+
+def eager_fallback(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float,
+    scaling: float | None,
+    why: str,
+    kwargs: dict,
+) -> tuple[Tensor, Tensor | None]:
+    """A masked call with a softcap or sinks, which transformers' sdpa lacks: the model's own
+    eager_attention_forward (what attn_implementation="eager" runs), found in its module."""
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise NotImplementedError(
+            f"fastgpt's attention cannot run this {type(module).__name__} call ({why} with a "
+            "softcap or sinks) and its module has no eager_attention_forward to fall back to."
+        )
+    log_path("hf_attention", "the model's eager attention", f"{why} with softcap or sinks")
+    return eager(
+        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+    )
+
+
+def sdpa_mask_without_window(*args, local_size: int | None = None, config=None, **kwargs):
+    """transformers' sdpa mask function, except that the model's sliding window alone never makes
+    a mask: fastgpt applies it from the sliding_window keyword (as transformers' flash-attention
+    path does), so an unpadded sliding layer gets None and runs on fastgpt's kernels. Padding
+    still makes a mask, the window in it."""
+    from transformers.masking_utils import sdpa_mask
+
+    if local_size is not None and local_size == getattr(config, "sliding_window", None):
+        local_size = None
+    return sdpa_mask(*args, local_size=local_size, config=config, **kwargs)
 
 
 def register_hf_attention(name: str = "fastgpt") -> str:
@@ -85,11 +161,11 @@ def register_hf_attention(name: str = "fastgpt") -> str:
     _hf_sdpa_forward = sdpa_attention_forward
     AttentionInterface.register(name, fastgpt_attention_forward)
     try:
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.masking_utils import AttentionMaskInterface
     except ImportError:
         # Older transformers build masks without this registry; every masked call then falls back.
         return name
     # The sdpa mask function returns None where plain causal attention is exact, which is the
     # signal fastgpt_attention_forward uses to run on fastgpt's kernels.
-    AttentionMaskInterface.register(name, sdpa_mask)
+    AttentionMaskInterface.register(name, sdpa_mask_without_window)
     return name
