@@ -112,7 +112,8 @@ def eager_fallback(
     kwargs: dict,
 ) -> tuple[Tensor, Tensor | None]:
     """A masked call with a softcap or sinks, which transformers' sdpa lacks: the model's own
-    eager_attention_forward (what attn_implementation="eager" runs), found in its module."""
+    eager_attention_forward (what attn_implementation="eager" runs), found in its module, with
+    the boolean sdpa mask turned into eager's additive one."""
     eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if eager is None:
         raise NotImplementedError(
@@ -120,6 +121,11 @@ def eager_fallback(
             "softcap or sinks) and its module has no eager_attention_forward to fall back to."
         )
     log_path("hf_attention", "the model's eager attention", f"{why} with softcap or sinks")
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        # The sdpa mask says True where a query may look; eager adds its mask to the scores.
+        hidden = torch.finfo(query.dtype).min
+        additive = torch.zeros_like(attention_mask, dtype=query.dtype)  # (B, 1, Tq, Tk)
+        attention_mask = additive.masked_fill(~attention_mask, hidden)
     return eager(
         module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
     )
