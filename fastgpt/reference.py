@@ -164,10 +164,16 @@ def reference_attention_with_lse(
 
 
 def reference_attention(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+    **variants,
 ) -> Tensor:
-    """Attention output only; see reference_attention_with_lse. (B, H, Tq, D) in q's dtype."""
-    return reference_attention_with_lse(q, k, v, causal, scale)[0]
+    """Attention output only; see reference_attention_with_lse (variants: window, softcap,
+    sinks). (B, H, Tq, D) in q's dtype."""
+    return reference_attention_with_lse(q, k, v, causal, scale, **variants)[0]
 
 
 def reference_attention_varlen(
@@ -208,6 +214,15 @@ def reference_attention_varlen(
     return torch.cat(outs, dim=0), torch.cat(lses, dim=1)  # (total_q, H, D), (H, total_q)
 
 
+def _probabilities(scores: Tensor, row_sees_a_key: Tensor, sinks: Tensor | None) -> Tensor:
+    """softmax over the visible keys (and the sink's column, dropped): (B, Hkv, G, Tq, Tk)."""
+    if sinks is None:
+        return torch.softmax(scores, dim=-1) * row_sees_a_key[:, None]
+    sink = sinks.to(scores.dtype).view(scores.shape[1], scores.shape[2], 1, 1)  # (Hkv, G, 1, 1)
+    logits = torch.cat([scores, sink.expand(*scores.shape[:-1], 1)], dim=-1)  # (.., Tk + 1)
+    return torch.softmax(logits, dim=-1)[..., :-1] * row_sees_a_key[:, None]
+
+
 def reference_attention_backward(
     grad_out: Tensor,
     q: Tensor,
@@ -215,28 +230,52 @@ def reference_attention_backward(
     v: Tensor,
     causal: bool = True,
     scale: float | None = None,
+    *,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients of reference_attention, written out: (dq, dk, dv) in the inputs' dtypes.
 
     q, grad_out: (B, H, Tq, D); k, v: (B, Hkv, Tk, D). With p = softmax(s) over the visible keys
-    (0 for a row that sees none), s = scale * q.k:
+    (0 for a row that sees none; the sink in the denominator with sinks), s = scale * q.k:
         dv = p^T dO,   dp = dO v^T,   ds = p * (dp - rowsum(p * dp)),
         dq = scale * ds k,   dk = scale * ds^T q   (dk, dv summed over the G heads of a group).
+    rowsum(p * dp) = rowsum(dO * O) with sinks too: the sink has no value. With softcap c, ds is
+    multiplied by the tanh's derivative 1 - (s / c)^2 (s the capped score). The sinks' own
+    gradient is reference_sinks_grad.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dtype = accumulate_dtype(q.dtype)
-    qg, scores, row_sees_a_key = _grouped_scores(q, k, causal, scale, dtype)  # as the forward
+    qg, scores, row_sees_a_key = _grouped_scores(
+        q, k, causal, scale, dtype, window, softcap
+    )  # as the forward
     dog = grad_out.to(dtype).unflatten(1, qg.shape[1:3])  # (B, Hkv, G, Tq, D)
     kg = k.to(dtype).unsqueeze(2)  # (B, Hkv, 1, Tk, D)
     vg = v.to(dtype).unsqueeze(2)  # (B, Hkv, 1, Tk, D)
-    probs = torch.softmax(scores, dim=-1) * row_sees_a_key[:, None]  # (B, Hkv, G, Tq, Tk)
+    probs = _probabilities(scores, row_sees_a_key, sinks)  # (B, Hkv, G, Tq, Tk)
 
     dv = (probs.transpose(-2, -1) @ dog).sum(2)  # (B, Hkv, Tk, D)
     dp = dog @ vg.transpose(-2, -1)  # (B, Hkv, G, Tq, Tk)
     ds = probs * (dp - (probs * dp).sum(-1, keepdim=True))  # (B, Hkv, G, Tq, Tk)
+    if softcap > 0.0:
+        # Clamped: a masked entry holds the dtype's min (p = 0 there, and no inf * 0 = NaN).
+        ds = ds * (1 - (scores.clamp(-softcap, softcap) / softcap) ** 2)
     dq = scale * ds @ kg  # (B, Hkv, G, Tq, D)
     dk = scale * (ds.transpose(-2, -1) @ qg).sum(2)  # (B, Hkv, Tk, D)
     return dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def reference_sinks_grad(grad_out: Tensor, out: Tensor, lse: Tensor, sinks: Tensor) -> Tensor:
+    """d(loss)/d(sinks), (H,) in sinks' dtype, from the forward's out and lse (the sink's term
+    included): each row's output shrinks by its sink probability p_sink = exp(sinks[h] - lse), so
+        dsinks[h] = -sum over batch and rows of p_sink * rowsum(dO * O).
+    grad_out, out: (B, H, Tq, D); lse: (B, H, Tq). For packed rows, pass (1, H, total, D) views.
+    """
+    dtype = accumulate_dtype(out.dtype)
+    delta = (grad_out.to(dtype) * out.to(dtype)).sum(-1)  # (B, H, Tq)
+    p_sink = torch.exp(sinks.to(dtype)[:, None] - lse.to(dtype))  # (B, H, Tq)
+    return -(p_sink * delta).sum((0, 2)).to(sinks.dtype)  # (H,)
 
 
 def reference_attention_varlen_backward(
@@ -248,10 +287,12 @@ def reference_attention_varlen_backward(
     cu_seqlens_k: Tensor,
     causal: bool = True,
     scale: float | None = None,
+    **variants,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients of reference_attention_varlen, one sequence at a time: (dq, dk, dv).
 
     grad_out, q: (total_q, H, D); k, v: (total_k, Hkv, D); each contiguous, in its input's dtype.
+    variants (window, softcap, sinks) as reference_attention_backward's, per sequence.
     """
     dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # (total_q, H, D)
     dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)  # (total_k, Hkv, D)
@@ -259,6 +300,6 @@ def reference_attention_varlen_backward(
     for rows, cols in _sequences(cu_seqlens_q, cu_seqlens_k):
         do_b, q_b = _heads_first(grad_out[rows]), _heads_first(q[rows])  # (1, H, Tq_b, D)
         k_b, v_b = _heads_first(k[cols]), _heads_first(v[cols])  # (1, Hkv, Tk_b, D)
-        grads = reference_attention_backward(do_b, q_b, k_b, v_b, causal, scale)
+        grads = reference_attention_backward(do_b, q_b, k_b, v_b, causal, scale, **variants)
         dq[rows], dk[cols], dv[cols] = (g[0].transpose(0, 1) for g in grads)
     return dq, dk, dv

@@ -21,6 +21,11 @@ import fastgpt
 from fastgpt.attention import VARIANT_BACKENDS, attention
 from fastgpt.model import GPT, GPTConfig
 from fastgpt.nn import CausalSelfAttention
+from fastgpt.reference import (
+    reference_attention_backward,
+    reference_attention_varlen_backward,
+    reference_sinks_grad,
+)
 
 COMPILED = [b for b in fastgpt.available_backends("cpu") if b != "reference"]
 
@@ -151,13 +156,50 @@ def test_gradcheck_in_float64_sinks_included(window, softcap):
 
 
 def test_the_sinks_gradient_is_a_per_head_sum():
-    """d(sinks)[h] = -sum over batch and rows of p_sink * (dO . O): the closed form."""
+    """d(sinks)[h] = -sum over batch and rows of p_sink * (dO . O): reference_sinks_grad's closed
+    form (the kernels' delta pass) against autograd through the oracle."""
     q, k, v, do, s = leaves(2, 4, 2, 9, 13, 8, True, seed=5)
     out, lse = attention(q, k, v, causal=True, window=(4, 0), sinks=s, return_lse=True)
-    (ds,) = torch.autograd.grad(out, s, do)
-    p_sink = torch.exp(s.detach()[None, :, None] - lse)  # (B, H, Tq)
-    want = -(p_sink * (do * out.detach()).sum(-1)).sum((0, 2))  # (H,)
-    torch.testing.assert_close(ds, want, **F64)
+    want_out, _ = oracle(q, k, v, True, (4, 0), sinks=s)
+    (want,) = torch.autograd.grad(want_out, s, do)
+    torch.testing.assert_close(reference_sinks_grad(do, out.detach(), lse, s.detach()), want, **F64)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+    "window,softcap,sinks", [((3, 0), 0.0, False), ((2, 4), 1.5, True), ((-1, -1), 0.7, True)]
+)
+def test_the_hand_written_backward_takes_the_variants(causal, window, softcap, sinks):
+    """reference_attention_backward (the kernels' oracle) against autograd through the oracle."""
+    q, k, v, do, s = leaves(2, 4, 2, 17, 11, 8, sinks, seed=9)
+    variants = dict(window=window, softcap=softcap, sinks=s)
+    want = grads(oracle(q, k, v, causal, **variants)[0], do, (q, k, v))
+    got = reference_attention_backward(do, q, k, v, causal, **variants)
+    for name, g, w in zip(["dq", "dk", "dv"], got, want, strict=True):
+        torch.testing.assert_close(g, w, **F64, msg=lambda m, n=name: f"{n}: {m}")
+    # Packed: the same rule per sequence (the batch's first element cut into 3 sequences).
+    lens_q, lens_k = [6, 0, 11], [4, 3, 4]
+    cu_q, cu_k = cu_seqlens(lens_q, "cpu"), cu_seqlens(lens_k, "cpu")
+    packed = [t[0].transpose(0, 1).detach() for t in (do, q, k, v)]  # (total, heads, D)
+    got = reference_attention_varlen_backward(*packed, cu_q, cu_k, causal, **variants)
+    for b in range(len(lens_q)):
+        rows_q = slice(int(cu_q[b]), int(cu_q[b + 1]))
+        rows_k = slice(int(cu_k[b]), int(cu_k[b + 1]))
+        do_b, q_b = (t[rows_q].transpose(0, 1)[None] for t in packed[:2])
+        k_b, v_b = (t[rows_k].transpose(0, 1)[None] for t in packed[2:])
+        want = reference_attention_backward(do_b, q_b, k_b, v_b, causal, **variants)
+        for g, w, rows in zip(got, want, [rows_q, rows_k, rows_k], strict=True):
+            torch.testing.assert_close(g[rows], w[0].transpose(0, 1), **F64)
+
+
+def test_variants_compile_in_one_graph():
+    q, k, v, _, s = leaves(1, 4, 2, 9, 9, 8, True)
+
+    def f(q, k, v, s):
+        return attention(q, k, v, window=(3, 0), softcap=2.0, sinks=s)
+
+    got = torch.compile(f, fullgraph=True)(q, k, v, s)
+    torch.testing.assert_close(got, f(q, k, v, s), **F64)
 
 
 def test_a_plain_call_runs_as_before_and_variants_log_their_backend(debug_log):
