@@ -131,16 +131,17 @@ def eager_fallback(
     )
 
 
-def sdpa_mask_without_window(*args, local_size: int | None = None, config=None, **kwargs):
+def sdpa_mask_without_window(*args, **kwargs):
     """transformers' sdpa mask function, except that the model's sliding window alone never makes
     a mask: fastgpt applies it from the sliding_window keyword (as transformers' flash-attention
     path does), so an unpadded sliding layer gets None and runs on fastgpt's kernels. Padding
     still makes a mask, the window in it."""
     from transformers.masking_utils import sdpa_mask
 
-    if local_size is not None and local_size == getattr(config, "sliding_window", None):
-        local_size = None
-    return sdpa_mask(*args, local_size=local_size, config=config, **kwargs)
+    window = getattr(kwargs.get("config"), "sliding_window", None)
+    if window is not None and kwargs.get("local_size") == window:  # not a chunked layer's size
+        kwargs["local_size"] = None
+    return sdpa_mask(*args, **kwargs)
 
 
 def register_hf_attention(name: str = "fastgpt") -> str:
