@@ -36,7 +36,6 @@ VARIANT_BACKENDS: dict[str, tuple[str, ...]] = {
     "softcap": ("reference",),  # scores c * tanh(s / c), Gemma 2's attention logit softcap
     "sinks": ("reference",),  # a learnable (H,) logit in each row's softmax denominator
 }
-NO_WINDOW = (-1, -1)
 
 logger = logging.getLogger("fastgpt")
 
@@ -133,10 +132,21 @@ def select_backend(device: torch.device, requested: str | None = None) -> tuple[
     return requested, why
 
 
-def variants_in_use(window: object, softcap: object, sinks: object) -> list[str]:
+def window_restricts(window: object, causal: bool) -> bool:
+    """Whether window hides a key that causal alone does not: None, (-1, -1), and with causal any
+    (-1, right) are no window at all (the call stays a plain one)."""
+    if window is None:
+        return False
+    left, right = tuple(window)  # type: ignore[arg-type]
+    return left >= 0 or (right >= 0 and not causal)
+
+
+def variants_in_use(
+    window: object, softcap: object, sinks: object, causal: bool = False
+) -> list[str]:
     """The names (keys of VARIANT_BACKENDS) of the variants a call turns on; [] for a plain call."""
     used = {
-        "window": window is not None and tuple(window) != NO_WINDOW,  # type: ignore[arg-type]
+        "window": window_restricts(window, causal),
         "softcap": softcap != 0.0,
         "sinks": sinks is not None,
     }
@@ -372,7 +382,7 @@ def attention_with_lse(
     if window is not None or softcap != 0.0 or sinks is not None:
         validate(q, k, v, "reference", scale)  # the shapes first: the variants' rules read H
         validate_variants(q.shape[1], q.device, window, softcap, sinks)
-        variants = variants_in_use(window, softcap, sinks)
+        variants = variants_in_use(window, softcap, sinks, causal)
         name, why = variant_backend(q.device, (name, why), backend, variants)
     validate(q, k, v, name, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -385,7 +395,7 @@ def attention_with_lse(
         f"attention q{tuple(q.shape)} k{tuple(k.shape)} {q.dtype} causal={causal}{shown} -> "
         f"{name} ({why})"
     )
-    extra = variant_kwargs(window, softcap, sinks)
+    extra = variant_kwargs(window, softcap, sinks, causal)
     if name == "reference":
         out, lse = reference_attention_with_lse(q, k, v, causal, scale, **extra)
         return out, lse.detach()
@@ -397,12 +407,12 @@ def attention_with_lse(
 
 
 def variant_kwargs(
-    window: tuple[int, int] | None, softcap: float, sinks: Tensor | None
+    window: tuple[int, int] | None, softcap: float, sinks: Tensor | None, causal: bool
 ) -> dict[str, object]:
     """The keyword arguments (window, softcap, sinks) of the variants in use, {} for none."""
     extra: dict[str, object] = {}
-    if window is not None and tuple(window) != NO_WINDOW:
-        extra["window"] = (int(window[0]), int(window[1]))
+    if window_restricts(window, causal):
+        extra["window"] = (int(window[0]), int(window[1]))  # type: ignore[index]
     if softcap != 0.0:
         extra["softcap"] = float(softcap)
     if sinks is not None:

@@ -94,7 +94,7 @@ def variant_attention(
         "softcap": kwargs.get("softcap") or 0.0,
         "sinks": kwargs.get("s_aux"),
     }
-    used = ", ".join(variants_in_use(**variants))
+    used = ", ".join(variants_in_use(**variants, causal=causal))
     log_path("hf_attention", "fastgpt", f"causal={causal}, {used}")
     out = attention(query, key, value, causal=causal, scale=scaling, **variants)  # (B, H, Tq, D)
     return out.transpose(1, 2).contiguous(), None  # (B, Tq, H, D)

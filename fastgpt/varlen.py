@@ -176,7 +176,7 @@ def attention_varlen_with_lse(
     if window is not None or softcap != 0.0 or sinks is not None:
         _check_layout(q, k, v)  # the packed ranks first: the variants' rules read H
         validate_variants(q.shape[1], q.device, window, softcap, sinks)
-        variants = variants_in_use(window, softcap, sinks)
+        variants = variants_in_use(window, softcap, sinks, causal)
         name, why = variant_backend(q.device, (name, why), backend, variants, VARLEN_BACKENDS)
     validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, name, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -186,7 +186,7 @@ def attention_varlen_with_lse(
         f"sequences {q.dtype} causal={causal}{shown} -> {name} ({why})"
     )
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
-    extra = variant_kwargs(window, softcap, sinks)
+    extra = variant_kwargs(window, softcap, sinks, causal)
     if extra and name == "reference":
         # The variants on the reference: plain autograd through its torch ops (sinks included).
         out, lse = reference_attention_varlen(

@@ -209,6 +209,10 @@ def test_a_plain_call_runs_as_before_and_variants_log_their_backend(debug_log):
     with_window = attention(q, k, v, window=(-1, -1), softcap=0.0)  # the defaults: plain again
     assert debug_log()[-1] == picked
     torch.testing.assert_close(with_window, plain, atol=0, rtol=0)
+    # A window that hides nothing causal does not: plain too (flash-attn's causal (-1, 0)).
+    for window in [(-1, 0), (-1, 3)]:
+        torch.testing.assert_close(attention(q, k, v, window=window), plain, atol=0, rtol=0)
+        assert debug_log()[-1] == picked
     attention(q, k, v, window=(2, 0), sinks=s)
     message = debug_log()[-1]
     assert "window, sinks -> reference" in message, message
