@@ -110,6 +110,14 @@ def _grouped_scores(
     return qg, scores, visible.any(dim=-1)
 
 
+def _with_sink_column(scores: Tensor, sinks: Tensor) -> Tensor:
+    """scores (B, Hkv, G, Tq, Tk) and sinks (H,) -> logits (B, Hkv, G, Tq, Tk + 1): the sink as
+    one more column that has no value; a softmax over it, its column dropped, is the attention
+    with sinks (a row that sees no key puts all its mass on the sink)."""
+    sink = sinks.to(scores.dtype).view(scores.shape[1], scores.shape[2], 1, 1)  # (Hkv, G, 1, 1)
+    return torch.cat([scores, sink.expand(*scores.shape[:-1], 1)], dim=-1)
+
+
 def _sequences(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor) -> Iterator[tuple[slice, slice]]:
     """(rows of q, rows of k) of each packed sequence; reads cu_seqlens on the host."""
     starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
@@ -153,10 +161,7 @@ def reference_attention_with_lse(
         lse = torch.logsumexp(scores, dim=-1)  # (B, Hkv, G, Tq)
         lse = lse.masked_fill(~row_sees_a_key, float("inf"))
     else:
-        # The sink as one more column of logits that has no value: softmax over [scores | sink],
-        # then drop its column. A row that sees no key puts all its mass on the sink.
-        sink = sinks.to(dtype).view(scores.shape[1], scores.shape[2], 1, 1)  # (Hkv, G, 1, 1)
-        logits = torch.cat([scores, sink.expand(*scores.shape[:-1], 1)], dim=-1)  # (.., Tk + 1)
+        logits = _with_sink_column(scores, sinks)  # (B, Hkv, G, Tq, Tk + 1)
         probs = torch.softmax(logits, dim=-1)[..., :-1] * row_sees_a_key[:, None]  # (.., Tq, Tk)
         lse = torch.logsumexp(logits, dim=-1)  # (B, Hkv, G, Tq): the sink's term included
     out = probs @ vg  # (B, Hkv, G, Tq, D)
@@ -218,8 +223,7 @@ def _probabilities(scores: Tensor, row_sees_a_key: Tensor, sinks: Tensor | None)
     """softmax over the visible keys (and the sink's column, dropped): (B, Hkv, G, Tq, Tk)."""
     if sinks is None:
         return torch.softmax(scores, dim=-1) * row_sees_a_key[:, None]
-    sink = sinks.to(scores.dtype).view(scores.shape[1], scores.shape[2], 1, 1)  # (Hkv, G, 1, 1)
-    logits = torch.cat([scores, sink.expand(*scores.shape[:-1], 1)], dim=-1)  # (.., Tk + 1)
+    logits = _with_sink_column(scores, sinks)  # (B, Hkv, G, Tq, Tk + 1)
     return torch.softmax(logits, dim=-1)[..., :-1] * row_sees_a_key[:, None]
 
 
