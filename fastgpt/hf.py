@@ -80,24 +80,31 @@ def variant_attention(
     """An unmasked call with sliding_window (Mistral, Gemma 2, gpt-oss), softcap (Gemma 2) or
     s_aux (gpt-oss's sinks) on fastgpt.attention: ((B, Tq, H, D) contiguous, None).
 
-    query: (B, H, Tq, D); key, value: (B, Hkv, Tk, D). transformers' sliding window W lets a
-    token see itself and the W - 1 before it: window=(W - 1, 0). Without a mask a causal block
-    of Tq < Tk queries is top-left aligned (an empty static cache: the slots past Tq hold no key
-    yet), which is bottom-right on the first Tq keys.
+    query: (B, H, Tq, D); key, value: (B, Hkv, Tk, D); the variants as hf_variants turns them.
+    Without a mask a causal block of Tq < Tk queries is top-left aligned (an empty static cache:
+    the slots past Tq hold no key yet), which is bottom-right on the first Tq keys.
     """
     tq, tk = query.shape[2], key.shape[2]
     if causal and tq < tk:
         key, value = key[:, :, :tq], value[:, :, :tq]  # (B, Hkv, Tq, D) views
-    window = kwargs.get("sliding_window")
-    variants = {
-        "window": None if window is None else (window - 1, 0 if causal else -1),
-        "softcap": kwargs.get("softcap") or 0.0,
-        "sinks": kwargs.get("s_aux"),
-    }
+    variants = hf_variants(kwargs, causal)
     used = ", ".join(variants_in_use(**variants, causal=causal))
     log_path("hf_attention", "fastgpt", f"causal={causal}, {used}")
     out = attention(query, key, value, causal=causal, scale=scaling, **variants)  # (B, H, Tq, D)
     return out.transpose(1, 2).contiguous(), None  # (B, Tq, H, D)
+
+
+def hf_variants(kwargs: dict, causal: bool) -> dict[str, object]:
+    """transformers' sliding_window, softcap and s_aux keyword arguments as fastgpt.attention's
+    (and attention_varlen's) window, softcap and sinks. transformers' window W lets a token see
+    itself and the W - 1 tokens before it: window=(W - 1, 0), or (W - 1, -1) for a query block
+    that is not causal (one query against the cache)."""
+    window = kwargs.get("sliding_window")
+    return {
+        "window": None if window is None else (window - 1, 0 if causal else -1),
+        "softcap": kwargs.get("softcap") or 0.0,
+        "sinks": kwargs.get("s_aux"),
+    }
 
 
 def eager_fallback(

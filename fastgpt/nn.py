@@ -4,6 +4,7 @@ the encoder-decoder pieces (CrossAttention, EncoderBlock, DecoderBlock, sinusoid
     from fastgpt.nn import CausalSelfAttention
     attn = CausalSelfAttention(n_embd=256, n_head=8, n_kv_head=2)  # GQA: 8 query heads, 2 kv heads
     y = attn(x)  # x, y: (B, T, n_embd)
+    local = CausalSelfAttention(256, 8, window=127, softcap=30.0, sinks=True)  # the variants
 
 One fused linear layer computes q, k and v; they are cut out of its output as views (no copy) and
 handed to fastgpt.attention with the backend name given at construction (None = automatic pick),
