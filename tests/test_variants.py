@@ -220,6 +220,43 @@ def test_a_plain_call_runs_as_before_and_variants_log_their_backend(debug_log):
         assert "has no window, sinks kernels yet" in message, message
 
 
+def test_fastgpt_backend_env_is_an_automatic_pick_that_moves(monkeypatch, debug_log):
+    """FASTGPT_BACKEND overrides the automatic pick, as for varlen: a variant still moves."""
+    q, k, v, _, s = leaves(1, 2, 2, 5, 5, 8, True)
+    for backend in COMPILED:
+        monkeypatch.setenv("FASTGPT_BACKEND", backend)
+        out = attention(q.float(), k.float(), v.float(), sinks=s.float())
+        assert debug_log()[-1].endswith(
+            f"-> reference ({backend} (FASTGPT_BACKEND) has no sinks kernels yet)"
+        )
+        torch.testing.assert_close(
+            out.double(), oracle(q, k, v, True, sinks=s)[0], atol=1e-5, rtol=1e-5
+        )
+
+
+@pytest.mark.parametrize("backend", fastgpt.available_backends("cpu"))
+def test_return_lse_is_attention_with_lse_on_every_backend(backend):
+    from fastgpt.attention import attention_with_lse
+
+    q, k, v, _, _ = leaves(2, 4, 2, 7, 9, 8, False)
+    q, k, v = q.detach().float(), k.detach().float(), v.detach().float()
+    out, lse = attention(q, k, v, return_lse=True, backend=backend)
+    want_out, want_lse = attention_with_lse(q, k, v, backend=backend)
+    torch.testing.assert_close(out, want_out, atol=0, rtol=0)
+    torch.testing.assert_close(lse, want_lse, atol=0, rtol=0)
+    assert lse.shape == (2, 4, 7) and lse.dtype == torch.float32
+
+
+def test_no_keys_with_sinks_gives_zero_rows_with_lse_the_sink():
+    q, _, _, _, s = leaves(1, 2, 2, 3, 0, 4, True)
+    k = torch.zeros(1, 2, 0, 4, dtype=torch.float64)
+    out, lse = attention(q, k, k, sinks=s, window=(1, 0), softcap=2.0, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out))
+    torch.testing.assert_close(lse[0], s.detach()[:, None].expand(2, 3), **F64)
+    out.sum().backward()
+    assert torch.equal(s.grad, torch.zeros(2, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("backend", COMPILED)
 @pytest.mark.parametrize("variant", ["window", "softcap", "sinks"])
 def test_an_explicit_backend_without_the_variant_raises(backend, variant):
