@@ -26,6 +26,17 @@ BACKEND_DTYPES = {  # the dtypes each backend takes
     "reference": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
 }
 
+# The attention variants each backend implements: the one place a kernel declares support. A
+# backend listed under a variant takes it on every layout it has kernels for (dense, and varlen
+# when it is in fastgpt.varlen.VARLEN_BACKENDS), as the keyword arguments window=(left, right),
+# softcap=c and sinks=(H,) tensor of its forward op, with their gradients. An automatic pick
+# moves to a backend that has every variant of a call; an explicit one without raises.
+VARIANT_BACKENDS: dict[str, tuple[str, ...]] = {
+    "window": ("reference",),  # sliding window (left, right), flash-attn's window_size
+    "softcap": ("reference",),  # scores c * tanh(s / c), Gemma 2's attention logit softcap
+    "sinks": ("reference",),  # a learnable (H,) logit in each row's softmax denominator
+}
+
 logger = logging.getLogger("fastgpt")
 
 
@@ -121,6 +132,108 @@ def select_backend(device: torch.device, requested: str | None = None) -> tuple[
     return requested, why
 
 
+def window_restricts(window: object, causal: bool) -> bool:
+    """Whether window hides a key that causal alone does not: None, (-1, -1), and with causal any
+    (-1, right) are no window at all (the call stays a plain one)."""
+    if window is None:
+        return False
+    left, right = tuple(window)  # type: ignore[arg-type]
+    return left >= 0 or (right >= 0 and not causal)
+
+
+def variants_in_use(
+    window: object, softcap: object, sinks: object, causal: bool = False
+) -> list[str]:
+    """The names (keys of VARIANT_BACKENDS) of the variants a call turns on; [] for a plain call."""
+    used = {
+        "window": window_restricts(window, causal),
+        "softcap": softcap != 0.0,
+        "sinks": sinks is not None,
+    }
+    return [name for name, on in used.items() if on]
+
+
+def variant_backend(
+    device: torch.device,
+    picked: tuple[str, str],
+    requested: str | None,
+    variants: list[str],
+    among: tuple[str, ...] = BACKENDS,
+) -> tuple[str, str]:
+    """(backend, reason) that implements every one of `variants` (VARIANT_BACKENDS): the picked
+    one when it does; else, for an automatic pick, the first that does among `among` (in the
+    automatic order) and runs here; for an explicit request, NotImplementedError naming them."""
+    name, why = picked
+    missing = [v for v in variants if name not in VARIANT_BACKENDS[v]]
+    if not missing:
+        return name, why
+    if requested not in (None, "auto"):
+        have = ", ".join(b for b in BACKENDS if all(b in VARIANT_BACKENDS[v] for v in missing))
+        raise NotImplementedError(
+            f"The {name} backend does not implement {', '.join(missing)} yet (backends that do: "
+            f"{have}); pass backend=None or backend='reference'."
+        )
+    order = BACKENDS if device.type == "cuda" else tuple(b for b in BACKENDS if b != "triton")
+    for candidate in order:
+        if (
+            candidate in among
+            and all(candidate in VARIANT_BACKENDS[v] for v in variants)
+            and _unavailable_reason(candidate, device) is None
+        ):
+            return candidate, f"{name} ({why}) has no {', '.join(missing)} kernels yet"
+    raise AssertionError("the reference backend implements every variant")  # pragma: no cover
+
+
+def _window_problem(window: object) -> str | None:
+    if window is None:
+        return None
+    pair = tuple(window) if isinstance(window, tuple | list) else ()
+    if len(pair) != 2 or not all(
+        isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= -1 for w in pair
+    ):
+        return f"window must be None or a pair (left, right) of ints >= -1, got {window!r}."
+    return None
+
+
+def variant_problem(
+    heads: int, device: torch.device, window: object, softcap: object, sinks: object
+) -> tuple[type[Exception], str] | None:
+    """(exception type, one sentence) for a bad window, softcap or sinks, or None: their rules.
+
+    heads is H, the query heads the sinks must match; device is q's.
+    """
+    problem = _window_problem(window)
+    if problem is not None:
+        return ValueError, problem
+    if not isinstance(softcap, numbers.Real) or isinstance(softcap, bool):
+        return TypeError, f"softcap must be a real number, got {type(softcap).__name__}."
+    if not (math.isfinite(softcap) and softcap >= 0.0):
+        return ValueError, f"softcap must be finite and >= 0 (0 turns it off), got {softcap}."
+    if sinks is None:
+        return None
+    if not isinstance(sinks, Tensor) or not sinks.is_floating_point():
+        kind = sinks.dtype if isinstance(sinks, Tensor) else type(sinks).__name__
+        return TypeError, f"sinks must be a floating-point tensor (H,), got {kind}."
+    if tuple(sinks.shape) != (heads,):
+        return ValueError, (
+            f"sinks must have shape (H,) = ({heads},), one logit per query head, got "
+            f"{tuple(sinks.shape)}."
+        )
+    if sinks.device != device:
+        return ValueError, f"sinks must be on q's device {device}, got {sinks.device}."
+    return None
+
+
+def validate_variants(
+    heads: int, device: torch.device, window: object, softcap: object, sinks: object
+) -> None:
+    """Raise TypeError/ValueError with one sentence for a bad window, softcap or sinks."""
+    problem = variant_problem(heads, device, window, softcap, sinks)
+    if problem is not None:
+        error, message = problem
+        raise error(message)
+
+
 def _problem(
     q: Tensor, k: Tensor, v: Tensor, backend: str, scale: object
 ) -> tuple[type[Exception], str] | None:
@@ -205,8 +318,12 @@ def attention(
     *,
     causal: bool = True,
     scale: float | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
+    return_lse: bool = False,
     backend: str | None = None,
-) -> Tensor:
+) -> Tensor | tuple[Tensor, Tensor]:
     """Fused (causal) scaled dot-product attention with grouped key/value heads.
 
     Args:
@@ -218,12 +335,31 @@ def attention(
             Inputs must be finite: a NaN or inf in q, k or v may make any output of its (batch,
             head) non-finite, on every backend (as in torch SDPA and flash-attn).
         scale: multiplies q.k; defaults to 1 / sqrt(D); must be finite.
+        window: (left, right) ints >= -1, flash-attn's window_size: query i sees keys j with
+            i + Tk - Tq - left <= j <= i + Tk - Tq + right (-1: unbounded; with causal, right is
+            0). None or (-1, -1): no window. (W, 0) with causal is a sliding window of W + 1 keys.
+        softcap: c > 0 turns each score s = scale * q.k into c * tanh(s / c) (Gemma 2: 50.0);
+            0 turns it off.
+        sinks: None, or a learnable (H,) floating tensor on q's device: one extra logit per head
+            in each row's softmax denominator (gpt-oss), with no value; differentiable.
+        return_lse: also return the row log-sum-exp (see below).
         backend: "triton", "cpp", "reference", or None / "auto" (FASTGPT_BACKEND overrides auto).
+            A variant (window, softcap, sinks) runs where VARIANT_BACKENDS lists it: an automatic
+            pick moves there (FASTGPT_DEBUG=1 says so), an explicit backend without it raises
+            NotImplementedError.
 
     Returns:
-        (B, H, Tq, D) tensor in q's dtype; differentiable with respect to q, k and v.
+        out (B, H, Tq, D) in q's dtype, differentiable with respect to q, k, v (and sinks); with
+        return_lse=True, (out, lse): lse (B, H, Tq) float32 (float64 for float64 inputs), not
+        differentiable, log of each row's softmax denominator: the sum over the visible keys of
+        exp(score), plus exp(sinks[h]) with sinks. A row that sees no key has lse +inf (sinks[h]
+        with sinks).
     """
-    return attention_with_lse(q, k, v, causal=causal, scale=scale, backend=backend)[0]
+    out, lse = attention_with_lse(
+        q, k, v, causal=causal, scale=scale, window=window, softcap=softcap, sinks=sinks,
+        backend=backend,
+    )  # fmt: skip
+    return (out, lse) if return_lse else out
 
 
 def attention_with_lse(
@@ -233,29 +369,52 @@ def attention_with_lse(
     *,
     causal: bool = True,
     scale: float | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """attention(...) and its row log-sum-exp: (out (B, H, Tq, D), lse (B, H, Tq)).
-
-    lse[b, h, i] = log sum_j exp(scale * q_i . k_j) over the visible keys (+inf for a row that sees
-    none), in float32 (float64 for float64 inputs); it is not differentiable (a detached tensor).
-    """
+    """attention(..., return_lse=True): (out (B, H, Tq, D), lse (B, H, Tq)); see attention."""
     if not isinstance(q, Tensor):
         raise TypeError(f"attention expects tensors, got {type(q).__name__} for q.")
     name, why = select_backend(q.device, backend)
+    variants = []
+    if window is not None or softcap != 0.0 or sinks is not None:
+        validate(q, k, v, "reference", scale)  # the shapes first: the variants' rules read H
+        validate_variants(q.shape[1], q.device, window, softcap, sinks)
+        variants = variants_in_use(window, softcap, sinks, causal)
+        name, why = variant_backend(q.device, (name, why), backend, variants)
     validate(q, k, v, name, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if q.numel() == 0 or k.shape[2] == 0:
         # Empty batch, no queries or no keys: nothing for a kernel to do; the reference gives
         # the right (empty or zero) result and stays connected to autograd.
         name, why = "reference", "empty input"
+    shown = f" {', '.join(variants)}" if variants else ""
     debug(
-        f"attention q{tuple(q.shape)} k{tuple(k.shape)} {q.dtype} causal={causal} -> {name} ({why})"
+        f"attention q{tuple(q.shape)} k{tuple(k.shape)} {q.dtype} causal={causal}{shown} -> "
+        f"{name} ({why})"
     )
+    extra = variant_kwargs(window, softcap, sinks, causal)
     if name == "reference":
-        out, lse = reference_attention_with_lse(q, k, v, causal, scale)
+        out, lse = reference_attention_with_lse(q, k, v, causal, scale, **extra)
         return out, lse.detach()
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     from fastgpt import ops
 
-    return ops.forward_op(name)(q, k, v, causal, scale)
+    # A compiled backend gets the variants it declares in VARIANT_BACKENDS as keywords.
+    return ops.forward_op(name)(q, k, v, causal, scale, **extra)
+
+
+def variant_kwargs(
+    window: tuple[int, int] | None, softcap: float, sinks: Tensor | None, causal: bool
+) -> dict[str, object]:
+    """The keyword arguments (window, softcap, sinks) of the variants in use, {} for none."""
+    extra: dict[str, object] = {}
+    if window_restricts(window, causal):
+        extra["window"] = (int(window[0]), int(window[1]))  # type: ignore[index]
+    if softcap != 0.0:
+        extra["softcap"] = float(softcap)
+    if sinks is not None:
+        extra["sinks"] = sinks
+    return extra

@@ -10,7 +10,8 @@ Both hand the cases fastgpt's kernels cover to fastgpt.attention (as views, neve
 inputs). scaled_dot_product_attention sends every other case (an explicit attn_mask, dropout,
 dtypes, ranks or layouts the kernels do not take) to torch's own implementation, so it can
 replace torch's: ``F.scaled_dot_product_attention = fastgpt.scaled_dot_product_attention``.
-The flash-attn functions raise NotImplementedError for the flash-attn features fastgpt lacks.
+The flash-attn functions take window_size and softcap (fastgpt.attention's window and softcap)
+and raise NotImplementedError for the flash-attn features fastgpt lacks (dropout, ALiBi, paged KV).
 
 The two causal alignments (1 = query row i may see key column j):
 
@@ -157,9 +158,6 @@ def _check_flash_layout(q: Tensor, k: Tensor, v: Tensor) -> None:
 def flash_unsupported(
     entry: str,
     dropout_p: float,
-    causal: bool,
-    window_size: tuple[int, int],
-    softcap: float,
     alibi_slopes: Tensor | None,
     block_table: Tensor | None = None,
 ) -> None:
@@ -167,17 +165,24 @@ def flash_unsupported(
     unsupported = []
     if dropout_p > 0.0:
         unsupported.append(f"dropout_p={dropout_p}")
-    left, right = window_size
-    if left >= 0 or (right >= 0 and not (causal and right == 0)):
-        unsupported.append(f"window_size={tuple(window_size)}")
-    if softcap != 0.0:
-        unsupported.append(f"softcap={softcap}")
     if alibi_slopes is not None:
         unsupported.append("alibi_slopes")
     if block_table is not None:
         unsupported.append("block_table (paged KV)")
     if unsupported:
         raise NotImplementedError(f"fastgpt.{entry} does not support {', '.join(unsupported)}.")
+
+
+def flash_variants(window_size: tuple[int, int], softcap: float) -> dict[str, object]:
+    """flash-attn's window_size and softcap as fastgpt.attention's window and softcap keywords
+    (the same semantics); their defaults (-1, -1) and 0.0 give {}, a plain call."""
+    window = tuple(window_size) if isinstance(window_size, tuple | list) else window_size
+    extra: dict[str, object] = {}
+    if window != (-1, -1):
+        extra["window"] = window
+    if softcap != 0.0:
+        extra["softcap"] = softcap
+    return extra
 
 
 def flash_attn_func(
@@ -201,16 +206,20 @@ def flash_attn_func(
     query i sees keys j <= i + Tk - Tq. softmax_scale defaults to 1/sqrt(D). The backward is
     deterministic whatever `deterministic` says. With return_attn_probs=True it returns
     (out, softmax_lse, None) as flash-attn does without dropout: softmax_lse (B, H, Tq) float32,
-    the log-sum-exp of each row of scale * q k^T (+inf for a row that sees no key). dropout,
-    sliding windows, softcap and ALiBi are not implemented and raise NotImplementedError.
+    the log-sum-exp of each row of scale * q k^T (+inf for a row that sees no key).
+    window_size=(left, right) (-1 unbounded) is a sliding window and softcap=c > 0 turns scores
+    into c * tanh(s / c), both with flash-attn's semantics (fastgpt.attention's window and
+    softcap). dropout and ALiBi are not implemented and raise NotImplementedError.
     """
-    flash_unsupported("flash_attn_func", dropout_p, causal, window_size, softcap, alibi_slopes)
+    flash_unsupported("flash_attn_func", dropout_p, alibi_slopes)
     _check_flash_layout(q, k, v)
+    variants = flash_variants(window_size, softcap)
     # (B, T, H, D) -> (B, H, T, D) views: fastgpt takes any strides with a contiguous last dim.
     out, lse = attention_with_lse(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, scale=softmax_scale
-    )  # (B, H, Tq, D), (B, H, Tq)
-    log_path("flash_attn_func", "fastgpt.attention", f"causal={causal}")
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
+        scale=softmax_scale, **variants,
+    )  # (B, H, Tq, D), (B, H, Tq)  # fmt: skip
+    log_path("flash_attn_func", "fastgpt.attention", f"causal={causal} {variants or ''}".strip())
     out = out.transpose(1, 2)  # (B, Tq, H, D)
     return (out, lse, None) if return_attn_probs else out
 
@@ -239,19 +248,18 @@ def flash_attn_varlen_func(
     (B + 1,) prefix sums of the sequence lengths; max_seqlen_q/k: the longest lengths. causal is
     aligned bottom-right within each sequence (a query that sees no key outputs 0). Returns
     (total_q, H, D) in q's dtype, or with return_attn_probs=True (out, softmax_lse, None):
-    softmax_lse (H, total_q) float32. dropout, sliding windows, softcap, ALiBi and a paged
-    block_table raise NotImplementedError. Runs on the reference path until the Triton and C++
-    varlen kernels land (see fastgpt.attention_varlen).
+    softmax_lse (H, total_q) float32. window_size and softcap as flash_attn_func's, within each
+    sequence. dropout, ALiBi and a paged block_table raise NotImplementedError. Runs on the
+    reference path until the Triton and C++ varlen kernels land (see fastgpt.attention_varlen).
     """
-    flash_unsupported(
-        "flash_attn_varlen_func",
-        dropout_p, causal, window_size, softcap, alibi_slopes, block_table,
-    )  # fmt: skip
+    flash_unsupported("flash_attn_varlen_func", dropout_p, alibi_slopes, block_table)
+    variants = flash_variants(window_size, softcap)
     out, lse = attention_varlen_with_lse(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        causal=causal, scale=softmax_scale,
+        causal=causal, scale=softmax_scale, **variants,
     )  # (total_q, H, D), (H, total_q)  # fmt: skip
-    log_path("flash_attn_varlen_func", "fastgpt.attention_varlen", f"causal={causal}")
+    entry = "fastgpt.attention_varlen"
+    log_path("flash_attn_varlen_func", entry, f"causal={causal} {variants or ''}".strip())
     return (out, lse, None) if return_attn_probs else out
 
 

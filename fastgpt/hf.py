@@ -6,22 +6,27 @@
 
 The registered function follows transformers' "sdpa" integration, with fastgpt's kernels where
 it would call torch's SDPA without a mask: causal prefill, one-token decoding against the KV
-cache, GQA without repeating K/V. Padded batches (a 2-D attention_mask, left or right padding,
-prefill and generate()) and packed ones (position_ids restarting per sequence, or the
-cu_seq_lens_q/k kwargs of DataCollatorWithFlattening) run on fastgpt.attention_varlen: unpad,
-attend, pad back (fastgpt.hf_varlen). Any other mask (sliding windows, biases), dropout in
-training, a position bias or a paged cache go to transformers' own sdpa function, so results match
-what the model gives with "eager" and "sdpa"; FASTGPT_DEBUG=1 says which path ran and why.
+cache, GQA without repeating K/V, and the attention variants transformers passes as keyword
+arguments (see variant_attention): Mistral's sliding window, Gemma 2's logit softcap, gpt-oss's
+learnable sinks. Padded batches (a 2-D attention_mask, left or right padding, prefill and
+generate()) and packed ones (position_ids restarting per sequence, or the cu_seq_lens_q/k kwargs
+of DataCollatorWithFlattening) run on fastgpt.attention_varlen: unpad, attend, pad back
+(fastgpt.hf_varlen), with the variants too. Any other mask (a sliding window inside a padding
+mask, biases), dropout in training, a position bias or a paged cache go to transformers' own sdpa
+function (to the model's own eager function when they also carry a softcap or sinks, which sdpa
+lacks), so results match what the model gives with "eager"; FASTGPT_DEBUG=1 says which path ran
+and why.
 
 transformers is imported only by register_hf_attention, never by ``import fastgpt``.
 """
 
+import sys
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from fastgpt.attention import log_path
+from fastgpt.attention import attention, log_path, variants_in_use
 from fastgpt.dropin import scaled_dot_product_attention
 from fastgpt.hf_varlen import (
     VarlenLayout,
@@ -34,7 +39,7 @@ from fastgpt.hf_varlen import (
 
 # transformers' sdpa attention function, looked up by register_hf_attention.
 _hf_sdpa_forward: Callable | None = None
-_FALLBACK_KWARGS = ("position_bias", "cache", "softcap", "s_aux")
+_FALLBACK_KWARGS = ("position_bias", "cache")
 
 
 def fastgpt_attention_forward(
@@ -61,6 +66,10 @@ def fastgpt_attention_forward(
     layout = None if why else _padding_or_packing(query, key, attention_mask, is_causal, kwargs)
     why = layout if isinstance(layout, str) else why
     if why is not None:
+        if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+            return eager_fallback(
+                module, query, key, value, attention_mask, dropout, scaling, why, kwargs
+            )
         log_path("hf_attention", "transformers sdpa", why)
         return _hf_sdpa_forward(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
@@ -70,11 +79,14 @@ def fastgpt_attention_forward(
             "hf_attention", "fastgpt varlen", f"{layout.sequences} sequences of a "
             f"({layout.batch}, {layout.q_len}) batch, longest {layout.max_seqlen_q}",
         )  # fmt: skip
-        return attend(query, key, value, layout, scaling), None  # (B, Tq, H, D)
+        variants = hf_variants(kwargs, causal=True)
+        return attend(query, key, value, layout, scaling, variants), None  # (B, Tq, H, D)
 
     # As transformers' sdpa: a single query sees the whole cache; longer query blocks without a
     # mask are causal with torch's top-left alignment (an empty cache, static slots past Tq).
     causal = is_causal and query.shape[2] > 1
+    if any(kwargs.get(name) is not None for name in ("sliding_window", "softcap", "s_aux")):
+        return variant_attention(query, key, value, scaling, causal, kwargs)
     log_path("hf_attention", "fastgpt", f"causal={causal}")
     out = scaled_dot_product_attention(
         query, key, value, is_causal=causal, scale=scaling, enable_gqa=True
@@ -103,6 +115,86 @@ def _padding_or_packing(
     return None
 
 
+# --- The attention variants transformers passes as keyword arguments ----------------------------
+
+
+def variant_attention(
+    query: Tensor, key: Tensor, value: Tensor, scaling: float | None, causal: bool, kwargs: dict
+) -> tuple[Tensor, None]:
+    """An unmasked call with sliding_window (Mistral, Gemma 2, gpt-oss), softcap (Gemma 2) or
+    s_aux (gpt-oss's sinks) on fastgpt.attention: ((B, Tq, H, D) contiguous, None).
+
+    query: (B, H, Tq, D); key, value: (B, Hkv, Tk, D); the variants as hf_variants turns them.
+    Without a mask a causal block of Tq < Tk queries is top-left aligned (an empty static cache:
+    the slots past Tq hold no key yet), which is bottom-right on the first Tq keys.
+    """
+    tq, tk = query.shape[2], key.shape[2]
+    if causal and tq < tk:
+        key, value = key[:, :, :tq], value[:, :, :tq]  # (B, Hkv, Tq, D) views
+    variants = hf_variants(kwargs, causal)
+    used = ", ".join(variants_in_use(**variants, causal=causal))
+    log_path("hf_attention", "fastgpt", f"causal={causal}, {used}")
+    out = attention(query, key, value, causal=causal, scale=scaling, **variants)  # (B, H, Tq, D)
+    return out.transpose(1, 2).contiguous(), None  # (B, Tq, H, D)
+
+
+def hf_variants(kwargs: dict, causal: bool) -> dict[str, object]:
+    """transformers' sliding_window, softcap and s_aux keyword arguments as fastgpt.attention's
+    (and attention_varlen's) window, softcap and sinks. transformers' window W lets a token see
+    itself and the W - 1 tokens before it: window=(W - 1, 0), or (W - 1, -1) for a query block
+    that is not causal (one query against the cache)."""
+    window = kwargs.get("sliding_window")
+    return {
+        "window": None if window is None else (window - 1, 0 if causal else -1),
+        "softcap": kwargs.get("softcap") or 0.0,
+        "sinks": kwargs.get("s_aux"),
+    }
+
+
+def eager_fallback(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float,
+    scaling: float | None,
+    why: str,
+    kwargs: dict,
+) -> tuple[Tensor, Tensor | None]:
+    """A masked call with a softcap or sinks, which transformers' sdpa lacks: the model's own
+    eager_attention_forward (what attn_implementation="eager" runs), found in its module, with
+    the boolean sdpa mask turned into eager's additive one."""
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise NotImplementedError(
+            f"fastgpt's attention cannot run this {type(module).__name__} call ({why} with a "
+            "softcap or sinks) and its module has no eager_attention_forward to fall back to."
+        )
+    log_path("hf_attention", "the model's eager attention", f"{why} with softcap or sinks")
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        # The sdpa mask says True where a query may look; eager adds its mask to the scores.
+        hidden = torch.finfo(query.dtype).min
+        additive = torch.zeros_like(attention_mask, dtype=query.dtype)  # (B, 1, Tq, Tk)
+        attention_mask = additive.masked_fill(~attention_mask, hidden)
+    return eager(
+        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+    )
+
+
+def sdpa_mask_without_window(*args, **kwargs):
+    """transformers' sdpa mask function, except that the model's sliding window alone never makes
+    a mask: fastgpt applies it from the sliding_window keyword (as transformers' flash-attention
+    path does), so an unpadded sliding layer gets None and runs on fastgpt's kernels. Padding
+    still makes a mask, the window in it."""
+    from transformers.masking_utils import sdpa_mask
+
+    window = getattr(kwargs.get("config"), "sliding_window", None)
+    if window is not None and kwargs.get("local_size") == window:  # not a chunked layer's size
+        kwargs["local_size"] = None
+    return sdpa_mask(*args, **kwargs)
+
+
 def register_hf_attention(name: str = "fastgpt") -> str:
     """Register fastgpt in transformers' AttentionInterface (and its mask function) under `name`.
 
@@ -127,11 +219,11 @@ def register_hf_attention(name: str = "fastgpt") -> str:
     _hf_sdpa_forward = sdpa_attention_forward
     AttentionInterface.register(name, fastgpt_attention_forward)
     try:
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.masking_utils import AttentionMaskInterface
     except ImportError:
         # Older transformers build masks without this registry; every masked call then falls back.
         return name
     # The sdpa mask function returns None where plain causal attention is exact, which is the
     # signal fastgpt_attention_forward uses to run on fastgpt's kernels.
-    AttentionMaskInterface.register(name, sdpa_mask)
+    AttentionMaskInterface.register(name, sdpa_mask_without_window)
     return name

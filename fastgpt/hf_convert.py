@@ -178,6 +178,10 @@ def to_hf(model: GPT) -> "torch.nn.Module":
         c.n_kv_head in (None, c.n_head), f"GPT-2 has no grouped kv heads (n_kv_head {c.n_kv_head})."
     )
     _check(c.tie_head, "GPT-2 ties its head to wte; this model has its own head (tie_head=False).")
+    _check(
+        c.window is None and c.softcap == 0.0 and not c.sinks,
+        "GPT-2 has no sliding window, softcap or attention sinks (this model's config has one).",
+    )
     hf_config = GPT2Config(
         vocab_size=c.vocab_size,
         n_positions=c.block_size,

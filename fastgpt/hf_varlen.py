@@ -203,10 +203,16 @@ def pad(out: Tensor, layout: VarlenLayout) -> Tensor:
 
 
 def attend(
-    query: Tensor, key: Tensor, value: Tensor, layout: VarlenLayout, scale: float | None
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    layout: VarlenLayout,
+    scale: float | None,
+    variants: dict | None = None,
 ) -> Tensor:
     """Causal attention of each segment of layout: query (B, H, Tq, D), key/value (B, Hkv, Tk, D)
-    -> (B, Tq, H, D) contiguous, zeros at padded query positions."""
+    -> (B, Tq, H, D) contiguous, zeros at padded query positions. variants: attention_varlen's
+    window / softcap / sinks keyword arguments (fastgpt.hf.hf_variants)."""
     if layout.sequences == 0:  # every query is padding
         return query.new_zeros(layout.batch, layout.q_len, query.shape[1], value.shape[-1])
     q = unpad(query, layout.q_index)  # (total_q, H, D)
@@ -221,5 +227,6 @@ def attend(
         layout.max_seqlen_k,
         causal=True,
         scale=scale,
+        **(variants or {}),
     )  # fmt: skip  (total_q, H, D)
     return pad(out, layout).contiguous()  # (B, Tq, H, D)

@@ -22,6 +22,7 @@ from fastgpt.nn import (
     CausalSelfAttention,
     FeedForward,
     KVCache,
+    check_layer_variants,
     init_weights,
 )
 
@@ -40,6 +41,10 @@ class GPTConfig:
     layer_norm_eps: float = 1e-5  # epsilon of every LayerNorm (GPT-2: 1e-5)
     tie_head: bool = True  # the LM head shares the token embedding's matrix (GPT-2); False: its own
     backend: str | None = None  # fastgpt.attention backend name; None picks automatically
+    window: int | None = None  # sliding window: a token sees itself and `window` before it
+    global_every: int | None = None  # with window: every global_every-th layer is global
+    softcap: float = 0.0  # attention logit softcap c * tanh(s / c) (Gemma 2: 50.0); 0: off
+    sinks: bool = False  # a learnable per-head attention sink logit in every layer (gpt-oss)
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -49,6 +54,17 @@ class GPTConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}.")
+        check_layer_variants(self.window, self.softcap)
+        every = self.global_every
+        if every is not None and (not isinstance(every, int) or every < 1):
+            raise ValueError(f"GPTConfig.global_every must be None or an int >= 1, got {every!r}.")
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of block `layer` (0-based): `window`, except on the global layers
+        global_every - 1, 2 global_every - 1, ... (Gemma 2 is window=4095, global_every=2)."""
+        if self.global_every is not None and (layer + 1) % self.global_every == 0:
+            return None
+        return self.window
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,7 +123,9 @@ def document_positions(cu_seqlens: Tensor, idx: Tensor, block_size: int) -> tupl
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig, attention_fn: AttentionFn | None = None) -> None:
+    def __init__(
+        self, config: GPTConfig, attention_fn: AttentionFn | None = None, layer: int = 0
+    ) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.attn = CausalSelfAttention(
@@ -118,6 +136,9 @@ class Block(nn.Module):
             dropout=config.dropout,
             backend=config.backend,
             attention_fn=attention_fn,
+            window=config.layer_window(layer),
+            softcap=config.softcap,
+            sinks=config.sinks,
         )
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = FeedForward(config.n_embd, config.activation, config.bias, config.dropout)
@@ -141,7 +162,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, attention_fn) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, attention_fn, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_head:

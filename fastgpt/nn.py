@@ -4,14 +4,17 @@ the encoder-decoder pieces (CrossAttention, EncoderBlock, DecoderBlock, sinusoid
     from fastgpt.nn import CausalSelfAttention
     attn = CausalSelfAttention(n_embd=256, n_head=8, n_kv_head=2)  # GQA: 8 query heads, 2 kv heads
     y = attn(x)  # x, y: (B, T, n_embd)
+    local = CausalSelfAttention(256, 8, window=127, softcap=30.0, sinks=True)  # the variants
 
 One fused linear layer computes q, k and v; they are cut out of its output as views (no copy) and
 handed to fastgpt.attention with the backend name given at construction (None = automatic pick),
 or to another function with its signature given as attention_fn (e.g. torch SDPA, to compare).
 """
 
+import math
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 from fastgpt.attention import attention
@@ -31,6 +34,19 @@ def _head_counts(n_embd: int, n_head: int, n_kv_head: int | None) -> tuple[int, 
             f"n_head ({n_head}) must be a positive multiple of n_kv_head ({n_kv_head})."
         )
     return n_head, n_kv_head, n_embd // n_head
+
+
+def check_layer_variants(window: object, softcap: object) -> None:
+    """Raise ValueError with one sentence for a layer's window (None or int >= 0) or softcap
+    (finite, >= 0)."""
+    if window is not None and (
+        not isinstance(window, int) or isinstance(window, bool) or window < 0
+    ):
+        raise ValueError(
+            f"window must be None or an int >= 0 (keys before each token), got {window!r}."
+        )
+    if not isinstance(softcap, int | float) or not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be a finite number >= 0 (0 turns it off), got {softcap!r}.")
 
 
 def init_weights(module: nn.Module, embedding_std: float = 0.02) -> None:
@@ -97,7 +113,13 @@ class CausalSelfAttention(nn.Module):
         backend: fastgpt.attention backend name ("triton", "cpp", "reference"), None for auto.
         attention_fn: what computes attention, called as fastgpt.attention is:
             attention_fn(q, k, v, causal=True, backend=backend) with q (B, H, T, D), k and v
-            (B, Hkv, Tk, D) -> (B, H, T, D). None means fastgpt.attention.
+            (B, Hkv, Tk, D) -> (B, H, T, D), plus the keywords window, softcap and sinks of the
+            variants this layer uses (only those). None means fastgpt.attention.
+        window: None (global attention), or W >= 0: a sliding window where each token sees
+            itself and the W tokens before it (fastgpt.attention's window=(W, 0)).
+        softcap: c > 0 caps the attention scores at c * tanh(s / c) (Gemma 2: 50.0); 0: off.
+        sinks: a learnable per-head sink logit (gpt-oss): the parameter `sinks` (H,), zeros at
+            initialisation, in the state dict. Off (no parameter) by default.
     """
 
     def __init__(
@@ -109,14 +131,32 @@ class CausalSelfAttention(nn.Module):
         dropout: float = 0.0,
         backend: str | None = None,
         attention_fn: AttentionFn | None = None,
+        window: int | None = None,
+        softcap: float = 0.0,
+        sinks: bool = False,
     ) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = _head_counts(n_embd, n_head, n_kv_head)
+        check_layer_variants(window, softcap)
         self.backend = backend
         self.attention_fn = attention_fn
+        self.window, self.softcap = window, float(softcap)
         self.c_attn = nn.Linear(n_embd, (n_head + 2 * self.n_kv_head) * self.head_dim, bias=bias)
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
+        # Registered only when on, so checkpoints without sinks keep loading.
+        self.sinks = nn.Parameter(torch.zeros(n_head)) if sinks else None  # (H,)
+
+    def variants(self) -> dict[str, object]:
+        """fastgpt.attention's keywords for this layer's variants: {} for plain attention."""
+        extra: dict[str, object] = {}
+        if self.window is not None:
+            extra["window"] = (self.window, 0)
+        if self.softcap != 0.0:
+            extra["softcap"] = self.softcap
+        if self.sinks is not None:
+            extra["sinks"] = self.sinks
+        return extra
 
     def forward(
         self,
@@ -146,7 +186,7 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.append(k, v)  # (B, Hkv, Tk, D), Tk = cached + T
         # Causal bottom-right: with a cache, query i sees every cached key and new keys up to i.
         attend = attention if self.attention_fn is None else self.attention_fn
-        y = attend(q, k, v, causal=True, backend=self.backend)  # (B, H, T, D)
+        y = attend(q, k, v, causal=True, backend=self.backend, **self.variants())  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -168,7 +208,7 @@ class CausalSelfAttention(nn.Module):
         v = tokens[:, (H + Hkv) * D :].unflatten(1, (Hkv, D))  # (B T, Hkv, D)
         return attention_varlen(
             q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
-            backend=self.backend,
+            backend=self.backend, **self.variants(),
         )  # fmt: skip
 
 

@@ -18,7 +18,8 @@ Tq_b = Tk_b = 2 packed together, causal (1 = visible):
 
 The input rules are fastgpt.attention's (validate once, there) plus the cu_seqlens rules below;
 the backend is picked by fastgpt.attention.select_backend, then moved to one that has varlen
-kernels (VARLEN_BACKENDS) when the pick has none yet.
+kernels (VARLEN_BACKENDS) when the pick has none yet, and, for a call with variants (window,
+softcap, sinks), to one of those that also has them (fastgpt.attention.VARIANT_BACKENDS).
 """
 
 from collections.abc import Sequence
@@ -27,7 +28,17 @@ import torch
 from torch import Tensor
 
 from fastgpt import varlen_ops
-from fastgpt.attention import debug, last_dim_contiguous, select_backend, validate
+from fastgpt.attention import (
+    debug,
+    last_dim_contiguous,
+    select_backend,
+    validate,
+    validate_variants,
+    variant_backend,
+    variant_kwargs,
+    variants_in_use,
+)
+from fastgpt.reference import reference_attention_varlen
 
 # Backends with variable-length kernels; the Triton and C++ varlen kernels are pending.
 VARLEN_BACKENDS = ("reference",)
@@ -148,25 +159,44 @@ def attention_varlen_with_lse(
     *,
     causal: bool = True,
     scale: float | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """attention_varlen(...) and its row log-sum-exp: (out (total_q, H, D), lse (H, total_q)).
+    """attention_varlen(..., return_lse=True): (out (total_q, H, D), lse (H, total_q)).
 
-    lse is float32 (float64 for float64 inputs), +inf for a query that sees no key, and not
-    differentiable (flash-attn's softmax_lse of its varlen functions).
+    lse is float32 (float64 for float64 inputs), +inf for a query that sees no key (sinks[h] with
+    sinks), and not differentiable (flash-attn's softmax_lse of its varlen functions).
     """
     if not isinstance(q, Tensor):
         raise TypeError(f"attention_varlen expects tensors, got {type(q).__name__} for q.")
     name, why = select_varlen_backend(q.device, backend)
+    variants = []
+    if window is not None or softcap != 0.0 or sinks is not None:
+        _check_layout(q, k, v)  # the packed ranks first: the variants' rules read H
+        validate_variants(q.shape[1], q.device, window, softcap, sinks)
+        variants = variants_in_use(window, softcap, sinks, causal)
+        name, why = variant_backend(q.device, (name, why), backend, variants, VARLEN_BACKENDS)
     validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, name, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    shown = f" {', '.join(variants)}" if variants else ""
     debug(
         f"attention_varlen q{tuple(q.shape)} k{tuple(k.shape)} {cu_seqlens_q.numel() - 1} "
-        f"sequences {q.dtype} causal={causal} -> {name} ({why})"
+        f"sequences {q.dtype} causal={causal}{shown} -> {name} ({why})"
     )
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+    extra = variant_kwargs(window, softcap, sinks, causal)
+    if extra and name == "reference":
+        # The variants on the reference: plain autograd through its torch ops (sinks included).
+        out, lse = reference_attention_varlen(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, **extra
+        )
+        return out, lse.detach()
     forward = varlen_ops.varlen_forward_op(name)
-    return forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+    return forward(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, **extra
+    )
 
 
 def attention_varlen(
@@ -180,8 +210,12 @@ def attention_varlen(
     *,
     causal: bool = True,
     scale: float | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
+    return_lse: bool = False,
     backend: str | None = None,
-) -> Tensor:
+) -> Tensor | tuple[Tensor, Tensor]:
     """Attention over packed sequences of different lengths (flash-attn's varlen layout).
 
     Args:
@@ -197,14 +231,19 @@ def attention_varlen(
         causal: mask aligned bottom-right within each sequence: query i of sequence b sees its
             keys j <= i + (Tk_b - Tq_b). A query that sees no key outputs zeros.
         scale: multiplies q.k; defaults to 1 / sqrt(D); must be finite.
+        window, softcap, sinks: fastgpt.attention's variants, within each sequence (the window
+            aligned bottom-right per sequence; sinks (H,) shared by all sequences).
+        return_lse: also return lse (H, total_q), as fastgpt.attention's per row.
         backend: as fastgpt.attention's; today only "reference" has varlen kernels: an automatic
             pick of another backend runs on the reference (FASTGPT_DEBUG=1 says so), an explicit
             "triton" or "cpp" raises NotImplementedError.
 
     Returns:
-        (total_q, H, D) tensor in q's dtype; differentiable with respect to q, k and v.
+        (total_q, H, D) tensor in q's dtype; differentiable with respect to q, k and v (and
+        sinks); with return_lse=True, (out, lse (H, total_q)).
     """
-    return attention_varlen_with_lse(
+    out, lse = attention_varlen_with_lse(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        causal=causal, scale=scale, backend=backend,
-    )[0]  # fmt: skip
+        causal=causal, scale=scale, window=window, softcap=softcap, sinks=sinks, backend=backend,
+    )  # fmt: skip
+    return (out, lse) if return_lse else out

@@ -243,9 +243,6 @@ def test_flash_attn_func_packed_views_float32(device, backend, monkeypatch):
     "kwargs",
     [
         dict(dropout_p=0.1),
-        dict(window_size=(4, 0), causal=True),
-        dict(window_size=(-1, 2)),
-        dict(softcap=30.0),
         dict(alibi_slopes=torch.ones(2)),
     ],
 )

@@ -412,8 +412,6 @@ def test_packed_variants_equal_unpacked():
     "kwargs",
     [
         dict(dropout_p=0.1),
-        dict(window_size=(4, 0), causal=True),
-        dict(softcap=30.0),
         dict(alibi_slopes=torch.ones(4)),
         dict(block_table=torch.zeros(3, 1, dtype=torch.int32)),
     ],
@@ -429,8 +427,9 @@ def test_packed_variants_raise_for_unsupported_arguments_and_shapes():
     qkv = torch.stack([inputs["q"]] * 3, dim=1)  # (total, 3, H, D)
     with pytest.raises(NotImplementedError, match="does not support dropout_p=0.1"):
         fastgpt.flash_attn_varlen_qkvpacked_func(qkv, inputs["cu_seqlens_q"], 5, dropout_p=0.1)
-    with pytest.raises(NotImplementedError, match="does not support softcap=5.0"):
-        fastgpt.flash_attn_kvpacked_func(qkv[None, :, 0], qkv[None, :, 1:], softcap=5.0)
+    with pytest.raises(NotImplementedError, match="does not support alibi_slopes"):
+        alibi = torch.ones(4)
+        fastgpt.flash_attn_kvpacked_func(qkv[None, :, 0], qkv[None, :, 1:], alibi_slopes=alibi)
     with pytest.raises(
         ValueError, match=re.escape("qkv of shape (B, T, 3, H, D), got (12, 3, 4, 8)")
     ):

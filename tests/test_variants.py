@@ -1,0 +1,612 @@
+"""Attention variants: sliding window, logit softcap, learnable sinks, returned LSE.
+
+The oracle here is written independently of fastgpt.reference: a (Tq, Tk) mask built key by key
+from the window rule, keys repeated per query head, -inf for hidden keys, the sink as one more
+column of logits (-inf without sinks) and one softmax, in float64. Gradients, d(sinks) included,
+come from autograd through it. Today the variants run on the reference path (VARIANT_BACKENDS);
+an automatic pick moves there, an explicit compiled backend raises.
+"""
+
+import functools
+import itertools
+import json
+import re
+
+import pytest
+import torch
+from oracle import F64, random_tensors
+from varlen_oracle import cu_seqlens
+
+import fastgpt
+from fastgpt.attention import VARIANT_BACKENDS, attention
+from fastgpt.model import GPT, GPTConfig
+from fastgpt.nn import CausalSelfAttention
+from fastgpt.reference import (
+    reference_attention_backward,
+    reference_attention_varlen_backward,
+    reference_sinks_grad,
+)
+
+COMPILED = [b for b in fastgpt.available_backends("cpu") if b != "reference"]
+
+
+@functools.cache
+def visible(tq: int, tk: int, causal: bool, window: tuple[int, int]) -> torch.Tensor:
+    """(Tq, Tk) bool, key by key: j in [d - left, d + right] with d = i + Tk - Tq, and j <= d
+    when causal; -1 is unbounded."""
+    left, right = window
+    mask = torch.zeros(tq, tk, dtype=torch.bool)
+    for i in range(tq):
+        d = i + tk - tq
+        for j in range(tk):
+            ok = (left < 0 or j >= d - left) and (right < 0 or j <= d + right)
+            mask[i, j] = ok and (not causal or j <= d)
+    return mask
+
+
+def oracle(q, k, v, causal, window=(-1, -1), softcap=0.0, sinks=None, scale=None):
+    """(out (B, H, Tq, D), lse (B, H, Tq)) in q's dtype; lse is log(sum of exp over the visible
+    keys + exp(sink)), +inf for a row with neither."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    group = H // k.shape[1]
+    k_, v_ = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # (B, H, Tk, D)
+    s = torch.einsum("bhqd,bhkd->bhqk", q, k_) * scale  # (B, H, Tq, Tk)
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~visible(Tq, Tk, causal, tuple(window)), float("-inf"))
+    if sinks is None:
+        sink = torch.full((B, H, Tq, 1), float("-inf"), dtype=q.dtype)
+    else:
+        sink = sinks.to(q.dtype)[None, :, None, None].expand(B, H, Tq, 1)
+    logits = torch.cat([s, sink], dim=-1)  # (B, H, Tq, Tk + 1)
+    lse = torch.logsumexp(logits, dim=-1)  # -inf for a row with no key and no sink
+    alive = torch.isfinite(lse)[..., None]
+    p = torch.softmax(torch.where(alive, logits, 0.0), dim=-1)[..., :Tk] * alive  # (B, H, Tq, Tk)
+    out = p @ v_  # (B, H, Tq, D)
+    return out, torch.where(torch.isfinite(lse), lse, float("inf"))
+
+
+def leaves(B, H, Hkv, Tq, Tk, D, sinks, seed=0):
+    """float64 q, k, v, grad_out and (H,) sinks (or None), the first three and sinks leaves."""
+    q, k, v, do, s = random_tensors(
+        (B, H, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D), (B, H, Tq, D), (H,),
+        dtype=torch.float64, device="cpu", seed=seed,
+    )  # fmt: skip
+    tensors = [t.requires_grad_() for t in (q, k, v)]
+    return (*tensors, do, s.requires_grad_() if sinks else None)
+
+
+def grads(out, do, tensors):
+    return torch.autograd.grad(out, [t for t in tensors if t is not None], do)
+
+
+WINDOWS = [(-1, -1), (3, 0), (2, 5), (0, -1), (-1, 1), (0, 0)]
+LENGTHS = [(1, 1), (1, 17), (17, 17), (17, 97), (97, 17), (97, 97)]
+
+
+# Every window x causal x softcap x sinks, each on two (Tq, Tk) pairs and GQA shapes that rotate
+# through LENGTHS and (H, Hkv) in (4, 4), (4, 2), (4, 1): odd lengths, Tq < Tk and Tq > Tk.
+CASES = [
+    (window, causal, softcap, sinks, LENGTHS[(n + m) % len(LENGTHS)], (4, 4 >> ((n + m) % 3)))
+    for n, (window, causal, softcap, sinks) in enumerate(
+        itertools.product(WINDOWS, [False, True], [0.0, 1.5], [False, True])
+    )
+    for m in (0, 3)
+]
+
+
+@pytest.mark.parametrize("window,causal,softcap,sinks,lengths,heads", CASES)
+def test_variants_match_the_oracle_outputs_lse_and_grads(
+    window, causal, softcap, sinks, lengths, heads
+):
+    (Tq, Tk), (H, Hkv) = lengths, heads
+    q, k, v, do, s = leaves(2, H, Hkv, Tq, Tk, 8, sinks, seed=Tq * 7 + Tk)
+    out, lse = attention(
+        q, k, v, causal=causal, window=window, softcap=softcap, sinks=s, return_lse=True
+    )
+    want_out, want_lse = oracle(q, k, v, causal, window, softcap, s)
+    torch.testing.assert_close(out, want_out, **F64)
+    torch.testing.assert_close(lse, want_lse.detach(), **F64)
+    assert lse.dtype == torch.float64 and not lse.requires_grad
+    for name, got, want in zip(
+        ["dq", "dk", "dv", "dsinks"],
+        grads(out, do, (q, k, v, s)),
+        grads(want_out, do, (q, k, v, s)),
+        strict=False,  # no dsinks without sinks
+    ):
+        torch.testing.assert_close(got, want, **F64, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_inputs_compute_in_float32_with_float32_sinks(dtype):
+    q, k, v, do, s = leaves(1, 4, 2, 17, 33, 16, True, seed=3)
+    args = dict(causal=True, window=(5, 0), softcap=3.0)
+    out, lse = attention(
+        q.to(dtype), k.to(dtype), v.to(dtype), sinks=s.float(), return_lse=True, **args
+    )
+    want_out, want_lse = oracle(q, k, v, sinks=s, **args)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    # The error of the same computation in dtype: rounding q, k, v, then float32 softmax.
+    tol = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+    torch.testing.assert_close(out.double(), want_out, **tol[dtype])
+    torch.testing.assert_close(lse.double(), want_lse, **tol[dtype])
+
+
+def test_rows_that_see_no_key_output_zero_with_lse_inf_or_the_sink():
+    # Tq > Tk, causal: the first Tq - Tk queries see no key; window (0, 0): each sees one key.
+    q, k, v, _, s = leaves(1, 2, 2, 6, 3, 4, True)
+    out, lse = attention(q, k, v, causal=True, window=(1, 0), return_lse=True)
+    assert torch.equal(out[:, :, :3], torch.zeros_like(out[:, :, :3]))
+    assert torch.isinf(lse[:, :, :3]).all() and torch.isfinite(lse[:, :, 3:]).all()
+    out, lse = attention(q, k, v, causal=True, window=(1, 0), sinks=s, return_lse=True)
+    assert torch.equal(out[:, :, :3], torch.zeros_like(out[:, :, :3]))
+    torch.testing.assert_close(lse[0, :, :3], s.detach()[:, None].expand(2, 3), **F64)
+
+
+@pytest.mark.parametrize("window,softcap", [((4, 0), 0.0), ((-1, -1), 2.0), ((2, 3), 1.0)])
+def test_gradcheck_in_float64_sinks_included(window, softcap):
+    q, k, v, _, s = leaves(1, 2, 1, 5, 7, 3, True, seed=11)
+
+    def f(q, k, v, s):
+        return attention(q, k, v, causal=True, window=window, softcap=softcap, sinks=s)
+
+    assert torch.autograd.gradcheck(f, (q, k, v, s))
+
+
+def test_the_sinks_gradient_is_a_per_head_sum():
+    """d(sinks)[h] = -sum over batch and rows of p_sink * (dO . O): reference_sinks_grad's closed
+    form (the kernels' delta pass) against autograd through the oracle."""
+    q, k, v, do, s = leaves(2, 4, 2, 9, 13, 8, True, seed=5)
+    out, lse = attention(q, k, v, causal=True, window=(4, 0), sinks=s, return_lse=True)
+    want_out, _ = oracle(q, k, v, True, (4, 0), sinks=s)
+    (want,) = torch.autograd.grad(want_out, s, do)
+    torch.testing.assert_close(reference_sinks_grad(do, out.detach(), lse, s.detach()), want, **F64)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+    "window,softcap,sinks", [((3, 0), 0.0, False), ((2, 4), 1.5, True), ((-1, -1), 0.7, True)]
+)
+def test_the_hand_written_backward_takes_the_variants(causal, window, softcap, sinks):
+    """reference_attention_backward (the kernels' oracle) against autograd through the oracle."""
+    q, k, v, do, s = leaves(2, 4, 2, 17, 11, 8, sinks, seed=9)
+    variants = dict(window=window, softcap=softcap, sinks=s)
+    want = grads(oracle(q, k, v, causal, **variants)[0], do, (q, k, v))
+    got = reference_attention_backward(do, q, k, v, causal, **variants)
+    for name, g, w in zip(["dq", "dk", "dv"], got, want, strict=True):
+        torch.testing.assert_close(g, w, **F64, msg=lambda m, n=name: f"{n}: {m}")
+    # Packed: the same rule per sequence (the batch's first element cut into 3 sequences).
+    lens_q, lens_k = [6, 0, 11], [4, 3, 4]
+    cu_q, cu_k = cu_seqlens(lens_q, "cpu"), cu_seqlens(lens_k, "cpu")
+    packed = [t[0].transpose(0, 1).detach() for t in (do, q, k, v)]  # (total, heads, D)
+    got = reference_attention_varlen_backward(*packed, cu_q, cu_k, causal, **variants)
+    for b in range(len(lens_q)):
+        rows_q = slice(int(cu_q[b]), int(cu_q[b + 1]))
+        rows_k = slice(int(cu_k[b]), int(cu_k[b + 1]))
+        do_b, q_b = (t[rows_q].transpose(0, 1)[None] for t in packed[:2])
+        k_b, v_b = (t[rows_k].transpose(0, 1)[None] for t in packed[2:])
+        want = reference_attention_backward(do_b, q_b, k_b, v_b, causal, **variants)
+        for g, w, rows in zip(got, want, [rows_q, rows_k, rows_k], strict=True):
+            torch.testing.assert_close(g[rows], w[0].transpose(0, 1), **F64)
+
+
+def test_variants_compile_in_one_graph():
+    q, k, v, _, s = leaves(1, 4, 2, 9, 9, 8, True)
+
+    def f(q, k, v, s):
+        return attention(q, k, v, window=(3, 0), softcap=2.0, sinks=s)
+
+    got = torch.compile(f, fullgraph=True)(q, k, v, s)
+    torch.testing.assert_close(got, f(q, k, v, s), **F64)
+
+
+def test_a_plain_call_runs_as_before_and_variants_log_their_backend(debug_log):
+    q, k, v, _, s = leaves(1, 2, 2, 5, 5, 8, True)
+    plain = attention(q, k, v)
+    picked = debug_log()[-1]
+    with_window = attention(q, k, v, window=(-1, -1), softcap=0.0)  # the defaults: plain again
+    assert debug_log()[-1] == picked
+    torch.testing.assert_close(with_window, plain, atol=0, rtol=0)
+    # A window that hides nothing causal does not: plain too (flash-attn's causal (-1, 0)).
+    for window in [(-1, 0), (-1, 3)]:
+        torch.testing.assert_close(attention(q, k, v, window=window), plain, atol=0, rtol=0)
+        assert debug_log()[-1] == picked
+    attention(q, k, v, window=(2, 0), sinks=s)
+    message = debug_log()[-1]
+    assert "window, sinks -> reference" in message, message
+    if COMPILED:  # the automatic pick was a compiled backend: the log says why it moved
+        assert "has no window, sinks kernels yet" in message, message
+
+
+def test_fastgpt_backend_env_is_an_automatic_pick_that_moves(monkeypatch, debug_log):
+    """FASTGPT_BACKEND overrides the automatic pick, as for varlen: a variant still moves."""
+    q, k, v, _, s = leaves(1, 2, 2, 5, 5, 8, True)
+    for backend in COMPILED:
+        monkeypatch.setenv("FASTGPT_BACKEND", backend)
+        out = attention(q.float(), k.float(), v.float(), sinks=s.float())
+        assert debug_log()[-1].endswith(
+            f"-> reference ({backend} (FASTGPT_BACKEND) has no sinks kernels yet)"
+        )
+        torch.testing.assert_close(
+            out.double(), oracle(q, k, v, True, sinks=s)[0], atol=1e-5, rtol=1e-5
+        )
+
+
+@pytest.mark.parametrize("backend", fastgpt.available_backends("cpu"))
+def test_return_lse_is_attention_with_lse_on_every_backend(backend):
+    from fastgpt.attention import attention_with_lse
+
+    q, k, v, _, _ = leaves(2, 4, 2, 7, 9, 8, False)
+    q, k, v = q.detach().float(), k.detach().float(), v.detach().float()
+    out, lse = attention(q, k, v, return_lse=True, backend=backend)
+    want_out, want_lse = attention_with_lse(q, k, v, backend=backend)
+    torch.testing.assert_close(out, want_out, atol=0, rtol=0)
+    torch.testing.assert_close(lse, want_lse, atol=0, rtol=0)
+    assert lse.shape == (2, 4, 7) and lse.dtype == torch.float32
+
+
+def test_no_keys_with_sinks_gives_zero_rows_with_lse_the_sink():
+    q, _, _, _, s = leaves(1, 2, 2, 3, 0, 4, True)
+    k = torch.zeros(1, 2, 0, 4, dtype=torch.float64)
+    out, lse = attention(q, k, k, sinks=s, window=(1, 0), softcap=2.0, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out))
+    torch.testing.assert_close(lse[0], s.detach()[:, None].expand(2, 3), **F64)
+    out.sum().backward()
+    assert torch.equal(s.grad, torch.zeros(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("variant", ["window", "softcap", "sinks"])
+def test_an_explicit_backend_without_the_variant_raises(backend, variant):
+    q, k, v, _, s = leaves(1, 2, 2, 5, 5, 8, True)
+    args = {"window": dict(window=(2, 0)), "softcap": dict(softcap=2.0), "sinks": dict(sinks=s)}
+    assert backend not in VARIANT_BACKENDS[variant]
+    with pytest.raises(
+        NotImplementedError, match=f"The {backend} backend does not implement {variant}"
+    ):
+        attention(q.float(), k.float(), v.float(), backend=backend, **args[variant])
+
+
+WINDOW_RULE = "window must be None or a pair (left, right) of ints >= -1, got "
+SINKS_SHAPE = "sinks must have shape (H,) = (4,), one logit per query head, got (3,)."
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        (dict(window=(3,)), ValueError, WINDOW_RULE + "(3,)."),
+        (dict(window=(-2, 0)), ValueError, WINDOW_RULE + "(-2, 0)."),
+        (dict(window=(1.5, 0)), ValueError, WINDOW_RULE + "(1.5, 0)."),
+        (dict(window=(True, 0)), ValueError, WINDOW_RULE + "(True, 0)."),
+        (dict(softcap=-1.0), ValueError, "finite and >= 0 (0 turns it off), got -1.0."),
+        (dict(softcap=float("inf")), ValueError, "got inf."),
+        (dict(softcap="50"), TypeError, "softcap must be a real number, got str."),
+        (dict(sinks=torch.zeros(3, dtype=torch.float64)), ValueError, SINKS_SHAPE),
+        (dict(sinks=torch.zeros(4, dtype=torch.int64)), TypeError, "tensor (H,), got torch.int64."),
+        (dict(sinks=[0.0] * 4), TypeError, "sinks must be a floating-point tensor (H,), got list."),
+        (dict(sinks=torch.zeros(4, device="meta")), ValueError, "on q's device cpu, got meta."),
+    ],
+)  # fmt: skip
+def test_bad_variant_arguments_raise_one_sentence(kwargs, error, message):
+    q, k, v, _, _ = leaves(1, 4, 2, 5, 5, 8, False)
+    with pytest.raises(error, match=re.escape(message)):
+        attention(q, k, v, **kwargs)
+
+
+# --- Packed variable-length attention ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+    "window,softcap,sinks", [((3, 0), 0.0, False), ((2, 1), 1.5, True), ((-1, -1), 0.0, True)]
+)
+def test_varlen_variants_match_the_oracle_per_sequence(causal, window, softcap, sinks):
+    lens_q, lens_k = [5, 0, 17, 1], [7, 3, 17, 1]
+    H, Hkv, D = 4, 2, 8
+    Nq, Nk = sum(lens_q), sum(lens_k)
+    q, k, v, do, s = random_tensors(
+        (Nq, H, D), (Nk, Hkv, D), (Nk, Hkv, D), (Nq, H, D), (H,),
+        dtype=torch.float64, device="cpu", seed=7,
+    )  # fmt: skip
+    tensors = [t.requires_grad_() for t in (q, k, v)]
+    s = s.requires_grad_() if sinks else None
+    cu_q, cu_k = cu_seqlens(lens_q, "cpu"), cu_seqlens(lens_k, "cpu")
+    variants = dict(window=window, softcap=softcap, sinks=s)
+    out, lse = fastgpt.attention_varlen(
+        *tensors, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, return_lse=True, **variants
+    )
+    assert out.shape == q.shape and lse.shape == (H, Nq)
+    outs, lses, rq, rk = [], [], 0, 0
+    for tq, tk in zip(lens_q, lens_k, strict=True):
+        heads_first = [
+            t.transpose(0, 1)[None] for t in (q[rq : rq + tq], k[rk : rk + tk], v[rk : rk + tk])
+        ]
+        out_b, lse_b = oracle(*heads_first, causal, **variants)
+        outs.append(out_b[0].transpose(0, 1))
+        lses.append(lse_b[0])
+        rq, rk = rq + tq, rk + tk
+    want_out, want_lse = torch.cat(outs), torch.cat(lses, dim=1)
+    torch.testing.assert_close(out, want_out, **F64)
+    torch.testing.assert_close(lse, want_lse.detach(), **F64)
+    got_grads, want_grads = grads(out, do, (*tensors, s)), grads(want_out, do, (*tensors, s))
+    for got, want in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(got, want, **F64)
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_varlen_explicit_backend_without_varlen_or_the_variant_raises(backend):
+    q = torch.randn(5, 2, 8)
+    cu = cu_seqlens([5], "cpu")
+    with pytest.raises(NotImplementedError):
+        fastgpt.attention_varlen(q, q, q, cu, cu, 5, 5, window=(2, 0), backend=backend)
+
+
+def test_varlen_bad_sinks_raise_naming_the_heads():
+    q = torch.randn(5, 2, 8)
+    cu = cu_seqlens([5], "cpu")
+    with pytest.raises(ValueError, match=re.escape("sinks must have shape (H,) = (2,)")):
+        fastgpt.attention_varlen(q, q, q, cu, cu, 5, 5, sinks=torch.zeros(3))
+
+
+# --- Drop-ins ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window_size,softcap", [((3, 0), 0.0), ((-1, 2), 2.0), ((4, 4), 1.0)])
+def test_flash_attn_func_window_size_and_softcap(causal, window_size, softcap):
+    q, k, v, do, _ = leaves(2, 4, 2, 9, 13, 8, False)
+    # flash-attn's layout (B, T, H, D): transposed views of the same leaves.
+    out, lse, none = fastgpt.flash_attn_func(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
+        window_size=window_size, softcap=softcap, return_attn_probs=True,
+    )  # fmt: skip
+    want_out, want_lse = oracle(q, k, v, causal, window_size, softcap)
+    assert none is None and out.shape == (2, 9, 4, 8)
+    torch.testing.assert_close(out.transpose(1, 2), want_out, **F64)
+    torch.testing.assert_close(lse, want_lse.detach(), **F64)
+    got = grads(out.transpose(1, 2), do, (q, k, v))
+    for g, w in zip(got, grads(want_out, do, (q, k, v)), strict=True):
+        torch.testing.assert_close(g, w, **F64)
+
+
+def test_flash_attn_packed_and_varlen_functions_take_window_size_and_softcap():
+    q, k, v, _, _ = leaves(1, 2, 2, 11, 11, 8, False)
+    qkv = torch.stack([t.transpose(1, 2) for t in (q, k, v)], dim=2).detach()  # (1, T, 3, H, D)
+    want = oracle(q, k, v, True, (2, 0), 1.5)[0].transpose(1, 2)  # (1, T, H, D)
+    got = fastgpt.flash_attn_qkvpacked_func(qkv, causal=True, window_size=(2, 0), softcap=1.5)
+    torch.testing.assert_close(got, want, **F64)
+    cu = cu_seqlens([11], "cpu")
+    got = fastgpt.flash_attn_varlen_qkvpacked_func(
+        qkv[0], cu, 11, causal=True, window_size=[2, 0], softcap=1.5
+    )
+    torch.testing.assert_close(got, want[0], **F64)
+    with pytest.raises(NotImplementedError, match="does not support alibi_slopes"):
+        fastgpt.flash_attn_func(*qkv.unbind(2), window_size=(2, 0), alibi_slopes=torch.ones(2))
+
+
+# --- The nn module and the GPT -------------------------------------------------------------------
+
+
+def test_causal_self_attention_variants_and_sinks_parameter():
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(32, 4, 2, window=3, softcap=2.0, sinks=True).double()
+    assert torch.equal(attn.sinks, torch.zeros(4)) and "sinks" in attn.state_dict()
+    with torch.no_grad():
+        attn.sinks.normal_()
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    y = attn(x)
+    qkv = attn.c_attn(x)
+    q = qkv[..., :32].view(2, 9, 4, 8).transpose(1, 2)
+    k = qkv[..., 32:48].view(2, 9, 2, 8).transpose(1, 2)
+    v = qkv[..., 48:].view(2, 9, 2, 8).transpose(1, 2)
+    o = oracle(q, k, v, True, (3, 0), 2.0, attn.sinks)[0].transpose(1, 2).reshape(2, 9, 32)
+    torch.testing.assert_close(y, attn.c_proj(o), **F64)
+    y.sum().backward()
+    assert attn.sinks.grad is not None and attn.sinks.grad.abs().sum() > 0
+    assert "sinks" not in CausalSelfAttention(32, 4).state_dict()  # off: no parameter
+
+
+def test_causal_self_attention_rejects_bad_window_and_softcap():
+    with pytest.raises(ValueError, match=re.escape("window must be None or an int >= 0")):
+        CausalSelfAttention(32, 4, window=-1)
+    with pytest.raises(ValueError, match=re.escape("softcap must be a finite number >= 0")):
+        CausalSelfAttention(32, 4, softcap=-2.0)
+    with pytest.raises(ValueError, match=re.escape("global_every must be None or an int >= 1")):
+        GPTConfig(window=4, global_every=0)
+
+
+def tiny_config(**overrides) -> GPTConfig:
+    base = dict(vocab_size=50, block_size=24, n_layer=4, n_head=4, n_kv_head=2, n_embd=32)
+    return GPTConfig(**{**base, **overrides})
+
+
+def test_gpt_alternates_local_and_global_layers():
+    config = tiny_config(window=5, global_every=2, softcap=30.0, sinks=True)
+    model = GPT(config)
+    assert [b.attn.window for b in model.blocks] == [5, None, 5, None]
+    assert all(b.attn.softcap == 30.0 and b.attn.sinks is not None for b in model.blocks)
+    assert [b.attn.window for b in GPT(tiny_config(window=5)).blocks] == [5] * 4
+
+
+def test_gpt_with_variants_decodes_with_the_cache_as_without(one_thread):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(window=3, global_every=2, softcap=5.0, sinks=True)).double().eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.sinks.normal_()
+    idx = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0))
+    full, _ = model(idx)
+    caches = model.new_kv_caches()
+    first, _ = model(idx[:, :7], kv_caches=caches)
+    rest = [model(idx[:, t : t + 1], kv_caches=caches)[0] for t in range(7, 12)]
+    torch.testing.assert_close(torch.cat([first, *rest], dim=1), full, **F64)
+
+
+def test_gpt_with_variants_packs_documents_as_it_runs_them_alone(one_thread):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(window=2, softcap=4.0, sinks=True)).double().eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.sinks.normal_()
+    docs = [
+        torch.randint(0, 50, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 8, 3)
+    ]
+    packed, _ = model(torch.cat(docs)[None], cu_seqlens=cu_seqlens([5, 8, 3], "cpu"))
+    alone = torch.cat([model(d[None])[0] for d in docs], dim=1)
+    torch.testing.assert_close(packed, alone, **F64)
+
+
+def test_checkpoint_round_trip_and_old_configs_still_load(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(window=4, global_every=2, softcap=20.0, sinks=True))
+    with torch.no_grad():
+        model.blocks[0].attn.sinks.fill_(0.5)
+    (tmp_path / "config.json").write_text(json.dumps(model.config.to_dict()))
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    config = GPTConfig.from_dict(json.loads((tmp_path / "config.json").read_text()))
+    loaded = GPT(config)
+    loaded.load_state_dict(torch.load(tmp_path / "model.pt"))
+    assert config == model.config and loaded.blocks[0].attn.sinks[0] == 0.5
+    idx = torch.randint(0, 50, (1, 10))
+    torch.testing.assert_close(loaded(idx)[0], model(idx)[0], atol=0, rtol=0)
+
+    # A config dict and state dict from before the variants: no new keys, everything off.
+    old = {
+        k: v
+        for k, v in tiny_config().to_dict().items()
+        if k not in ("window", "global_every", "softcap", "sinks")
+    }
+    plain = GPT(GPTConfig.from_dict(old))
+    assert plain.config.window is None and plain.config.softcap == 0.0 and not plain.config.sinks
+    plain.load_state_dict(GPT(tiny_config()).state_dict())  # strict: the same parameters
+
+
+def test_to_hf_refuses_a_model_with_variants():
+    pytest.importorskip("transformers")
+    with pytest.raises(ValueError, match="no sliding window, softcap or attention sinks"):
+        GPT(tiny_config(n_kv_head=None, window=3)).to_hf()
+
+
+# --- Hugging Face: Mistral (sliding window), Gemma 2 (window + softcap), gpt-oss (sinks) ---------
+
+VOCAB = 64
+HF_TOKENS = dict(bos_token_id=0, eos_token_id=VOCAB - 1, pad_token_id=VOCAB - 1)
+HF_SIZES = dict(
+    vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=64, sliding_window=5, **HF_TOKENS,
+)  # fmt: skip
+
+
+def hf_config(arch: str):
+    transformers = pytest.importorskip("transformers")
+    if arch == "mistral":
+        return transformers.MistralConfig(intermediate_size=64, **HF_SIZES)
+    if arch == "gemma2":  # layer 0 sliding, layer 1 global; softcap 2.0 so that it matters
+        return transformers.Gemma2Config(
+            intermediate_size=64, head_dim=8, query_pre_attn_scalar=8,
+            attn_logit_softcapping=2.0, **HF_SIZES,
+        )  # fmt: skip
+    if not hasattr(transformers, "GptOssConfig"):
+        pytest.skip("this transformers has no gpt-oss")
+    return transformers.GptOssConfig(
+        intermediate_size=32, head_dim=8, num_local_experts=4, num_experts_per_tok=2, **HF_SIZES
+    )
+
+
+# gpt-oss's experts (grouped_mm) take no float64: it runs in float32. Mistral's and Gemma 2's
+# eager attention take their softmax in float32, so they agree with fastgpt's float64 attention
+# to float32 precision.
+HF_DTYPE = {"mistral": torch.float64, "gemma2": torch.float64, "gpt_oss": torch.float32}
+HF_TOLERANCE = {
+    "mistral": dict(atol=1e-5, rtol=1.3e-6),
+    "gemma2": dict(atol=1e-5, rtol=1.3e-6),
+    "gpt_oss": dict(atol=1e-5, rtol=1.3e-6),
+}
+
+
+def hf_model(arch: str, implementation: str, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf_config(arch), attn_implementation=implementation)
+    for module in model.modules():  # gpt-oss's sinks: away from 0 so that they matter
+        if isinstance(getattr(module, "sinks", None), torch.nn.Parameter):
+            torch.nn.init.normal_(module.sinks, std=1.0)
+    return model.to(dtype or HF_DTYPE[arch]).eval()
+
+
+@pytest.fixture
+def hf_paths(debug_log):
+    def taken() -> list[str]:
+        return [m.split("-> ")[1] for m in debug_log() if m.startswith("hf_attention")]
+
+    return taken
+
+
+def hf_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(
+        2, VOCAB - 1, (batch, length), generator=torch.Generator().manual_seed(seed)
+    )
+
+
+@pytest.mark.parametrize(
+    "arch,variants",
+    [
+        ("mistral", ["window"]),
+        ("gemma2", ["window, softcap", "softcap"]),
+        ("gpt_oss", ["window, sinks", "sinks"]),
+    ],
+)
+def test_hf_variant_models_match_eager_logits_and_gradients(arch, variants, hf_paths, one_thread):
+    NAME = fastgpt.register_hf_attention()
+    ids = hf_ids(2, 13)
+    results = {}
+    for implementation in ("eager", NAME):
+        model = hf_model(arch, implementation)
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        results[implementation] = [out.logits.detach()] + [p.grad for p in model.parameters()]
+    for i, (got, want) in enumerate(zip(results[NAME], results["eager"], strict=True)):
+        torch.testing.assert_close(got, want, **HF_TOLERANCE[arch], msg=lambda m, i=i: f"{i}: {m}")
+    taken = hf_paths()
+    assert sorted(set(taken)) == sorted(f"fastgpt (causal=True, {v})" for v in variants), taken
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "gpt_oss"])
+def test_hf_variant_models_generate_as_eager(arch, hf_paths, one_thread):
+    """A causal prefill longer than the window, then one query at a time against the cache."""
+    NAME = fastgpt.register_hf_attention()
+    ids = hf_ids(2, 7, seed=1)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    want = hf_model(arch, "eager").generate(ids, **kwargs)
+    got = hf_model(arch, NAME).generate(ids, **kwargs)
+    assert torch.equal(got, want), f"fastgpt {got.tolist()} != eager {want.tolist()}"
+    taken = hf_paths()
+    assert any(p.startswith("fastgpt (causal=False") for p in taken), taken  # decoding steps
+    assert all(p.startswith("fastgpt") for p in taken), taken
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "gpt_oss"])
+def test_hf_padding_masks_fall_back_and_match_eager(arch, hf_paths, one_thread):
+    """Left padding needs a mask. A sliding layer's mask holds its window, which is no padding
+    layout: Mistral's go to transformers' sdpa, Gemma 2's and gpt-oss's (softcap, sinks) to the
+    model's own eager function. Their global layers' padding masks run on attention_varlen with
+    the softcap / sinks. In float32: eager attention turns a float64 padding mask into NaN rows
+    (its softmax runs in float32)."""
+    NAME = fastgpt.register_hf_attention()
+    ids = hf_ids(2, 9, seed=2)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    ids[0, :3] = HF_TOKENS["pad_token_id"]
+    real = mask.bool()
+    want = hf_model(arch, "eager", torch.float32)(ids, attention_mask=mask).logits[real]
+    got = hf_model(arch, NAME, torch.float32)(ids, attention_mask=mask).logits[real]
+    torch.testing.assert_close(got, want)  # float32 tolerances
+    fallback = "transformers sdpa" if arch == "mistral" else "the model's eager attention"
+    taken = hf_paths()
+    assert any(p.startswith(fallback) for p in taken), taken
+    allowed = (fallback,) if arch == "mistral" else (fallback, "fastgpt varlen")
+    assert all(p.startswith(allowed) for p in taken), taken
+    assert (arch != "mistral") == any(p.startswith("fastgpt varlen") for p in taken), taken
