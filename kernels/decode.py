@@ -134,10 +134,10 @@ def kv_rows(
     Table, b, start_n, offs_n, blocks_per_seq, stride_cb, stride_ct, seqlen,
     MASKED: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Element offsets (BLOCK_N,) int64 of the cache rows of keys start_n + offs_n of sequence b (one head
-    added by the caller). Paged: key j is row j % PAGE_SIZE of page Table[b, j // PAGE_SIZE];
-    a tile inside one page reads one table entry, else one per key (keys >= seqlen read page 0
-    and are masked by the caller)."""
+    """Element offsets (BLOCK_N,) int64 of the cache rows of keys start_n + offs_n of sequence b
+    (the head is added by the caller). Paged: key j is row j % PAGE_SIZE of page
+    Table[b, j // PAGE_SIZE]; a tile inside one page reads one table entry, else one per key
+    (keys >= seqlen read page 0 and are masked by the caller)."""
     cols = start_n + offs_n
     if PAGED:
         table = Table + b.to(tl.int64) * blocks_per_seq

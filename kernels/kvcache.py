@@ -48,9 +48,7 @@ def kvcache_attention(
     scale: float,
 ) -> Tensor:
     """Attention of q (B, Tq, H, D) over each sequence's cached keys. Returns (B, Tq, H, D)."""
-    return kvcache_attention_with_lse(
-        q, k_cache, v_cache, seqlens_k, block_table, causal, scale
-    )[0]
+    return kvcache_attention_with_lse(q, k_cache, v_cache, seqlens_k, block_table, causal, scale)[0]
 
 
 def kvcache_attention_with_lse(
