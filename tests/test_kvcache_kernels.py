@@ -220,3 +220,49 @@ def test_bad_inputs_raise_one_sentence(backend):
         fn(case.q, case.k_cache, case.v_cache, case.seqlens, case.block_table[:1], True, 1.0)
     with pytest.raises(errors, match="head"):
         fn(case.q[..., :8], case.k_cache, case.v_cache, case.seqlens, case.block_table, True, 1.0)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpp_long_sequences_take_several_splits(threads):
+    # 1000 and 700 keys over two kv heads: splits of 448 keys (at 2 threads), merged by the LSE.
+    case = Case(2, 3, 4, 2, 32, [1000, 700], 64, 1024, torch.float32, "cpu", seed=4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = case.run(kvcache_kernel("cpp", DEVICE), True, 32**-0.5)
+    finally:
+        torch.set_num_threads(before)
+    assert_close_2x(out, case, True, 32**-0.5, f"cpp long, {threads} threads")
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("layout", ["dense", "page16"])
+def test_cpp_float64_equals_the_reference(layout):
+    page_size, capacity, lengths = LAYOUTS[layout]
+    case = Case(5, 3, 4, 2, 16, lengths, page_size, capacity, torch.float64, "cpu", seed=5)
+    out = case.run(kvcache_kernel("cpp", DEVICE), True, 0.25)
+    torch.testing.assert_close(out, case.reference(True, 0.25)[0], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("layout", ["dense", "page16"])
+def test_cpp_opcheck(layout):
+    page_size, capacity, lengths = LAYOUTS[layout]
+    case = Case(5, 2, 4, 2, 16, lengths, page_size, capacity, torch.float32, "cpu", seed=6)
+    kvcache_kernel("cpp", DEVICE)  # registers the fake
+    args = (case.q, case.k_cache, case.v_cache, case.seqlens, case.block_table, True, 0.25)
+    torch.library.opcheck(torch.ops.fastgpt.cpp_attention_kvcache.default, args)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
+def test_cpp_rejects_lengths_past_the_cache_and_bad_block_ids():
+    fn = kvcache_kernel("cpp", DEVICE)
+    case = Case(2, 1, 4, 2, 16, [5, 20], 16, 32, torch.float32, "cpu")
+    too_long = torch.tensor([5, 33], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"seqlens_k\[1\] = 33 is outside"):
+        fn(case.q, case.k_cache, case.v_cache, too_long, case.block_table, True, 1.0)
+    table = case.block_table.clone()
+    table[1, 1] = case.k_cache.shape[0]  # a used page past the last block
+    with pytest.raises(ValueError, match=r"block_table\[1, 1\]"):
+        fn(case.q, case.k_cache, case.v_cache, case.seqlens, table, True, 1.0)
