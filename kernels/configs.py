@@ -72,13 +72,24 @@ _DECODE_ROWS = {
 }
 _DECODE = {"hopper": _DECODE_ROWS, "ampere": _DECODE_ROWS}
 # KV-cache decode: BLOCK_M rows (GQA group x Tq, padded; more rows take more programs) against
-# BLOCK_N keys per step. prune_kvcache keeps the rows of one BLOCK_M (kvcache_block_m).
-_KVCACHE_ROWS = {
-    _D_SMALL: [(16, 128, 4, 4), (16, 64, 4, 4), (32, 64, 4, 4), (64, 64, 4, 3)],
-    (128,): [(16, 128, 4, 3), (16, 64, 4, 4), (32, 64, 4, 3), (64, 64, 8, 3)],
-    (256,): [(16, 64, 4, 3), (16, 32, 4, 4), (32, 32, 4, 3), (64, 32, 8, 2)],
+# BLOCK_N keys per step. prune_kvcache keeps the rows of one BLOCK_M (kvcache_block_m). Clean on
+# all three load paths (compile_check.PATHS); spilling 8-84 B and replaced: sm_90 D=32 16x128 and
+# 32x64 at 4 warps (8 at D=32, 64; 8 spill at D=16), sm_80 D=32 16x64, D=64 64x64 at 4 warps,
+# D=256 32x32 at 4.
+_KVCACHE_128 = [(16, 128, 4, 3), (16, 64, 4, 4), (32, 64, 4, 3), (64, 64, 8, 3)]
+_KVCACHE = {
+    "hopper": {
+        (16,): [(16, 128, 4, 4), (16, 64, 4, 4), (32, 64, 4, 4), (64, 64, 4, 3)],
+        (32, 64): [(16, 128, 8, 4), (16, 64, 4, 4), (32, 64, 8, 4), (64, 64, 4, 3)],
+        (128,): _KVCACHE_128,
+        (256,): [(16, 64, 4, 3), (16, 32, 4, 4), (32, 32, 4, 3), (64, 32, 8, 2)],
+    },
+    "ampere": {
+        _D_SMALL: [(16, 128, 4, 4), (32, 64, 4, 4), (64, 64, 8, 3)],
+        (128,): _KVCACHE_128,
+        (256,): [(16, 64, 4, 3), (16, 32, 4, 4), (32, 32, 8, 2), (64, 32, 8, 2)],
+    },
 }
-_KVCACHE = {"hopper": _KVCACHE_ROWS, "ampere": _KVCACHE_ROWS}
 
 # Largest BLOCK_D that takes the tensor-descriptor path on sm_90 (compile_check: the dQ D=256
 # tiles, 32 x 32 on mma.sync, spill 2-2.4 KB with descriptors and none without; dK/dV alike).
