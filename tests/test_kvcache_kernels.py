@@ -145,6 +145,10 @@ LAYOUTS = {
     "page16": (16, 96, [17, 0, 96, 48, 5]),
     "page64": (64, 128, [128, 63, 0, 65, 2]),
     "page256": (256, 256, [256, 100, 3, 0, 17]),
+    # Pages smaller than the interpreter's 16-key tile, or not a multiple of it: a table entry
+    # per key (the gather path a compiled 16-key page takes with 64- or 128-key tiles).
+    "page8": (8, 48, [9, 48, 0, 16, 31]),
+    "page24": (24, 72, [25, 0, 72, 47, 3]),
 }
 
 
