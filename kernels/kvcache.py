@@ -10,7 +10,10 @@ Causal is aligned bottom-right per sequence: query i sees keys j <= i + seqlens_
 Returns out (B, Tq, H, D) in q's dtype, contiguous. Forward only.
 
 The lengths stay on the device (no host sync): splits are sized from the cache's capacity, and
-a split past its sequence's end finishes at once with an empty partial (decode.py).
+a split past its sequence's end finishes at once with an empty partial (decode.py). So the values
+are trusted, as everything reaching a kernel here: lengths within the cache and the block ids a
+sequence uses valid are the calling API's checks (check_kvcache_inputs covers shapes and dtypes).
+Any page size works: a tile within one page reads one table entry, else one per key.
 """
 
 import math
