@@ -12,6 +12,10 @@ TORCH_LIBRARY(fastgpt, m) {
   m.def(
       "cpp_attention_forward(Tensor q, Tensor k, Tensor v, bool causal, float scale)"
       " -> (Tensor out, Tensor lse)");
+  // q: (B, Tq, H, D); caches (B, Tmax, Hkv, D) or paged (blocks, page, Hkv, D) -> (B, Tq, H, D)
+  m.def(
+      "cpp_attention_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k,"
+      " Tensor? block_table, bool causal, float scale) -> Tensor");
   // -> dq: (B, H, Tq, D), dk, dv: (B, Hkv, Tk, D)
   m.def(
       "cpp_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out,"

@@ -27,6 +27,7 @@ from triton.compiler import ASTSource
 FP32_ARGS = {"Lse", "Delta", "Acc", "M", "L", "DKp", "DVp"}
 TENSOR_ARGS = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", *FP32_ARGS}
 FLOAT_ARGS = {"qk_scale", "scale", "lse_scale"}
+INT32_TENSOR_ARGS = {"Seqlens", "Table"}  # the KV-cache kernel's lengths and block table
 ELEMENT_SIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
 
 
@@ -39,6 +40,9 @@ def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
             signature[name] = "constexpr"
         elif name in FLOAT_ARGS:
             signature[name] = "fp32"
+        elif name in INT32_TENSOR_ARGS:
+            signature[name] = "*i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in TENSOR_ARGS:
             signature[name] = "*fp32" if name in FP32_ARGS else f"*{dtype}"
             attrs[(i,)] = [["tt.divisibility", 16]]

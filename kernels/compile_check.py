@@ -26,7 +26,7 @@ from pathlib import Path
 import triton
 
 from . import aot, configs
-from .decode import decode_combine_kernel, decode_split_kernel
+from .decode import decode_combine_kernel, decode_split_kernel, kvcache_split_kernel
 from .flash_bwd import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
 from .flash_fwd import attn_fwd_kernel
 
@@ -36,6 +36,7 @@ TUNED = {
     "dkdv": bwd_dkdv_kernel,
     "dq": bwd_dq_kernel,
     "decode": decode_split_kernel,
+    "kvcache": kvcache_split_kernel,
 }
 FUNCTIONS = {**TUNED, "preprocess": bwd_preprocess_kernel, "combine": decode_combine_kernel}
 HEAD_DIMS = (16, 32, 64, 128, 256)  # BLOCK_D buckets: every padded head dim a launch can have
@@ -43,6 +44,10 @@ _SOURCES = ("flash_fwd.py", "flash_bwd.py", "decode.py", "aot.py")  # what a com
 
 # A case: (arch, kind, dtype, head_dim, (BLOCK_M, BLOCK_N, warps, stages), overrides or None).
 TMA = {"USE_TMA": True}  # the sm_90 path of fwd, dK/dV and dQ: tiles through tensor descriptors
+# Other load paths of a tuned kernel, each checked with every config like the table's own: the
+# KV-cache kernel compiles paged with 16-key pages (a page per key) and is checked dense and
+# with pages holding whole tiles too.
+PATHS = {"kvcache": [{"PAGED": False, "PAGE_SIZE": 1}, {"PAGE_SIZE": 256}]}
 
 
 def cases(arch: int, dtypes=("bf16", "fp32")):
@@ -59,6 +64,8 @@ def cases(arch: int, dtypes=("bf16", "fp32")):
             for block_d in dims:
                 for row in configs.select_rows(kind, capability, block_d, elem, limit):
                     yield arch, kind, dtype, block_d, row, None
+                    for path in PATHS.get(kind, []):
+                        yield arch, kind, dtype, block_d, row, path
                     tma_max = configs.TMA_MAX_BLOCK_D.get(kind, 0)
                     if arch >= 90 and elem == 2 and block_d <= tma_max:  # descriptor path
                         yield arch, kind, dtype, block_d, row, TMA
@@ -75,12 +82,13 @@ VARIANTS = {
     "dkdv": [{"CAUSAL": False}, {"HEAD_DIM": 40}, {"Tq": 1, "GROUP": 1, "SPLITS": 1}],
     "dq": [{"CAUSAL": False}, {"HEAD_DIM": 40}, {"Tk": 1, "GROUP": 1}],
     "decode": [{"HEAD_DIM": 40}, {"SCALE_NEG": True}, {"GROUP": 1}],
+    "kvcache": [{"HEAD_DIM": 40}, {"SCALE_NEG": True}, {"CAUSAL": False}, {"GROUP": 1, "Tq": 1}],
 }
 
 
 def variant_cases(arch: int, dtypes=("fp16",)):
     for kind, overrides in VARIANTS.items():
-        row = (16, 64, 4, 2) if kind == "decode" else (64, 64, 4, 2)
+        row = (16, 64, 4, 2) if kind in ("decode", "kvcache") else (64, 64, 4, 2)
         for dtype in dtypes:
             for override in overrides:
                 yield arch, kind, dtype, 64, row, override
@@ -97,6 +105,9 @@ def constexprs_of(kind: str, block_d: int, row: tuple[int, int, int, int], dtype
         return {**base, **precision, **tiles, **extra[kind]}
     if kind == "decode":
         return {**base, **precision, "BLOCK_G": 16, "BLOCK_N": block_n, "SCALE_NEG": False}
+    if kind == "kvcache":
+        paths = {"CAUSAL": True, "SCALE_NEG": False, "PAGED": True, "PAGE_SIZE": 16}
+        return {**base, **precision, **paths, "BLOCK_M": block_m, "BLOCK_N": block_n}
     if kind == "preprocess":
         return {**base, "BLOCK_M": block_m}
     return {**base, "BLOCK_S": 64}  # combine, at attention.DECODE_MAX_SPLITS

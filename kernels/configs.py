@@ -71,13 +71,33 @@ _DECODE_ROWS = {
     (256,): [(16, 64, 4, 3), (16, 32, 4, 4)],
 }
 _DECODE = {"hopper": _DECODE_ROWS, "ampere": _DECODE_ROWS}
+# KV-cache decode: BLOCK_M rows (GQA group x Tq, padded; more rows take more programs) against
+# BLOCK_N keys per step. prune_kvcache keeps the rows of one BLOCK_M (kvcache_block_m). Clean on
+# all three load paths (compile_check.PATHS); spilling 8-84 B and replaced: sm_90 D=32 16x128 and
+# 32x64 at 4 warps (8 at D=32, 64; 8 spill at D=16), sm_80 D=32 16x64, D=64 64x64 at 4 warps,
+# D=256 32x32 at 4.
+_KVCACHE_128 = [(16, 128, 4, 3), (16, 64, 4, 4), (32, 64, 4, 3), (64, 64, 8, 3)]
+_KVCACHE = {
+    "hopper": {
+        (16,): [(16, 128, 4, 4), (16, 64, 4, 4), (32, 64, 4, 4), (64, 64, 4, 3)],
+        (32, 64): [(16, 128, 8, 4), (16, 64, 4, 4), (32, 64, 8, 4), (64, 64, 4, 3)],
+        (128,): _KVCACHE_128,
+        (256,): [(16, 64, 4, 3), (16, 32, 4, 4), (32, 32, 4, 3), (64, 32, 8, 2)],
+    },
+    "ampere": {
+        _D_SMALL: [(16, 128, 4, 4), (32, 64, 4, 4), (64, 64, 8, 3)],
+        (128,): _KVCACHE_128,
+        (256,): [(16, 64, 4, 3), (16, 32, 4, 4), (32, 32, 8, 2), (64, 32, 8, 2)],
+    },
+}
 
 # Largest BLOCK_D that takes the tensor-descriptor path on sm_90 (compile_check: the dQ D=256
 # tiles, 32 x 32 on mma.sync, spill 2-2.4 KB with descriptors and none without; dK/dV alike).
 TMA_MAX_BLOCK_D = {"fwd": 256, "dq": 128, "dkdv": 128}
-TABLES = {"fwd": _FWD, "dkdv": _DKDV, "dq": _DQ, "decode": _DECODE}
+TABLES = {"fwd": _FWD, "dkdv": _DKDV, "dq": _DQ, "decode": _DECODE, "kvcache": _KVCACHE}
 _INTERPRET_ROW = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
 _INTERPRET_ROW["decode"] = (16, 16, 4, 1)
+_INTERPRET_ROW["kvcache"] = (16, 16, 4, 1)
 
 
 def _config(row: tuple[int, int, int, int]) -> triton.Config:
@@ -101,6 +121,7 @@ FWD_CONFIGS = _all_configs("fwd")
 DKDV_CONFIGS = _all_configs("dkdv")
 DQ_CONFIGS = _all_configs("dq")
 DECODE_CONFIGS = _all_configs("decode")
+KVCACHE_CONFIGS = _all_configs("kvcache")
 
 
 def estimate_smem(kind: str, row: tuple[int, int, int, int], block_d: int, elem: int) -> int:
@@ -108,7 +129,7 @@ def estimate_smem(kind: str, row: tuple[int, int, int, int], block_d: int, elem:
     compile test does not measure (it held on every sm_80 / sm_90 measurement so far)."""
     bm, bn, _, stages = row
     scratch = 4 * bm * bn + 2048  # p / ds staged for the second dot, layout conversions, barriers
-    if kind in ("fwd", "decode"):  # q resident; k, v tiles per pipeline stage
+    if kind in ("fwd", "decode", "kvcache"):  # q resident; k, v tiles per pipeline stage
         return elem * (bm * block_d + 2 * stages * bn * block_d + scratch)
     if kind == "dkdv":  # k, v resident; q, dO tiles per stage
         return elem * (2 * bn * block_d + 2 * stages * bm * block_d + scratch)
@@ -137,7 +158,7 @@ def select_rows(
     if elem == 4:
         # Small tiles: full-precision fp32 dots unroll into FMAs, and big tiles take ~30 s each
         # to compile (measured on sm_80) for a path that is about accuracy, not speed.
-        row = (16, 32, 4, 1) if kind == "decode" else (32, 32, 4, 1)
+        row = (16, 32, 4, 1) if kind in ("decode", "kvcache") else (32, 32, 4, 1)
         return [row if estimate_smem(kind, row, block_d, elem) <= smem_limit else (16, 16, 4, 1)]
     fits = [r for r in rows if estimate_smem(kind, r, block_d, elem) <= smem_limit]
     if fits:
@@ -172,3 +193,19 @@ prune_fwd = _make_prune("fwd", "Q")
 prune_dkdv = _make_prune("dkdv", "Q")
 prune_dq = _make_prune("dq", "Q")
 prune_decode = _make_prune("decode", "Q")
+_prune_kvcache_rows = _make_prune("kvcache", "Q")
+
+
+def kvcache_block_m(m_rows: int, block_ms: list[int]) -> int:
+    """The tile height for m_rows = GROUP * Tq query rows: the smallest of block_ms that holds
+    them all, else the largest (the rows then take several programs)."""
+    fits = [m for m in sorted(block_ms) if m >= m_rows]
+    return fits[0] if fits else max(block_ms)
+
+
+def prune_kvcache(configs, named_args, **kwargs):
+    """prune_decode's rows for the KV-cache kernel, then only those of one BLOCK_M."""
+    kept = _prune_kvcache_rows(configs, named_args, **kwargs)
+    m_rows = {**named_args, **kwargs}["M_ROWS"]
+    block_m = kvcache_block_m(m_rows, [c.kwargs["BLOCK_M"] for c in kept])
+    return [c for c in kept if c.kwargs["BLOCK_M"] == block_m]

@@ -55,11 +55,13 @@ def check_records(records: list[dict], arch: int, dtype: str) -> None:
 def assert_tensor_cores(records: list[dict], arch: int) -> None:
     """16-bit dots run on tensor cores: mma.sync on sm_80; wgmma on sm_90 wherever the tile allows
     it (the forward, dK/dV and dQ up to D=128; the 16-row decode tiles and the small D=256
-    backward tiles are below wgmma's 64-row warpgroup tile and use mma.sync)."""
+    backward tiles are below wgmma's 64-row warpgroup tile and use mma.sync; the KV-cache tiles,
+    16 to 64 rows, may take either)."""
     for r in records:
         if r["kernel"] not in TUNED:
             continue
-        if arch == 80 or r["kernel"] == "decode" or (r["kernel"] != "fwd" and r["head_dim"] > 128):
+        small_m = r["kernel"] in ("decode", "kvcache")
+        if arch == 80 or small_m or (r["kernel"] != "fwd" and r["head_dim"] > 128):
             assert r["mma"] in (("mma.sync",) if arch == 80 else ("wgmma", "mma.sync")), r
         else:
             assert r["mma"] == "wgmma", r
