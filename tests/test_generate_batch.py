@@ -7,14 +7,20 @@ Prompt mixes hit: one token, the whole context (block_size 12), a prompt longer 
 of 0, and rows that stop at different steps.
 """
 
+import io
+
 import pytest
 import torch
 from oracle import F64, random_tensors
 
 import fastgpt.nn as fnn
+from fastgpt import checkpoint, data
+from fastgpt.cli import main
 from fastgpt.generation import decode_batch
 from fastgpt.kvcache import attention_with_kvcache
-from fastgpt.model import GPT, GPTConfig
+from fastgpt.model import GPT, GPTConfig, preset_config
+from fastgpt.sample import write_streams
+from fastgpt.tokenizer import build_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
@@ -149,3 +155,51 @@ def test_an_attention_fn_needs_a_dense_cache_of_one_length():
     cache = fnn.KVCache(8, page_size=16)
     with pytest.raises(NotImplementedError, match="dense KV cache whose rows are one length"):
         cache.append(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4))
+
+
+# --- fastgpt sample with several prompts --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint_dir(tmp_path_factory):
+    tok = build_tokenizer("word", data.DEFAULT_CORPUS)
+    torch.manual_seed(0)
+    model = GPT(preset_config("tiny", vocab_size=tok.vocab_size))
+    out = tmp_path_factory.mktemp("sample") / "run"
+    checkpoint.save_checkpoint(out, 0, model, tok, {"model": model.config.to_dict()}, {})
+    return str(out)
+
+
+def test_cli_samples_two_prompts_as_one_batch(tiny_checkpoint_dir, capsys, tmp_path):
+    """Greedy: each labelled text is what the prompt gets alone (a paged cache, too)."""
+    common = ["--ckpt", tiny_checkpoint_dir, "--tokens", "9", "--temperature", "0"]
+    common += ["--device", "cpu"]
+    alone = []
+    for prompt in ("mary had", "the lamb was"):
+        assert main(["sample", "--prompt", prompt, *common]) == 0
+        alone.append(capsys.readouterr().out.rstrip("\n"))
+    assert alone[0].startswith("mary had ") and alone[1].startswith("the lamb was")
+    want = f"[1] {alone[0]}\n\n[2] {alone[1]}\n"
+    argv = ["sample", "--prompt", "mary had", "--prompt", "the lamb was", *common]
+    assert main(argv + ["--page-size", "16"]) == 0
+    assert capsys.readouterr().out == want
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("mary had\n\nthe lamb was\n")
+    assert main(["sample", "--prompts-file", str(prompts), *common]) == 0
+    assert capsys.readouterr().out == want
+    assert main(["sample", "--prompt", "mary had", *common, "--page-size", "8"]) == 2
+    assert "A page size of 8 is not supported" in capsys.readouterr().err
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_streams_are_live_lines_on_a_terminal():
+    out = Terminal()
+    pieces = [(0, "mary had"), (1, "the lamb"), (0, " a"), (1, "\nwas"), (0, " lamb")]
+    write_streams(iter(pieces), 2, out)
+    text = out.getvalue()
+    assert "\x1b[2K[1] mary had a\n\x1b[2K[2] the lamb / was\n" in text  # redrawn as they come
+    assert text.endswith("[1] mary had a lamb\n\n[2] the lamb\nwas\n")
