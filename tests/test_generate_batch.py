@@ -203,3 +203,20 @@ def test_streams_are_live_lines_on_a_terminal():
     text = out.getvalue()
     assert "\x1b[2K[1] mary had a\n\x1b[2K[2] the lamb / was\n" in text  # redrawn as they come
     assert text.endswith("[1] mary had a lamb\n\n[2] the lamb\nwas\n")
+
+
+def test_an_attention_fn_still_decodes_from_a_dense_cache():
+    """GPT(config, attention_fn=torch SDPA) generates with the cache's (B, Hkv, Tk, D) views."""
+
+    def sdpa(q, k, v, *, causal, backend):
+        tq, tk = q.shape[2], k.shape[2]
+        mask = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)  # bottom-right causal
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=True
+        )
+
+    model = small_gpt(torch.float64)
+    with_fn = GPT(model.config, attention_fn=sdpa).double().eval()
+    with_fn.load_state_dict(model.state_dict())
+    prompt = torch.tensor([[5, 1, 4], [9, 2, 6]])
+    assert torch.equal(with_fn.generate(prompt, 8, 0.0), model.generate(prompt, 8, 0.0))
