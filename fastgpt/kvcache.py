@@ -211,13 +211,16 @@ def _check_lengths(
             f"block_table {tuple(block_table.shape)} is too short for the lengths: cache_seqlens "
             f"{lengths} plus {t_new} new keys need {-(-longest // page)} blocks of {page}."
         )
-    for b, n in enumerate(lengths):
-        used = block_table[b, : -(-(n + t_new) // page)]
-        if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_blocks):
-            raise ValueError(
-                f"block_table row {b} names blocks {used.tolist()} outside the cache's "
-                f"{num_blocks} blocks (k_cache {tuple(k_cache.shape)})."
-            )
+    needed = (seqlens.long() + t_new + page - 1) // page  # (B,) blocks each sequence reads
+    cols = torch.arange(block_table.shape[1], device=block_table.device)
+    used = cols[None, :] < needed[:, None]  # (B, max_blocks)
+    bad = used & ((block_table < 0) | (block_table >= num_blocks))  # (B, max_blocks)
+    if bool(bad.any()):  # one sync; the message names the first bad row
+        b = int(bad.any(dim=1).nonzero()[0])
+        raise ValueError(
+            f"block_table row {b} names blocks {block_table[b, : int(needed[b])].tolist()} "
+            f"outside the cache's {num_blocks} blocks (k_cache {tuple(k_cache.shape)})."
+        )
 
 
 def validate_kvcache(

@@ -192,6 +192,10 @@ ERRORS = {
         error_case(block_table=bad_block_ids()),
         ValueError, r"block_table row 1 names blocks \[2, 5\] outside the cache's 5 blocks",
     ),
+    "negative block id": (
+        error_case(block_table=torch.tensor([[4, 0], [-1, 1]], dtype=torch.int32)),
+        ValueError, r"block_table row 1 names blocks \[-1, 1\] outside",
+    ),
     "block table too short": (
         error_case(block_table=torch.tensor([[4], [2]], dtype=torch.int32)),
         ValueError, r"block_table \(2, 1\) is too short for the lengths.*need 2 blocks of 16",
@@ -259,3 +263,10 @@ def test_bad_input_raises_one_clear_sentence(name):
         attention_with_kvcache(**kwargs)
     if k_cache is not None:  # a refused call writes nothing
         assert torch.equal(kwargs["k_cache"], k_cache)
+
+
+def test_block_ids_past_a_sequences_length_are_never_read():
+    """Entries after the blocks a sequence uses may hold anything (flash-attn's padding)."""
+    kwargs = error_case(block_table=torch.tensor([[4, 99], [2, 1]], dtype=torch.int32))
+    want = attention_with_kvcache(**error_case())
+    torch.testing.assert_close(attention_with_kvcache(**kwargs), want)
