@@ -63,6 +63,10 @@ def reference_kvcache_attention(
     return out
 
 
+# Backend name -> KV-cache kernel. A compiled backend registers its kernel here, importing its
+# module lazily inside a small wrapper (so importing fastgpt never imports Triton), e.g.
+#     def _cpp(*args): return torch.ops.fastgpt.cpp_attention_kvcache(*args)
+#     KVCACHE_KERNELS["cpp"] = _cpp
 KVCACHE_KERNELS: dict[str, KVCacheKernel] = {"reference": reference_kvcache_attention}
 
 
@@ -242,6 +246,11 @@ def validate_kvcache(
         raise ValueError(
             "k_cache and v_cache must have the same shape, got "
             f"{_layout_text(q, k_cache, v_cache)}."
+        )
+    if any(t.stride(-1) != 1 and t.shape[-1] != 1 for t in (k_cache, v_cache)):
+        raise ValueError(
+            "k_cache and v_cache need a contiguous last dim (they are written in place, so they "
+            f"cannot be copied), got strides {k_cache.stride()} and {v_cache.stride()}."
         )
     _check_block_table(q, k_cache, block_table)
     t_new = _check_new_kv(q, k_cache, k, v)

@@ -246,6 +246,10 @@ ERRORS = {
         error_case(block_table=torch.tensor([[4, 0], [2, 1]])),
         TypeError, "block_table must be an int32 tensor, got torch.int64",
     ),
+    "strided cache": (
+        error_case(k_cache=torch.zeros(5, 16, 8, 2).transpose(2, 3)),
+        ValueError, "k_cache and v_cache need a contiguous last dim",
+    ),
     "dense batch": (
         error_case(block_table=None, k_cache=torch.zeros(3, 32, 2, 8),
                    v_cache=torch.zeros(3, 32, 2, 8)),
