@@ -274,3 +274,22 @@ def test_block_ids_past_a_sequences_length_are_never_read():
     kwargs = error_case(block_table=torch.tensor([[4, 99], [2, 1]], dtype=torch.int32))
     want = attention_with_kvcache(**error_case())
     torch.testing.assert_close(attention_with_kvcache(**kwargs), want)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("layout", ["dense", "page16", "page64"])
+def test_random_lengths_match_float64_oracle(seed, layout):
+    """Seeded random lengths, Tq and Tnew; the first sequence empty, the second ending at the
+    cache's end."""
+    page = LAYOUTS[layout]
+    g = torch.Generator().manual_seed(seed)
+    t_new = int(torch.randint(0, 4, (), generator=g))
+    t_q = max(1, t_new) if seed % 2 else int(torch.randint(1, 5, (), generator=g))
+    top = capacity(page) - t_new
+    lengths = [0, top] + torch.randint(0, top + 1, (B - 2,), generator=g).tolist()
+    heads, kv_heads = HEADS[seed]
+    for causal in (True, False):  # a fresh cache each: the call appends in place
+        case = Case(page, lengths, t_q, t_new, heads, kv_heads, torch.float64, seed=seed)
+        torch.testing.assert_close(
+            case.run(causal=causal), case.oracle(causal, torch.float64), **F64
+        )
