@@ -147,9 +147,6 @@ class BatchDecoder:
                 stopped.add(b)
         self.running = [b for b in self.running if b not in stopped]
 
-    def row_tokens(self, b: int) -> list[int]:
-        return self.tokens[b, : self.lengths[b]].tolist()
-
     def _leave_cache(self) -> None:
         """Rows that stopped, or whose next position is past the context, leave the cache."""
         running = set(self.running)

@@ -119,7 +119,8 @@ class KVCache:
         ):
             raise ValueError(f"Cannot rewind rows of lengths {self.lengths} to {lengths}.")
         self.lengths = list(lengths)
-        self.seqlens = torch.tensor(lengths, dtype=torch.int32, device=self.seqlens.device)
+        device = self.k.device if self.k is not None else None
+        self.seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
 
     def select(self, rows: list[int]) -> None:
         """Keep only these rows, in this order (e.g. drop the sequences that have finished)."""
