@@ -2,6 +2,7 @@
 attention vs torch SDPA over a padded cache: bench/results/cpu-decode-<date>.md (+ .json).
 
     python bench/cpu/decode.py [--out bench/results] [--batches 1,4,16] [--max-len 4096]
+                               [--rounds 30] [--threads N]
 
 fp32, H=8 query heads on Hkv=2 kv heads (GQA), D=64, Tq=1. For each batch size B the cache
 lengths are drawn once (seeded) between max-len / 8 and max-len, so the sequences are ragged.
@@ -169,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,4,16", help="batch sizes, e.g. 1,4,16")
     ap.add_argument("--max-len", type=int, default=4096, help="longest cache length")
     ap.add_argument("--rounds", type=int, default=30, help="interleaved rounds per batch size")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's own count)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     load_before = list(os.getloadavg())
     records = []
