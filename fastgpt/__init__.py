@@ -9,9 +9,11 @@ from fastgpt.dropin import (
     flash_attn_varlen_func,
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
+    flash_attn_with_kvcache,
     scaled_dot_product_attention,
 )
 from fastgpt.hf import register_hf_attention
+from fastgpt.kvcache import attention_with_kvcache
 from fastgpt.model import GPT, GPTConfig
 from fastgpt.reference import reference_attention
 from fastgpt.seq2seq import Seq2Seq, Seq2SeqConfig
@@ -26,6 +28,7 @@ __all__ = [
     "Seq2SeqConfig",
     "attention",
     "attention_varlen",
+    "attention_with_kvcache",
     "available_backends",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
@@ -33,6 +36,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
     "nn",
     "register_hf_attention",
     "reference_attention",

@@ -3,6 +3,7 @@
     fastgpt train                      # tiny GPT, embedded corpus, best device; prints a sample
     fastgpt train --config run.toml    # options from a TOML file (given options override it)
     fastgpt sample --ckpt out --prompt "mary had a"
+    fastgpt sample --ckpt out --prompt "mary had" --prompt "the lamb"   # one batch, two streams
     fastgpt train --task seq2seq       # encoder-decoder: rhyme lines -> reversed
     fastgpt sample --ckpt out --prompt "mary had a little lamb"   # translates (seq2seq ckpt)
     fastgpt tokenize --data embedded:poem --vocab-size 300   # tokenizers: vocabulary vs length
@@ -90,7 +91,12 @@ def _train_parser(sub) -> None:
 def _sample_parser(sub) -> None:
     s = sub.add_parser("sample", help="sample text from a trained checkpoint")
     s.add_argument("--ckpt", default="out", help="training output folder or checkpoint folder")
-    s.add_argument("--prompt", default="", help="text to continue (default: a new line)")
+    s.add_argument(
+        "--prompt",
+        action="append",
+        help="text to continue (default: a new line); repeat it to sample several as one batch",
+    )
+    s.add_argument("--prompts-file", help="UTF-8 file of prompts, one per line, sampled as a batch")
     s.add_argument("--task", choices=["lm", "seq2seq"], help="default: the checkpoint's")
     s.add_argument("--tokens", type=int, default=40, help="tokens to sample (printed as they come)")
     s.add_argument("--temperature", type=float, help="0 = greedy (default: 1; seq2seq: 0)")
@@ -98,6 +104,9 @@ def _sample_parser(sub) -> None:
     s.add_argument("--seed", type=int)
     s.add_argument("--device", help="cuda, mps, cpu (default: the best available)")
     s.add_argument("--backend", choices=BACKENDS)
+    s.add_argument(
+        "--page-size", type=_positive_int, help="paged KV cache of this many positions a page"
+    )
 
 
 def _tokenize_parser(sub) -> None:
@@ -165,8 +174,17 @@ def _run_train(options: dict) -> None:
     train(TrainConfig(**merged))
 
 
+def _sample_prompts(options: dict) -> list[str]:
+    """The --prompt values, then the --prompts-file lines; [""] (a new line) when neither."""
+    from fastgpt.sample import read_prompts_file
+
+    prompts = options.pop("prompt") or []
+    path = options.pop("prompts_file")
+    return prompts + (read_prompts_file(path) if path else []) or [""]
+
+
 def _run_sample(options: dict) -> None:
-    from fastgpt.sample import stream
+    from fastgpt.sample import stream, stream_prompts, write_streams
     from fastgpt.translation import is_translation_checkpoint, sample_from_options
 
     task = options.pop("task") or (
@@ -174,11 +192,17 @@ def _run_sample(options: dict) -> None:
     )
     if options["temperature"] is None:  # a translation is decoded greedily, text sampled
         options["temperature"] = 0.0 if task == "seq2seq" else 1.0
-    if task == "seq2seq":
-        print(sample_from_options(options))
+    prompts = _sample_prompts(options)
+    if task == "seq2seq":  # translates each line of its prompt
+        if options.pop("page_size") is not None:
+            raise FastGPTError("--page-size is for GPT checkpoints, not translation ones.")
+        print(sample_from_options({**options, "prompt": "\n".join(prompts)}))
         return
     try:
-        for piece in stream(**options):  # each token printed as it is drawn
+        if len(prompts) > 1:  # one batch, one KV-cache row per prompt
+            write_streams(stream_prompts(prompts=prompts, **options), len(prompts), sys.stdout)
+            return
+        for piece in stream(prompt=prompts[0], **options):  # each token printed as it is drawn
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")

@@ -35,6 +35,7 @@ from fastgpt.attention import (
     select_backend,
     unsupported_reason,
 )
+from fastgpt.kvcache import attention_with_kvcache
 from fastgpt.varlen import attention_varlen_with_lse
 
 # torch's own SDPA, taken once at import. F.scaled_dot_product_attention is this very builtin, so
@@ -361,3 +362,68 @@ def flash_attn_varlen_kvpacked_func(
         softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
         return_attn_probs,
     )  # fmt: skip
+
+
+# --- flash-attn's KV-cache entry point: fastgpt.attention_with_kvcache ----------------------------
+
+
+def flash_attn_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Tensor | None = None,
+    v: Tensor | None = None,
+    rotary_cos: Tensor | None = None,
+    rotary_sin: Tensor | None = None,
+    cache_seqlens: int | Tensor | None = None,
+    cache_batch_idx: Tensor | None = None,
+    cache_leftpad: Tensor | None = None,
+    block_table: Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    rotary_interleaved: bool = True,
+    alibi_slopes: Tensor | None = None,
+    num_splits: int = 0,
+    return_softmax_lse: bool = False,
+) -> Tensor:
+    """flash_attn.flash_attn_with_kvcache on fastgpt.attention_with_kvcache.
+
+    q: (B, Tq, H, D); k_cache, v_cache: (B, Tmax, Hkv, D), or (num_blocks, page_size, Hkv, D)
+    pages with block_table (B, max_blocks) int32 (page_size a multiple of 16); k, v: (B, Tnew,
+    Hkv, D) new keys/values written into the caches in place at cache_seqlens[b] onwards before
+    attending; cache_seqlens: (B,) int32 or an int, the keys cached before the new ones (None: every
+    cache is full, so nothing can be appended). causal is aligned bottom-right per sequence.
+    Returns (B, Tq, H, D) in q's dtype. num_splits is a performance hint and ignored. Rotary
+    embeddings, cache_batch_idx, cache_leftpad, ALiBi and return_softmax_lse raise
+    NotImplementedError; window_size and softcap run (on the reference until the KV-cache kernels
+    have them).
+    """
+    options = {
+        "rotary embeddings (rotary_cos, rotary_sin)": rotary_cos is not None
+        or rotary_sin is not None,
+        "cache_batch_idx": cache_batch_idx is not None,
+        "cache_leftpad": cache_leftpad is not None,
+        "alibi_slopes": alibi_slopes is not None,
+        "return_softmax_lse=True": return_softmax_lse,
+    }
+    unsupported = [name for name, used in options.items() if used]
+    if unsupported:
+        raise NotImplementedError(
+            f"fastgpt.flash_attn_with_kvcache does not support {', '.join(unsupported)}."
+        )
+    if cache_seqlens is None:  # flash-attn: every sequence fills its whole cache row (or pages)
+        if k is not None or v is not None:
+            raise ValueError(
+                "flash_attn_with_kvcache without cache_seqlens reads every cache as full, so new "
+                "k/v have nowhere to go: pass cache_seqlens."
+            )
+        full = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
+        cache_seqlens = full
+    out = attention_with_kvcache(
+        q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
+        causal=causal, scale=softmax_scale, window=tuple(window_size), softcap=softcap,
+    )  # fmt: skip
+    log_path("flash_attn_with_kvcache", "fastgpt.attention_with_kvcache", f"causal={causal}")
+    return out

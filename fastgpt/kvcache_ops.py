@@ -1,17 +1,39 @@
-"""torch.library fake implementation of the C++ KV-cache op, so torch.compile can trace it.
+"""torch.library ops of the compiled KV-cache kernels, so torch.compile traces them as one node.
 
-    fastgpt::cpp_attention_kvcache(q, k_cache, v_cache, seqlens_k, block_table, causal, scale)
+    fastgpt::triton_attention_kvcache(q, k_cache, v_cache, seqlens_k, block_table, causal, scale)
+    fastgpt::cpp_attention_kvcache(...)   (same arguments; defined by the C++ extension)
         -> out
 
 q, out: (B, Tq, H, D); k_cache, v_cache: (B, Tmax, Hkv, D), or paged (num_blocks, page_size, Hkv,
-D) with block_table (B, max_blocks) int32; seqlens_k (B,) int32. The op is defined by the
-extension (csrc/attention.cpp, csrc/cpu/kvcache_cpu.cpp); it is forward only (no autograd).
+D) with block_table (B, max_blocks) int32; seqlens_k (B,) int32 keys per sequence (new keys already
+appended). Forward only (no autograd). The cpp op is defined by the extension (csrc/attention.cpp,
+csrc/cpu/kvcache_cpu.cpp, CPU tensors only); the Triton one below, importing Triton only when run.
 """
 
 import torch
 from torch import Tensor
 
 from fastgpt import _extension
+
+
+@torch.library.custom_op("fastgpt::triton_attention_kvcache", mutates_args=())
+def triton_attention_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    seqlens_k: Tensor,
+    block_table: Tensor | None,
+    causal: bool,
+    scale: float,
+) -> Tensor:
+    from fastgpt.kernels.kvcache import kvcache_attention
+
+    return kvcache_attention(q, k_cache, v_cache, seqlens_k, block_table, causal, scale)
+
+
+def cpp_has_kvcache() -> bool:
+    """True when the C++ extension loads and defines fastgpt::cpp_attention_kvcache."""
+    return _extension.cpp_available() and hasattr(torch.ops.fastgpt, "cpp_attention_kvcache")
 
 
 def _kvcache_fake(
@@ -27,5 +49,11 @@ def _kvcache_fake(
     return q.new_empty(q.shape)  # (B, Tq, H, D), contiguous, q's dtype
 
 
-if _extension.cpp_available():
+torch.library.register_fake("fastgpt::triton_attention_kvcache")(_kvcache_fake)
+if cpp_has_kvcache():
     torch.library.register_fake("fastgpt::cpp_attention_kvcache")(_kvcache_fake)
+
+
+def kvcache_op(backend: str):
+    """The KV-cache op of a compiled backend ("triton" or "cpp")."""
+    return getattr(torch.ops.fastgpt, f"{backend}_attention_kvcache")

@@ -9,13 +9,14 @@ the loss at step 0 is close to ln(vocab_size).
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastgpt.generation import decode_batch, prompt_lists
 from fastgpt.nn import (
     ACTIVATIONS,
     AttentionFn,
@@ -212,13 +213,7 @@ class GPT(nn.Module):
             if kv_caches is not None:
                 raise ValueError("GPT.forward takes cu_seqlens or kv_caches, not both.")
         else:
-            start = kv_caches[0].length if kv_caches is not None else 0
-            if start + T > self.config.block_size:
-                raise ValueError(
-                    f"Cannot run {start + T} positions (idx {tuple(idx.shape)}, {start} cached): "
-                    f"the model's context is {self.config.block_size} tokens."
-                )
-            pos, documents = torch.arange(start, start + T, device=idx.device), {}  # (T,)
+            pos, documents = self._positions(idx, kv_caches), {}  # (T,) or (B, T)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, kv_caches[i] if kv_caches is not None else None, **documents)  # (B, T, C)
@@ -228,28 +223,66 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
 
-    def new_kv_caches(self) -> list[KVCache]:
-        return [KVCache(self.config.block_size) for _ in self.blocks]
+    def _positions(self, idx: Tensor, kv_caches: list[KVCache] | None) -> Tensor:
+        """Positions of idx (B, T) after the cached ones: (T,), or (B, T) when the cache's rows
+        have different lengths (each row continues from its own)."""
+        T, lengths = idx.shape[1], kv_caches[0].lengths if kv_caches is not None else []
+        start = max(lengths, default=0)
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"Cannot run {start + T} positions (idx {tuple(idx.shape)}, {start} cached): "
+                f"the model's context is {self.config.block_size} tokens."
+            )
+        if len(set(lengths)) > 1:
+            return kv_caches[0].seqlens.long()[:, None] + torch.arange(T, device=idx.device)
+        return torch.arange(start, start + T, device=idx.device)  # (T,)
+
+    def new_kv_caches(self, page_size: int | None = None) -> list[KVCache]:
+        """One empty KV cache per block, of block_size positions per row; page_size: paged."""
+        return [KVCache(self.config.block_size, page_size) for _ in self.blocks]
 
     @torch.no_grad()
     def generate(
         self,
-        idx: Tensor,
-        max_new_tokens: int,
+        idx: Tensor | Sequence[Sequence[int]],
+        max_new_tokens: int | Sequence[int],
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
-    ) -> Tensor:
+        *,
+        lengths: Sequence[int] | Tensor | None = None,
+        end_id: int | None = None,
+        page_size: int | None = None,
+    ) -> Tensor | list[list[int]]:
         """Continue idx (B, T) by max_new_tokens tokens -> (B, T + max_new_tokens).
 
         temperature 0 picks the most likely token (greedy); top_k keeps the k likeliest.
         While the text fits the context, a KV cache makes each step cost one position; past
         block_size the context is cropped to its last block_size tokens and recomputed (learned
         positions shift with the window), so the tokens are those of use_cache=False.
+
+        A batch of prompts of different lengths: idx a list of token-id lists, or (B, T) right-
+        padded with lengths (B,); max_new_tokens an int or one per prompt; end_id stops a row
+        after it draws that token. Each prompt keeps its own KV-cache row (page_size: a paged
+        cache of that many positions per page) and, decoded greedily, gets exactly the tokens it
+        would get alone. Returns a list: each prompt followed by its new tokens (also when idx is
+        a tensor given with lengths or end_id, or max_new_tokens is a list).
         """
-        new = self.generate_tokens(idx, max_new_tokens, temperature, top_k, generator, use_cache)
-        return torch.cat([idx, *new], dim=1)
+        uniform = lengths is None and end_id is None and isinstance(max_new_tokens, int)
+        if isinstance(idx, Tensor) and uniform:  # every row continued by max_new_tokens
+            new = self.generate_tokens(
+                idx, max_new_tokens, temperature, top_k, generator, use_cache, page_size
+            )
+            return torch.cat([idx, *new], dim=1)
+        prompts = prompt_lists(idx, lengths)
+        out = [list(p) for p in prompts]
+        for rows, tokens in self.generate_stream(
+            prompts, max_new_tokens, temperature, top_k, generator, use_cache, end_id, page_size
+        ):
+            for b, token in zip(rows, tokens.tolist(), strict=True):
+                out[b].append(token)
+        return out
 
     @torch.no_grad()
     def generate_tokens(
@@ -260,35 +293,37 @@ class GPT(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        page_size: int | None = None,
     ) -> Iterator[Tensor]:
         """generate() one token at a time: yields each new token (B, 1) as soon as it is drawn."""
-        if not 0 <= temperature < math.inf:  # NaN fails too
-            raise ValueError(f"temperature must be >= 0 and finite, got {temperature}.")
         if idx.shape[1] == 0:
             raise ValueError(f"generate needs at least one token to start from, got {idx.shape}.")
-        block = self.config.block_size
-        caches = None
-        for _ in range(max_new_tokens):
-            if use_cache and idx.shape[1] <= block:
-                if caches is None:
-                    caches = self.new_kv_caches()
-                    logits, _ = self(idx, kv_caches=caches)  # prefill: (B, T, V)
-                else:
-                    logits, _ = self(idx[:, -1:], kv_caches=caches)  # (B, 1, V)
-            else:
-                logits, _ = self(idx[:, -block:])  # (B, min(T, block), V)
-            logits = logits[:, -1, :].float()  # (B, V)
-            if temperature == 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits, dim=-1)
-                next_id = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
-            idx = torch.cat([idx, next_id], dim=1)
-            yield next_id
+        prompts = idx.tolist()
+        steps = self.generate_stream(
+            prompts, max_new_tokens, temperature, top_k, generator, use_cache, None, page_size
+        )
+        for _, tokens in steps:  # every row draws a token at every step
+            yield tokens[:, None]  # (B, 1)
+
+    @torch.no_grad()
+    def generate_stream(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int | Sequence[int],
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+        end_id: int | None = None,
+        page_size: int | None = None,
+    ) -> Iterator[tuple[list[int], Tensor]]:
+        """Batched generation step by step: yields (rows, tokens (len(rows),)): the prompts that
+        drew a token this step (ascending) and those tokens. See generate and fastgpt.generation.
+        """
+        yield from decode_batch(
+            self, prompts, max_new_tokens, temperature, top_k, generator, use_cache, end_id,
+            page_size,
+        )  # fmt: skip
 
     @classmethod
     def from_hf(cls, source: "str | os.PathLike | nn.Module", **overrides) -> "GPT":

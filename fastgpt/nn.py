@@ -18,6 +18,12 @@ import torch
 from torch import Tensor, nn
 
 from fastgpt.attention import attention
+from fastgpt.kvcache import (
+    KVCACHE_KERNELS,
+    append_to_cache,
+    attention_with_kvcache,
+    check_page_size,
+)
 from fastgpt.varlen import attention_varlen
 
 # fastgpt.attention's signature: (q, k, v, *, causal, backend) -> out (B, H, Tq, D).
@@ -63,42 +69,151 @@ def init_weights(module: nn.Module, embedding_std: float = 0.02) -> None:
 class KVCache:
     """Keys and values of the positions seen so far, for one attention layer (generation).
 
-    Buffers k, v: (B, Hkv, max_len, D), allocated on the first append in the dtype and device of
-    the keys (so autocast works); positions [0, length) hold data.
+    One length per sequence (row): row b holds positions [0, lengths[b]). Storage is allocated on
+    the first append in the dtype and device of the keys (so autocast works), in flash-attn's
+    layout for fastgpt.attention_with_kvcache:
+
+        dense (page_size None): k, v (B, max_len, Hkv, D), one row of max_len slots per sequence
+        paged (page_size P):    k, v (num_pages, P, Hkv, D) pages and block_table
+                                (B, ceil(max_len / P)) int32; a row takes pages from the pool as it
+                                grows (the pool doubles when empty), so memory follows the lengths.
+
+    lengths (host list) and seqlens ((B,) int32 on the device) say the same; rewind() shortens
+    rows, select() keeps some rows (a paged cache returns the others' pages to the pool).
     """
 
-    def __init__(self, max_len: int) -> None:
-        self.max_len = max_len
-        self.length = 0
+    def __init__(self, max_len: int, page_size: int | None = None) -> None:
+        if page_size is not None:
+            check_page_size(page_size)
+        self.max_len, self.page_size = max_len, page_size
+        self.lengths: list[int] = []
+        self.seqlens: Tensor | None = None  # (B,) int32
         self.k: Tensor | None = None
         self.v: Tensor | None = None
+        self.block_table: Tensor | None = None  # (B, max_blocks) int32 when paged
+        self.pages: list[list[int]] = []  # each row's page ids, in order
+        self.free: list[int] = []  # unused page ids of the pool
+
+    @property
+    def length(self) -> int:
+        """The longest row's length (every row's, when they are one length)."""
+        return max(self.lengths, default=0)
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, backend: str | None = None, **variants
+    ) -> Tensor:
+        """Append k, v (B, T, Hkv, D) after each row's cached positions and attend q (B, T, H, D)
+        to each row's keys, causal: query i of row b sees its positions <= lengths[b] + i.
+        -> (B, T, H, D). A backend without a KV-cache kernel gives way to the automatic pick.
+        variants: the layer's window / softcap / sinks (fastgpt.attention's keywords)."""
+        self._reserve(k)
+        if backend not in KVCACHE_KERNELS:  # no KV-cache kernel: the automatic pick (debug logs it)
+            backend = None
+        y = attention_with_kvcache(
+            q, self.k, self.v, k, v, cache_seqlens=self.seqlens, block_table=self.block_table,
+            causal=True, backend=backend, **variants,
+        )  # fmt: skip
+        self._advance(k.shape[1])
+        return y
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, Hkv, T, D) after the cached ones; return views of all keys and values."""
-        start, end = self.length, self.length + k.shape[2]
-        if self.k is not None and (k.shape[0], k.shape[1], k.shape[3]) != (
-            self.k.shape[0],
-            self.k.shape[1],
-            self.k.shape[3],
+        """Append k, v (B, T, Hkv, D); return every key and value as (B, Hkv, Tk, D) views (a
+        dense cache whose rows are one length only: for an attention_fn that takes them)."""
+        if self.page_size is not None or len(set(self.lengths)) > 1:
+            raise NotImplementedError(
+                "An attention_fn takes a dense KV cache whose rows are one length; this one is "
+                f"{'paged' if self.page_size else 'ragged'} (lengths {self.lengths})."
+            )
+        self._reserve(k)
+        append_to_cache(self.k, self.v, k, v, self.seqlens)
+        self._advance(k.shape[1])
+        end = self.length
+        return self.k[:, :end].transpose(1, 2), self.v[:, :end].transpose(1, 2)
+
+    def rewind(self, lengths: list[int]) -> None:
+        """Shorten each row to lengths[b] (<= its length): later appends overwrite the rest."""
+        if len(lengths) != len(self.lengths) or any(
+            not 0 <= n <= m for n, m in zip(lengths, self.lengths, strict=True)
         ):
-            B, Hkv, _, D = self.k.shape
+            raise ValueError(f"Cannot rewind rows of lengths {self.lengths} to {lengths}.")
+        self.lengths = list(lengths)
+        device = self.k.device if self.k is not None else None
+        self.seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+
+    def select(self, rows: list[int]) -> None:
+        """Keep only these rows, in this order (e.g. drop the sequences that have finished)."""
+        if self.k is None:
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=self.k.device)
+        if self.page_size is None:
+            self.k, self.v = self.k[index], self.v[index]
+        else:
+            kept = set(rows)
+            self.free += [p for b, pages in enumerate(self.pages) if b not in kept for p in pages]
+            self.pages = [self.pages[b] for b in rows]
+            self._write_block_table()
+        self.lengths = [self.lengths[b] for b in rows]
+        self.seqlens = self.seqlens[index]
+
+    def _reserve(self, k: Tensor) -> None:
+        """Check k (B, T, Hkv, D) fits; allocate storage on the first call and pages as needed."""
+        B, T, Hkv, D = k.shape
+        if self.k is None:
+            self._allocate(k)
+        elif (B, Hkv, D) != (len(self.lengths), self.k.shape[2], self.k.shape[3]):
+            held = (len(self.lengths), self.k.shape[2], self.k.shape[3])
             raise ValueError(
-                f"The KV cache holds (B, Hkv, D) = ({B}, {Hkv}, {D}); cannot append keys of shape "
-                f"{tuple(k.shape)}: start a new cache for a new batch."
+                f"The KV cache holds (B, Hkv, D) = {held}; cannot append keys (B, Hkv, T, D) = "
+                f"{(B, Hkv, T, D)}: start a new cache for a new batch."
             )
-        if end > self.max_len:
+        if self.length + T > self.max_len:
             raise ValueError(
-                f"The KV cache holds {self.max_len} positions; appending {k.shape[2]} to "
-                f"{start} cached ones would overflow it."
+                f"The KV cache holds {self.max_len} positions; appending {T} to {self.length} "
+                "cached ones would overflow it."
             )
-        if self.k is None or self.v is None:
-            B, Hkv, _, D = k.shape
-            self.k = k.new_empty(B, Hkv, self.max_len, D)
-            self.v = v.new_empty(B, Hkv, self.max_len, D)
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]  # (B, Hkv, end, D) views
+        if self.page_size is not None:
+            self._take_pages(T)
+
+    def _allocate(self, k: Tensor) -> None:
+        B, _, Hkv, D = k.shape
+        self.lengths = [0] * B
+        self.seqlens = torch.zeros(B, dtype=torch.int32, device=k.device)
+        if self.page_size is None:
+            self.k = k.new_empty(B, self.max_len, Hkv, D)
+            self.v = k.new_empty(B, self.max_len, Hkv, D)
+        else:
+            self.k = k.new_empty(0, self.page_size, Hkv, D)
+            self.v = k.new_empty(0, self.page_size, Hkv, D)
+            self.pages = [[] for _ in range(B)]
+
+    def _take_pages(self, t: int) -> None:
+        """Give every row the pages its next t positions need (the pool grows when short)."""
+        page = self.page_size
+        short = [
+            -(-(n + t) // page) - len(p) for n, p in zip(self.lengths, self.pages, strict=True)
+        ]
+        missing = sum(max(0, s) for s in short) - len(self.free)
+        if missing > 0:  # double the pool (at least enough): old page ids stay valid
+            old = self.k.shape[0]
+            grown = old + max(missing, old)
+            for name in ("k", "v"):
+                pool = getattr(self, name)
+                setattr(self, name, torch.cat([pool, pool.new_empty(grown - old, *pool.shape[1:])]))
+            self.free += range(old, grown)
+        if any(s > 0 for s in short):
+            for pages, s in zip(self.pages, short, strict=True):
+                pages += [self.free.pop(0) for _ in range(max(0, s))]
+            self._write_block_table()
+
+    def _write_block_table(self) -> None:
+        width = -(-self.max_len // self.page_size)
+        rows = [pages + [0] * (width - len(pages)) for pages in self.pages]  # unused: any id
+        self.block_table = torch.tensor(rows, dtype=torch.int32, device=self.k.device)
+        self.block_table = self.block_table.view(len(rows), width)
+
+    def _advance(self, t: int) -> None:
+        self.lengths = [n + t for n in self.lengths]
+        self.seqlens = self.seqlens + t
 
 
 class CausalSelfAttention(nn.Module):
@@ -179,11 +294,16 @@ class CausalSelfAttention(nn.Module):
             y = self._attend_documents(qkv, cu_seqlens, max_seqlen, kv_cache)  # (B T, H, D)
             return self.resid_dropout(self.c_proj(y.view(B, T, C)))
         # Views into qkv (no copy): the head dim stays contiguous, as fastgpt.attention needs.
-        q = qkv[..., : H * D].view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = qkv[..., H * D : (H + Hkv) * D].view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        v = qkv[..., (H + Hkv) * D :].view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        q = qkv[..., : H * D].view(B, T, H, D)  # (B, T, H, D)
+        k = qkv[..., H * D : (H + Hkv) * D].view(B, T, Hkv, D)  # (B, T, Hkv, D)
+        v = qkv[..., (H + Hkv) * D :].view(B, T, Hkv, D)  # (B, T, Hkv, D)
+        if kv_cache is not None and self.attention_fn is None:
+            # Each row appends T keys after its own cached ones and attends causally to them.
+            y = kv_cache.attend(q, k, v, backend=self.backend, **self.variants())  # (B, T, H, D)
+            return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first
         if kv_cache is not None:
-            k, v = kv_cache.append(k, v)  # (B, Hkv, Tk, D), Tk = cached + T
+            k, v = kv_cache.append(k.transpose(1, 2), v.transpose(1, 2))  # (B, Hkv, Tk, D)
         # Causal bottom-right: with a cache, query i sees every cached key and new keys up to i.
         attend = attention if self.attention_fn is None else self.attention_fn
         y = attend(q, k, v, causal=True, backend=self.backend, **self.variants())  # (B, H, T, D)

@@ -294,3 +294,24 @@ def test_results_values_are_made_jsonable():
     assert bench.jsonable(Path("a/b")) == "a/b"
     assert bench.jsonable(torch.device("cpu")) == "cpu"
     assert bench.jsonable(math.inf) is None and bench.jsonable(3) == 3
+
+
+def test_cpu_decode_benchmark_smoke(tmp_path, monkeypatch):
+    """bench/cpu/decode.py at tiny sizes, with a stand-in "cpp" KV-cache kernel (the reference)
+    so the cpp rows run too: every provider and batch gets a record, the report is written."""
+    from fastgpt import kvcache
+
+    decode = _load_script("cpu/decode")
+    if "cpp" in fastgpt.available_backends("cpu"):
+        monkeypatch.setitem(kvcache.KVCACHE_KERNELS, "cpp", kvcache.reference_kvcache_attention)
+    argv = ["--out", str(tmp_path), "--batches", "1,3", "--max-len", "70", "--rounds", "2"]
+    assert decode.main(argv) == 0
+    (path,) = tmp_path.glob("cpu-decode-*.json")
+    raw = json.loads(path.read_text())
+    names = decode.providers()
+    assert {(r["batch"], r["provider"]) for r in raw["records"]} == {
+        (b, n) for b in (1, 3) for n in names
+    }
+    assert all(len(r["times_ms"]) == 2 and r["gbps"] > 0 for r in raw["records"])
+    assert all(len(r["lengths"]) == r["batch"] for r in raw["records"])
+    assert "| 3 |" in path.with_suffix(".md").read_text()
