@@ -29,8 +29,8 @@ from torch import Tensor
 from fastgpt import varlen_ops
 from fastgpt.attention import debug, last_dim_contiguous, select_backend, validate
 
-# Backends with variable-length kernels; the Triton and C++ varlen kernels are pending.
-VARLEN_BACKENDS = ("reference",)
+# Backends with variable-length kernels (Triton: the dense kernels' IS_VARLEN specialisation).
+VARLEN_BACKENDS = ("reference", "triton")
 
 
 def select_varlen_backend(device: torch.device, requested: str | None = None) -> tuple[str, str]:
@@ -197,9 +197,10 @@ def attention_varlen(
         causal: mask aligned bottom-right within each sequence: query i of sequence b sees its
             keys j <= i + (Tk_b - Tq_b). A query that sees no key outputs zeros.
         scale: multiplies q.k; defaults to 1 / sqrt(D); must be finite.
-        backend: as fastgpt.attention's; today only "reference" has varlen kernels: an automatic
-            pick of another backend runs on the reference (FASTGPT_DEBUG=1 says so), an explicit
-            "triton" or "cpp" raises NotImplementedError.
+        backend: as fastgpt.attention's; "triton" and "reference" have varlen kernels (the
+            Triton forward and backward read cu_seqlens, no padding); an automatic pick of a
+            backend without them runs on the reference (FASTGPT_DEBUG=1 says so), an explicit
+            request of one raises NotImplementedError.
 
     Returns:
         (total_q, H, D) tensor in q's dtype; differentiable with respect to q, k and v.
