@@ -356,6 +356,7 @@ def attention_varlen_forward(
     """Fused forward over packed sequences. q (total_q, H, D), k, v (total_k, Hkv, D); returns
     out (total_q, H, D) in q.dtype and lse (H, total_q) fp32. use_tma as attention_forward's."""
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     total_q, H, D = q.shape
     total_k, Hkv = k.shape[0], k.shape[1]
     B = cu_seqlens_q.numel() - 1
@@ -401,6 +402,7 @@ def attention_varlen_backward(
     """Fused backward over packed sequences: dq (total_q, H, D), dk, dv (total_k, Hkv, D),
     contiguous, input dtype. lse: (H, total_q). dkdv_split, use_tma as attention_backward's."""
     grad_out, q, k, v, out = (last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     total_q, H, D = q.shape
     total_k, Hkv = k.shape[0], k.shape[1]
     B = cu_seqlens_q.numel() - 1

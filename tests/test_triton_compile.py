@@ -9,7 +9,8 @@ The compile runs in a subprocess without TRITON_INTERPRET (conftest.py switches 
 for this process, which replaces @triton.jit functions).
 
 One more test compiles the code paths the table does not take (non-causal, padded head dim,
-negative scale, lengths Triton specialises to 1) with one config each.
+negative scale, lengths Triton specialises to 1; varlen non-causal and padded) with one config
+each. The table covers the varlen kernels (IS_VARLEN) at every 16-bit config, as the dense ones.
 
 16-bit configs are what autotune tries on these GPUs, at every head-dim bucket (fp16 and bf16
 compile to the same tiles, so bf16 stands for both here; compile_check --dtype fp16 checks fp16).
@@ -28,7 +29,13 @@ import pytest
 pytest.importorskip("triton")
 
 from fastgpt.kernels import configs  # noqa: E402
-from fastgpt.kernels.compile_check import TUNED, VARIANTS, cases, problems  # noqa: E402
+from fastgpt.kernels.compile_check import (  # noqa: E402
+    TUNED,
+    VARIANTS,
+    VARLEN_KINDS,
+    cases,
+    problems,
+)
 
 
 def compile_all(arch: int, dtype: str, *flags: str) -> list[dict]:
@@ -105,6 +112,18 @@ def test_cases_cover_what_autotune_may_launch():
             for block_d in (16, 32, 64, 128, 256):
                 for row in configs.select_rows(kind, capability, block_d, 2, limit):
                     assert (kind, block_d, row) in measured, (arch, kind, block_d, row)
+
+
+def test_cases_cover_the_varlen_kernels():
+    # Each 16-bit fwd / dK/dV / dQ case (pointer and descriptor paths) has its IS_VARLEN twin.
+    for arch in (80, 90):
+        found = {True: set(), False: set()}
+        for _, kind, _, block_d, row, override in cases(arch, ("bf16",)):
+            override = override or {}
+            if kind in VARLEN_KINDS:
+                case = (kind, block_d, row, override.get("USE_TMA", False))
+                found[override.get("IS_VARLEN", False)].add(case)
+        assert found[True] == found[False] and found[True], arch
 
 
 PTXAS_LOG = """\
