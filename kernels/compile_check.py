@@ -53,10 +53,15 @@ def cases(arch: int, dtypes=("bf16", "fp32")):
     (one small config, slow full-precision dots; its varlen twins are left out to keep the cold
     run short): at the largest head dim of each table row group, where shared memory and
     registers peak."""
+    capability = (arch // 10, arch % 10)
+    limit = configs.SMEM_LIMIT[capability]
     for case in dense_cases(arch, dtypes):
         yield case
         arch, kind, dtype, block_d, row, override = case
-        if kind in VARLEN_KINDS and aot.ELEMENT_SIZE[dtype] == 2:
+        elem = aot.ELEMENT_SIZE[dtype]
+        if kind not in VARLEN_KINDS or elem != 2:
+            continue
+        if row in configs.select_rows(kind, capability, block_d, elem, limit, varlen=True):
             yield arch, kind, dtype, block_d, row, {**(override or {}), **VARLEN}
 
 

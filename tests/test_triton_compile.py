@@ -115,15 +115,22 @@ def test_cases_cover_what_autotune_may_launch():
 
 
 def test_cases_cover_the_varlen_kernels():
-    # Each 16-bit fwd / dK/dV / dQ case (pointer and descriptor paths) has its IS_VARLEN twin.
+    # Every 16-bit config the varlen autotune may pick (the table less configs.VARLEN_SPILLS) is
+    # measured with IS_VARLEN, on sm_90 on the descriptor path too (up to TMA_MAX_BLOCK_D).
     for arch in (80, 90):
-        found = {True: set(), False: set()}
-        for _, kind, _, block_d, row, override in cases(arch, ("bf16",)):
-            override = override or {}
-            if kind in VARLEN_KINDS:
-                case = (kind, block_d, row, override.get("USE_TMA", False))
-                found[override.get("IS_VARLEN", False)].add(case)
-        assert found[True] == found[False] and found[True], arch
+        capability = (arch // 10, arch % 10)
+        limit = configs.SMEM_LIMIT[capability]
+        measured = {
+            (k, d, tuple(r), (o or {}).get("USE_TMA", False))
+            for _, k, _, d, r, o in cases(arch, ("bf16",))
+            if (o or {}).get("IS_VARLEN")
+        }
+        for kind in VARLEN_KINDS:
+            for block_d in (16, 32, 64, 128, 256):
+                paths = [False] + [True] * (arch >= 90 and block_d <= configs.TMA_MAX_BLOCK_D[kind])
+                for row in configs.select_rows(kind, capability, block_d, 2, limit, varlen=True):
+                    for tma in paths:
+                        assert (kind, block_d, row, tma) in measured, (arch, kind, block_d, row)
 
 
 PTXAS_LOG = """\
