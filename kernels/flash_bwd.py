@@ -28,6 +28,7 @@ from .flash_fwd import (
     LOG2E,
     head_base_offset,
     load_tile,
+    query_program,
     row_base_offset,
     sequence_span,
     stats_offset,
@@ -311,25 +312,12 @@ def bwd_dq_kernel(
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr = False, IS_VARLEN: tl.constexpr = False,
 ):  # fmt: skip
-    # Grid: (cdiv(Tq, BLOCK_M), H, B) (IS_VARLEN: Tq = max_seqlen_q), diagonal-heavy (late)
-    # query tiles first under causal.
+    # Grid: (cdiv(Tq, BLOCK_M), H, B), IS_VARLEN: Tq = max_seqlen_q (query_program, as forward).
     # USE_TMA: Q/dO/K/V loads and the dQ store through tensor descriptors, as in the forward.
     total_q = Tq  # IS_VARLEN: the packed total (lse's row length); Tq, Tk become sequence b's
-    if IS_VARLEN:
-        h = tl.program_id(1)
-        b = tl.program_id(2)
-        pid_bh = h  # lse, delta: (H, total_q)
-        q_start, Tq = sequence_span(CuQ, b)
-        k_start, Tk = sequence_span(CuK, b)
-        n_m_blocks = tl.num_programs(0)
-        pid_m = n_m_blocks - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
-    else:
-        n_m_blocks = tl.cdiv(Tq, BLOCK_M)
-        pid_m = n_m_blocks - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
-        h = tl.program_id(1)
-        b = tl.program_id(2)
-        pid_bh = b * H + h  # lse, delta: (B, H, Tq)
-        q_start, k_start = 0, 0
+    pid_m, h, b, pid_bh, q_start, k_start, Tq, Tk = query_program(
+        CuQ, CuK, H, Tq, Tk, BLOCK_M, CAUSAL, IS_VARLEN
+    )
     h_kv = h // GROUP
     start_m = pid_m * BLOCK_M
     if IS_VARLEN:  # noqa: SIM102 (Triton folds the constexpr test alone, not `and` with a tensor)

@@ -65,6 +65,38 @@ def sequence_span(Cu, b):
 
 
 @triton.jit
+def query_program(
+    CuQ, CuK, H, Tq, Tk,
+    BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
+):  # fmt: skip
+    """Which query tile, head and sequence this program of the forward / dQ grid owns:
+    (pid_m, h, b, pid_bh, q_start, k_start, Tq, Tk).
+
+    Grid (cdiv(Tq, BLOCK_M), H, B), with Tq = max_seqlen_q for packed sequences. Under causal the
+    diagonal-heavy (late) query tiles come first, so the longest programs start early and the
+    short ones fill the tail; programs of one head run together (K/V in L2). pid_bh is the
+    lse / delta row (stats_offset). Packed: q_start, k_start are sequence b's first rows and
+    Tq, Tk its lengths; dense: 0, 0 and the lengths given.
+    """
+    if IS_VARLEN:
+        h = tl.program_id(1)
+        b = tl.program_id(2)
+        pid_bh = h  # lse: (H, total_q)
+        q_start, Tq = sequence_span(CuQ, b)
+        k_start, Tk = sequence_span(CuK, b)
+        n_m_blocks = tl.num_programs(0)
+        pid_m = n_m_blocks - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    else:
+        n_m_blocks = tl.cdiv(Tq, BLOCK_M)
+        pid_m = n_m_blocks - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+        h = tl.program_id(1)
+        b = tl.program_id(2)
+        pid_bh = b * H + h  # lse: (B, H, Tq)
+        q_start, k_start = 0, 0
+    return pid_m, h, b, pid_bh, q_start, k_start, Tq, Tk
+
+
+@triton.jit
 def load_tile(ptrs, rows, cols, n_rows, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
     """Load a 2-D tile, masking only the dimensions the caller says can run past the end."""
     if CHECK_ROWS and CHECK_COLS:
@@ -175,25 +207,11 @@ def attn_fwd_kernel(
 ):  # fmt: skip
     # USE_TMA: Q/K/V loads and the O store through tensor descriptors (sm_90 TMA); the host asks
     # for it only when every base and row stride is 16-byte aligned.
-    # Grid: (cdiv(Tq, BLOCK_M), H, B) (IS_VARLEN: Tq = max_seqlen_q). Diagonal-heavy query blocks
-    # first, so the longest programs start early and the short ones fill the tail; programs of
-    # one head run together (K/V in L2).
+    # Grid: (cdiv(Tq, BLOCK_M), H, B), IS_VARLEN: Tq = max_seqlen_q (query_program).
     total_q = Tq  # IS_VARLEN: the packed total (lse's row length); Tq, Tk become sequence b's
-    if IS_VARLEN:
-        h = tl.program_id(1)
-        b = tl.program_id(2)
-        pid_bh = h  # lse: (H, total_q)
-        q_start, Tq = sequence_span(CuQ, b)
-        k_start, Tk = sequence_span(CuK, b)
-        n_m_blocks = tl.num_programs(0)
-        pid_m = n_m_blocks - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
-    else:
-        n_m_blocks = tl.cdiv(Tq, BLOCK_M)
-        pid_m = n_m_blocks - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
-        h = tl.program_id(1)
-        b = tl.program_id(2)
-        pid_bh = b * H + h  # lse: (B, H, Tq)
-        q_start, k_start = 0, 0
+    pid_m, h, b, pid_bh, q_start, k_start, Tq, Tk = query_program(
+        CuQ, CuK, H, Tq, Tk, BLOCK_M, CAUSAL, IS_VARLEN
+    )
     h_kv = h // GROUP  # GQA: index mapping, never a copy of K/V
 
     start_m = pid_m * BLOCK_M
