@@ -40,8 +40,8 @@ from fastgpt.attention import (
 )
 from fastgpt.reference import reference_attention_varlen
 
-# Backends with variable-length kernels; the Triton and C++ varlen kernels are pending.
-VARLEN_BACKENDS = ("reference",)
+# Backends with variable-length kernels (Triton: the dense kernels' IS_VARLEN specialisation).
+VARLEN_BACKENDS = ("reference", "triton")
 
 
 def select_varlen_backend(device: torch.device, requested: str | None = None) -> tuple[str, str]:
@@ -234,9 +234,10 @@ def attention_varlen(
         window, softcap, sinks: fastgpt.attention's variants, within each sequence (the window
             aligned bottom-right per sequence; sinks (H,) shared by all sequences).
         return_lse: also return lse (H, total_q), as fastgpt.attention's per row.
-        backend: as fastgpt.attention's; today only "reference" has varlen kernels: an automatic
-            pick of another backend runs on the reference (FASTGPT_DEBUG=1 says so), an explicit
-            "triton" or "cpp" raises NotImplementedError.
+        backend: as fastgpt.attention's; VARLEN_BACKENDS have varlen kernels (Triton's forward
+            and backward read cu_seqlens, no padding); an automatic pick of a backend without
+            them (or without a requested variant) runs on one that has them (FASTGPT_DEBUG=1
+            says so), an explicit request of one raises NotImplementedError.
 
     Returns:
         (total_q, H, D) tensor in q's dtype; differentiable with respect to q, k and v (and

@@ -8,9 +8,10 @@ Each backend with varlen kernels exposes two ops in the ``fastgpt`` namespace:
         cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale) -> (dq, dk, dv)
 
 q, out: (total_q, H, D); k, v: (total_k, Hkv, D); cu_seqlens_*: int32 (B + 1,); lse: (H, total_q)
-in float32 (float64 for float64 inputs). Today only the reference backend defines them (below);
-a compiled backend defines its two ops and calls register_varlen(backend) for the same fake
-implementations and autograd. To torch.compile each op is one opaque node with known output
+in float32 (float64 for float64 inputs). The reference and Triton backends define them here
+(the Triton ops around fastgpt.kernels.attention's varlen host functions); a compiled backend
+defines its two ops and calls register_varlen(backend) for the same fake implementations and
+autograd. To torch.compile each op is one opaque node with known output
 shapes (dynamic totals), and the profiler shows it as ``fastgpt::...``.
 """
 
@@ -106,6 +107,51 @@ def register_varlen(backend: str) -> None:
 register_varlen("reference")
 
 
+@torch.library.custom_op("fastgpt::triton_attention_varlen_forward", mutates_args=())
+def triton_attention_varlen_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    from fastgpt.kernels.attention import attention_varlen_forward
+
+    return attention_varlen_forward(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
+    )  # (total_q, H, D), (H, total_q) fp32: fresh contiguous tensors
+
+
+@torch.library.custom_op("fastgpt::triton_attention_varlen_backward", mutates_args=())
+def triton_attention_varlen_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from fastgpt.kernels.attention import attention_varlen_backward
+
+    return attention_varlen_backward(
+        grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+        max_seqlen_q, max_seqlen_k, causal, scale,
+    )  # fmt: skip
+
+
+register_varlen("triton")
+
+
 def varlen_forward_op(backend: str):
-    """The registered varlen forward op of a backend (today only "reference")."""
+    """The registered varlen forward op of a backend (see fastgpt.varlen.VARLEN_BACKENDS)."""
     return getattr(torch.ops.fastgpt, f"{backend}_attention_varlen_forward")

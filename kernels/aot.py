@@ -25,7 +25,8 @@ from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource
 
 FP32_ARGS = {"Lse", "Delta", "Acc", "M", "L", "DKp", "DVp"}
-TENSOR_ARGS = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", *FP32_ARGS}
+INT32_ARGS = {"CuQ", "CuK"}  # cu_seqlens of the varlen kernels (None constexprs when dense)
+TENSOR_ARGS = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", *FP32_ARGS, *INT32_ARGS}
 FLOAT_ARGS = {"qk_scale", "scale", "lse_scale"}
 INT32_TENSOR_ARGS = {"Seqlens", "Table"}  # the KV-cache kernel's lengths and block table
 ELEMENT_SIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
@@ -44,7 +45,8 @@ def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
             signature[name] = "*i32"
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in TENSOR_ARGS:
-            signature[name] = "*fp32" if name in FP32_ARGS else f"*{dtype}"
+            kind = "fp32" if name in FP32_ARGS else "i32" if name in INT32_ARGS else dtype
+            signature[name] = f"*{kind}"
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "i32"

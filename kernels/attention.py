@@ -6,6 +6,16 @@
 q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D); any strides with a contiguous last dim. Inputs arrive
 validated by fastgpt.attention; these functions trust them. out/dq/dk/dv are contiguous in the
 input dtype; lse is (B, H, Tq) float32, natural log, +inf for a row that sees no key.
+
+Packed variable-length sequences (the same kernels with IS_VARLEN; fastgpt.attention_varlen):
+
+    attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             causal, scale) -> (out, lse)
+    attention_varlen_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                              max_seqlen_q, max_seqlen_k, causal, scale) -> (dq, dk, dv)
+
+q/out: (total_q, H, D); k, v: (total_k, Hkv, D); cu_seqlens_*: int32 (B + 1,); lse: (H, total_q)
+float32. The grids cover max_seqlen_* rows per sequence; programs past a sequence's end exit.
 """
 
 import functools
@@ -39,7 +49,7 @@ if INTERPRET:
 # Autotune keys: head dim, causal, the GQA group and the lengths rounded up to a power of two (so
 # a new length in the same bucket reuses the tuned config). dK/dV adds its group split (the work
 # per program). Tensor dtypes are added by the autotuner itself.
-_KEY = ["HEAD_DIM", "CAUSAL", "GROUP", "TQ_BUCKET", "TK_BUCKET"]
+_KEY = ["HEAD_DIM", "CAUSAL", "GROUP", "TQ_BUCKET", "TK_BUCKET", "IS_VARLEN"]
 
 _fwd = triton.autotune(
     FWD_CONFIGS, key=[*_KEY, "USE_TMA"], prune_configs_by={"early_config_prune": prune_fwd}
@@ -110,7 +120,7 @@ def attention_forward(
         return (triton.cdiv(Tq, meta["BLOCK_M"]), H, B)
 
     _fwd[grid](
-        q, k, v, out, lse,
+        q, k, v, out, lse, None, None,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         H, H // Hkv, Tq, Tk, abs(scale) * LOG2E.value, abs(scale),
         _bucket(Tq), _bucket(Tk),
@@ -257,7 +267,7 @@ def attention_backward(
         return (triton.cdiv(Tk, meta["BLOCK_N"]), Hkv * splits, B)
 
     _dkdv[dkdv_grid](
-        q, k, v, grad_out, lse, delta, dk_out, dv_out,
+        q, k, v, grad_out, lse, delta, dk_out, dv_out, None, None,
         *strides, *dk_out.stride()[:3], *dv_out.stride()[:3],
         H, Hkv, group, splits, Tq, Tk, scale, *buckets, **common, SCORES_AS_FORWARD=INTERPRET,
         USE_TMA=tma_dkdv,
@@ -271,7 +281,7 @@ def attention_backward(
 
     tma_dq = _use_descriptors(use_tma, "dq", block_d, q, k, v, grad_out, dq)
     _dq[dq_grid](
-        q, k, v, grad_out, lse, delta, dq,
+        q, k, v, grad_out, lse, delta, dq, None, None,
         *strides, *dq.stride()[:3],
         H, H // Hkv, Tq, Tk, scale, *buckets, **common, USE_TMA=tma_dq,
     )  # fmt: skip
@@ -315,3 +325,159 @@ def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # the interpreter: a few splits, enough to exercise the merge
+
+
+# --- packed variable-length sequences (IS_VARLEN) ------------------------------------------------
+
+
+def _packed_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """The kernels' (batch, head, row) strides of a packed (total, heads, D) tensor: rows of
+    every sequence share one row stride, so the batch stride is unused (0)."""
+    return 0, t.stride(1), t.stride(0)
+
+
+def _check_grid(B: int) -> None:
+    if B > 65535:  # grid axis 2 (CUDA's limit); B (sequences) rides on it as in the dense grid
+        raise ValueError(f"Triton varlen attention takes at most 65535 sequences, got {B}.")
+
+
+def attention_varlen_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    scale: float,
+    use_tma: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward over packed sequences. q (total_q, H, D), k, v (total_k, Hkv, D); returns
+    out (total_q, H, D) in q.dtype and lse (H, total_q) fp32. use_tma as attention_forward's."""
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    total_q, H, D = q.shape
+    total_k, Hkv = k.shape[0], k.shape[1]
+    B = cu_seqlens_q.numel() - 1
+    out = torch.empty((total_q, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((H, total_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or max_seqlen_q == 0:
+        return out, lse
+    if total_k == 0 or max_seqlen_k == 0:  # no key anywhere: every row is empty
+        return out.zero_(), lse.fill_(math.inf)
+    _check_grid(B)
+    use_tma = _use_descriptors(use_tma, "fwd", _block_d(D), q, k, v, out)
+
+    def grid(meta):
+        return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), H, B)
+
+    _fwd[grid](
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+        *_packed_strides(q), *_packed_strides(k), *_packed_strides(v), *_packed_strides(out),
+        H, H // Hkv, total_q, total_k, abs(scale) * LOG2E.value, abs(scale),
+        _bucket(max_seqlen_q), _bucket(max_seqlen_k),
+        HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=bool(causal), SCALE_NEG=scale < 0,
+        DOT_PRECISION=_dot_precision(q.dtype), USE_TMA=use_tma, IS_VARLEN=True,
+    )  # fmt: skip
+    return out, lse
+
+
+def attention_varlen_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    scale: float,
+    dkdv_split: int | None = None,
+    use_tma: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused backward over packed sequences: dq (total_q, H, D), dk, dv (total_k, Hkv, D),
+    contiguous, input dtype. lse: (H, total_q). dkdv_split, use_tma as attention_backward's."""
+    grad_out, q, k, v, out = (last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    total_q, H, D = q.shape
+    total_k, Hkv = k.shape[0], k.shape[1]
+    B = cu_seqlens_q.numel() - 1
+    dq = torch.empty((total_q, H, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((total_k, Hkv, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((total_k, Hkv, D), dtype=v.dtype, device=v.device)
+    if dq.numel() == 0 or dk.numel() == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    _check_grid(B)
+    lse = lse.to(torch.float32).contiguous()  # (H, total_q)
+    block_d = _block_d(D)
+    delta = _varlen_delta(out, grad_out, block_d)  # (H, total_q)
+
+    group = H // Hkv
+    splits = (
+        dkdv_splits(B, Hkv, group, max_seqlen_k, q.device) if dkdv_split is None else dkdv_split
+    )
+    if group % splits:
+        raise ValueError(
+            f"dkdv_split={splits} must divide the GQA group {group} (H={H}, Hkv={Hkv})"
+        )
+    dk_out, dv_out = _varlen_dkdv_targets(dk, dv, splits)
+    common = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal), IS_VARLEN=True)
+    common["DOT_PRECISION"] = _dot_precision(q.dtype)
+    strides = tuple(s for t in (q, k, v, grad_out) for s in _packed_strides(t))
+    tail = (scale, _bucket(max_seqlen_q), _bucket(max_seqlen_k))
+    tma_dkdv = _use_descriptors(use_tma, "dkdv", block_d, q, k, v, grad_out, dk_out, dv_out)
+
+    def dkdv_grid(meta):
+        return (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), Hkv * splits, B)
+
+    _dkdv[dkdv_grid](
+        q, k, v, grad_out, lse, delta, dk_out, dv_out, cu_seqlens_q, cu_seqlens_k,
+        *strides, *_packed_strides(dk_out), *_packed_strides(dv_out),
+        H, Hkv, group, splits, total_q, total_k, *tail, **common,
+        SCORES_AS_FORWARD=INTERPRET, USE_TMA=tma_dkdv,
+    )  # fmt: skip
+    if splits > 1:  # (total_k, Hkv * splits, D) partials -> (total_k, Hkv, D), in a fixed order
+        for out_, parts in ((dk, dk_out), (dv, dv_out)):
+            out_.copy_(functools.reduce(torch.add, parts.unflatten(1, (Hkv, splits)).unbind(2)))
+
+    def dq_grid(meta):
+        return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), H, B)
+
+    tma_dq = _use_descriptors(use_tma, "dq", block_d, q, k, v, grad_out, dq)
+    _dq[dq_grid](
+        q, k, v, grad_out, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
+        *strides, *_packed_strides(dq),
+        H, group, total_q, total_k, *tail, **common, USE_TMA=tma_dq,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+def _varlen_delta(out: torch.Tensor, grad_out: torch.Tensor, block_d: int) -> torch.Tensor:
+    """delta = rowsum(dO * O) as (H, total_q) fp32: the preprocess kernel over the packed rows
+    as one sequence (a row's delta does not depend on where its sequence starts)."""
+    total_q, H, D = out.shape
+    delta = torch.empty((H, total_q), dtype=torch.float32, device=out.device)
+    pre_block_m = 64 if INTERPRET else 128
+    bwd_preprocess_kernel[(triton.cdiv(total_q, pre_block_m), H, 1)](
+        out, grad_out, delta, *_packed_strides(out), *_packed_strides(grad_out), H, total_q,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_block_m,
+    )  # fmt: skip
+    return delta
+
+
+def _varlen_dkdv_targets(
+    dk: torch.Tensor, dv: torch.Tensor, splits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the varlen dK/dV pass writes: dk, dv themselves for one slice per KV head, else fp32
+    partials (total_k, Hkv * splits, D)."""
+    if splits == 1:
+        return dk, dv
+    total_k, Hkv, D = dk.shape
+    return tuple(
+        torch.empty((total_k, Hkv * splits, D), dtype=torch.float32, device=dk.device)
+        for _ in range(2)
+    )

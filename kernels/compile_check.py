@@ -48,12 +48,30 @@ TMA = {"USE_TMA": True}  # the sm_90 path of fwd, dK/dV and dQ: tiles through te
 # KV-cache kernel compiles paged with 16-key pages (a page per key) and is checked dense and
 # with pages holding whole tiles too.
 PATHS = {"kvcache": [{"PAGED": False, "PAGE_SIZE": 1}, {"PAGE_SIZE": 256}]}
+VARLEN = {"IS_VARLEN": True}  # packed sequences (cu_seqlens): the same configs autotune over
+VARLEN_KINDS = ("fwd", "dkdv", "dq")
 
 
 def cases(arch: int, dtypes=("bf16", "fp32")):
-    """Every (kernel, config) the autotuner of sm_<arch> may launch. 16-bit inputs: at every
-    head-dim bucket. fp32 (one small config, slow full-precision dots): at the largest head dim
-    of each table row group, where shared memory and registers peak."""
+    """Every (kernel, config) the autotuner of sm_<arch> may launch, dense and, for 16-bit inputs,
+    the varlen twin of each fwd / dK/dV / dQ case. 16-bit inputs: at every head-dim bucket. fp32
+    (one small config, slow full-precision dots; its varlen twins are left out to keep the cold
+    run short): at the largest head dim of each table row group, where shared memory and
+    registers peak."""
+    capability = (arch // 10, arch % 10)
+    limit = configs.SMEM_LIMIT[capability]
+    for case in dense_cases(arch, dtypes):
+        yield case
+        arch, kind, dtype, block_d, row, override = case
+        elem = aot.ELEMENT_SIZE[dtype]
+        if kind not in VARLEN_KINDS or elem != 2:
+            continue
+        if row in configs.select_rows(kind, capability, block_d, elem, limit, varlen=True):
+            yield arch, kind, dtype, block_d, row, {**(override or {}), **VARLEN}
+
+
+def dense_cases(arch: int, dtypes=("bf16", "fp32")):
+    """cases() without the varlen kernels."""
     capability = (arch // 10, arch % 10)
     limit = configs.SMEM_LIMIT[capability]
     for kind in TUNED:
@@ -84,6 +102,8 @@ VARIANTS = {
     "decode": [{"HEAD_DIM": 40}, {"SCALE_NEG": True}, {"GROUP": 1}],
     "kvcache": [{"HEAD_DIM": 40}, {"SCALE_NEG": True}, {"CAUSAL": False}, {"GROUP": 1, "Tq": 1}],
 }
+for _kind in VARLEN_KINDS:  # varlen: non-causal and a padded head dim
+    VARIANTS[_kind] += [{**VARLEN, "CAUSAL": False}, {**VARLEN, "HEAD_DIM": 40}]
 
 
 def variant_cases(arch: int, dtypes=("fp16",)):
@@ -95,11 +115,13 @@ def variant_cases(arch: int, dtypes=("fp16",)):
 
 
 def constexprs_of(kind: str, block_d: int, row: tuple[int, int, int, int], dtype: str) -> dict:
+    """The constexprs of a dense case (overrides go on top; IS_VARLEN takes CuQ / CuK out)."""
     block_m, block_n, _, _ = row
     base = {"HEAD_DIM": block_d, "BLOCK_D": block_d}
     precision = {"DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
-    if kind in ("fwd", "dkdv", "dq"):
-        tiles = {"CAUSAL": True, "BLOCK_M": block_m, "BLOCK_N": block_n}
+    if kind in VARLEN_KINDS:
+        tiles = {"CAUSAL": True, "BLOCK_M": block_m, "BLOCK_N": block_n, "IS_VARLEN": False}
+        tiles |= {"CuQ": None, "CuK": None}  # dense launches pass None: no parameter at all
         extra = {"fwd": {"SCALE_NEG": False, "USE_TMA": False}}
         extra |= {"dkdv": {"SCORES_AS_FORWARD": False, "USE_TMA": False}, "dq": {"USE_TMA": False}}
         return {**base, **precision, **tiles, **extra[kind]}
@@ -138,6 +160,8 @@ def _compile_case(arch, kind, dtype, block_d, row, override) -> dict:
     record = {}
     try:
         constexprs = {**constexprs_of(kind, block_d, row, dtype), **(override or {})}
+        if constexprs.get("IS_VARLEN"):  # cu_seqlens are real int32 pointers then
+            del constexprs["CuQ"], constexprs["CuK"]
         fn = FUNCTIONS[kind]
         compiled, log = aot.compile_with_log(fn, arch, dtype, constexprs, row[2], row[3])
         record["shared"] = compiled.metadata.shared

@@ -16,13 +16,14 @@ _HEADER = (
 
 def _row(r: dict) -> str:
     config = ", ".join(str(x) for x in r["config"])
+    kernel = r["kernel"] + (" varlen" if r.get("override", {}).get("IS_VARLEN") else "")
     if "error" in r:
-        head = f"| {r['kernel']} | sm_{r['arch']} | {r['dtype']} | {r['head_dim']} | {config} "
+        head = f"| {kernel} | sm_{r['arch']} | {r['dtype']} | {r['head_dim']} | {config} "
         return head + "| compile error |" + " |" * 6
     loops = " ; ".join(f"{loop['dots']} / {loop['exp2']}" for loop in r.get("loops", []))
     serialized = ", ".join(r["ptxas_warnings"]) if r["wgmma_serialized"] else "no"
     return (
-        f"| {r['kernel']} | sm_{r['arch']} | {r['dtype']} | {r['head_dim']} | {config} "
+        f"| {kernel} | sm_{r['arch']} | {r['dtype']} | {r['head_dim']} | {config} "
         f"| {r['shared']} | {r['registers']} | {r['spill_bytes']} | {serialized} | {r['mma']} "
         f"| {'yes' if r['tma'] else 'no'} | {loops} |"
     )

@@ -91,6 +91,16 @@ _KVCACHE = {
     },
 }
 
+# Rows whose varlen twin (IS_VARLEN) spills where the dense row does not: the sequence offsets and
+# lengths live in registers there, not in kernel parameters, and these rows were already at 255
+# registers (compile_check, bf16; spill bytes in the comments). The varlen autotune skips them.
+# {(kind, family, BLOCK_D): [rows]}
+VARLEN_SPILLS = {
+    ("dkdv", "hopper", 128): [(16, 128, 8, 2)],  # 56 B (pointer path; descriptors clean)
+    ("fwd", "ampere", 64): [(128, 64, 4, 3)],  # 8 B
+    ("dkdv", "ampere", 64): [(32, 64, 4, 3)],  # 12 B
+}
+
 # Largest BLOCK_D that takes the tensor-descriptor path on sm_90 (compile_check: the dQ D=256
 # tiles, 32 x 32 on mma.sync, spill 2-2.4 KB with descriptors and none without; dK/dV alike).
 TMA_MAX_BLOCK_D = {"fwd": 256, "dq": 128, "dkdv": 128}
@@ -142,16 +152,25 @@ def family(capability: tuple[int, int]) -> str:
 
 
 def select_rows(
-    kind: str, capability: tuple[int, int], block_d: int, elem: int, smem_limit: int
+    kind: str,
+    capability: tuple[int, int],
+    block_d: int,
+    elem: int,
+    smem_limit: int,
+    varlen: bool = False,
 ) -> list[tuple[int, int, int, int]]:
     """The configs autotune may try on one GPU for one padded head dim and element size.
 
     16-bit inputs on sm_80 / sm_90: the whole table row group (the compile test measures every
-    one). Other GPUs: the rows whose estimate fits their shared memory. fp32 inputs (a correctness
-    path: full-precision dots compile slowly) get a single small config.
+    one), less VARLEN_SPILLS for the varlen kernels. Other GPUs: the rows whose estimate fits
+    their shared memory. fp32 inputs (a correctness path: full-precision dots compile slowly) get
+    a single small config.
     """
     table = TABLES[kind][family(capability)]
     rows = next(group for dims, group in table.items() if block_d in dims)
+    if varlen:
+        spills = VARLEN_SPILLS.get((kind, family(capability), block_d), [])
+        rows = [r for r in rows if r not in spills]
     measured = SMEM_LIMIT.get(capability)
     if elem == 2 and measured is not None and smem_limit >= measured:
         return rows
@@ -182,7 +201,8 @@ def _make_prune(kind: str, tensor_arg: str):
         args = {**named_args, **kwargs}
         t = args[tensor_arg]
         capability, limit = _device_limits(t)
-        rows = select_rows(kind, capability, args["BLOCK_D"], t.element_size(), limit)
+        varlen = bool(args.get("IS_VARLEN", False))
+        rows = select_rows(kind, capability, args["BLOCK_D"], t.element_size(), limit, varlen)
         make = _decode_config if kind == "decode" else _config
         return [make(r) for r in rows]
 

@@ -15,12 +15,25 @@ Three passes, no atomics (deterministic by construction):
      in a fixed order;
   3. dQ: one program per query tile, looping over the key tiles it sees.
 Both loops skip tiles the causal mask hides and mask only the diagonal / ragged tiles.
+
+IS_VARLEN (constexpr): packed sequences, as in the forward (flash_fwd.py). Programs read their
+sequence's rows from CuQ / CuK and exit past its end; lse and delta are (H, total_q). The
+preprocess pass needs no switch: it runs over the packed rows as one sequence.
 """
 
 import triton
 import triton.language as tl
 
-from .flash_fwd import LOG2E, head_base_offset, load_tile, tile_descriptor
+from .flash_fwd import (
+    LOG2E,
+    head_base_offset,
+    load_tile,
+    query_program,
+    row_base_offset,
+    sequence_span,
+    stats_offset,
+    tile_descriptor,
+)
 
 
 @triton.jit
@@ -140,23 +153,26 @@ def dkdv_tiles(
 @triton.jit
 def bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV,
+    CuQ, CuK,  # IS_VARLEN: int32 cu_seqlens (B + 1,) of q and k; None for a dense batch
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    H, H_KV, GROUP, SPLITS, Tq, Tk, scale,
+    H, H_KV, GROUP, SPLITS, Tq, Tk, scale,  # IS_VARLEN: Tq, Tk are total_q, total_k
     TQ_BUCKET, TK_BUCKET,  # autotune keys only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SCORES_AS_FORWARD: tl.constexpr, USE_TMA: tl.constexpr = False,
+    IS_VARLEN: tl.constexpr = False,
 ):  # fmt: skip
     # USE_TMA: K/V/Q/dO loads and the dK/dV stores through tensor descriptors, as in the forward.
-    # Grid: (cdiv(Tk, BLOCK_N), H_KV * SPLITS, B). Early key tiles see the most queries under the
-    # causal mask, so they are launched first. Program (n, h_out, b) covers the query heads
-    # [split * per_split, (split + 1) * per_split) of KV head h_kv's group and writes head h_out
-    # of DK / DV: the result itself when SPLITS = 1, else an fp32 partial (B, H_KV * SPLITS, ...).
+    # Grid: (cdiv(Tk, BLOCK_N), H_KV * SPLITS, B) (IS_VARLEN: Tk = max_seqlen_k). Early key tiles
+    # see the most queries under the causal mask, so they are launched first. Program
+    # (n, h_out, b) covers the query heads [split * per_split, (split + 1) * per_split) of KV
+    # head h_kv's group and writes head h_out of DK / DV: the result itself when SPLITS = 1,
+    # else an fp32 partial (B, H_KV * SPLITS, ...).
     pid_n = tl.program_id(0)
     h_out = tl.program_id(1)
     b = tl.program_id(2)
@@ -164,12 +180,20 @@ def bwd_dkdv_kernel(
     per_split = GROUP // SPLITS
     first_head = h_kv * GROUP + h_out % SPLITS * per_split
     start_n = pid_n * BLOCK_N
+    total_q = Tq  # IS_VARLEN: the packed total (lse's row length); Tq, Tk become sequence b's
+    if IS_VARLEN:
+        q_start, Tq = sequence_span(CuQ, b)
+        k_start, Tk = sequence_span(CuK, b)
+        if start_n >= Tk:  # past the end of this sequence
+            return
+    else:
+        q_start, k_start = 0, 0
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
 
-    k_base = K + head_base_offset(b, h_kv, stride_kb, stride_kh)
-    v_base = V + head_base_offset(b, h_kv, stride_vb, stride_vh)
+    k_base = K + row_base_offset(b, h_kv, k_start, stride_kb, stride_kh, stride_kn, IS_VARLEN)
+    v_base = V + row_base_offset(b, h_kv, k_start, stride_vb, stride_vh, stride_vn, IS_VARLEN)
     k = load_rows(
         k_base, start_n, Tk, stride_kn, offs_n, offs_d, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA
     )
@@ -200,9 +224,9 @@ def bwd_dkdv_kernel(
     for g in range(0, per_split):
         # The query heads of this slice in a fixed order: deterministic, no atomics.
         h = first_head + g
-        bh = b * H + h
-        q_base = Q + head_base_offset(b, h, stride_qb, stride_qh)
-        do_base = DO + head_base_offset(b, h, stride_dob, stride_doh)
+        bh = h if IS_VARLEN else b * H + h  # lse, delta: (H, total_q) packed, (B, H, Tq) dense
+        q_base = Q + row_base_offset(b, h, q_start, stride_qb, stride_qh, stride_qm, IS_VARLEN)
+        do_base = DO + row_base_offset(b, h, q_start, stride_dob, stride_doh, stride_dom, IS_VARLEN)
         if USE_TMA:
             q_src = tile_descriptor(q_base, Tq, HEAD_DIM, stride_qm, BLOCK_M, BLOCK_D)
             do_src = tile_descriptor(do_base, Tq, HEAD_DIM, stride_dom, BLOCK_M, BLOCK_D)
@@ -211,8 +235,8 @@ def bwd_dkdv_kernel(
             q_src += offs_m[:, None] * stride_qm + offs_d[None, :]
             do_src = do_base + m_lo.to(tl.int64) * stride_dom
             do_src += offs_m[:, None] * stride_dom + offs_d[None, :]
-        lse_ptr = Lse + bh.to(tl.int64) * Tq
-        delta_ptr = Delta + bh.to(tl.int64) * Tq
+        lse_ptr = Lse + stats_offset(bh, total_q, q_start, IS_VARLEN)
+        delta_ptr = Delta + stats_offset(bh, total_q, q_start, IS_VARLEN)
         dk, dv, q_src, do_src = dkdv_tiles(
             dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qm, stride_dom,
             offs_n, offs_m, offs_d, m_lo, m_full, Tq, HEAD_DIM, causal_shift, scale,
@@ -230,9 +254,9 @@ def bwd_dkdv_kernel(
         )  # fmt: skip
 
     dk = (dk * scale).to(DK.dtype.element_ty)
-    dk_base = DK + head_base_offset(b, h_out, stride_dkb, stride_dkh)
+    dk_base = DK + row_base_offset(b, h_out, k_start, stride_dkb, stride_dkh, stride_dkn, IS_VARLEN)
     store_rows(dk_base, dk, start_n, Tk, stride_dkn, offs_n, offs_d, HEAD_DIM, BLOCK_N, USE_TMA)
-    dv_base = DV + head_base_offset(b, h_out, stride_dvb, stride_dvh)
+    dv_base = DV + row_base_offset(b, h_out, k_start, stride_dvb, stride_dvh, stride_dvn, IS_VARLEN)
     dv = dv.to(DV.dtype.element_ty)
     store_rows(dv_base, dv, start_n, Tk, stride_dvn, offs_n, offs_d, HEAD_DIM, BLOCK_N, USE_TMA)
 
@@ -276,32 +300,35 @@ def dq_tiles(
 @triton.jit
 def bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ,
+    CuQ, CuK,  # IS_VARLEN: int32 cu_seqlens (B + 1,) of q and k; None for a dense batch
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
-    H, GROUP, Tq, Tk, scale,
+    H, GROUP, Tq, Tk, scale,  # IS_VARLEN: Tq, Tk are total_q, total_k
     TQ_BUCKET, TK_BUCKET,  # autotune keys only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False, IS_VARLEN: tl.constexpr = False,
 ):  # fmt: skip
-    # Grid: (cdiv(Tq, BLOCK_M), H, B), diagonal-heavy (late) query tiles first under causal.
+    # Grid: (cdiv(Tq, BLOCK_M), H, B), IS_VARLEN: Tq = max_seqlen_q (query_program, as forward).
     # USE_TMA: Q/dO/K/V loads and the dQ store through tensor descriptors, as in the forward.
-    n_m_blocks = tl.cdiv(Tq, BLOCK_M)
-    pid_m = n_m_blocks - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    pid_bh = b * H + h
+    total_q = Tq  # IS_VARLEN: the packed total (lse's row length); Tq, Tk become sequence b's
+    pid_m, h, b, pid_bh, q_start, k_start, Tq, Tk = query_program(
+        CuQ, CuK, H, Tq, Tk, BLOCK_M, CAUSAL, IS_VARLEN
+    )
     h_kv = h // GROUP
     start_m = pid_m * BLOCK_M
+    if IS_VARLEN:  # noqa: SIM102 (Triton folds the constexpr test alone, not `and` with a tensor)
+        if start_m >= Tq:  # past the end of this sequence
+            return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
-    q_base = Q + head_base_offset(b, h, stride_qb, stride_qh)
-    do_base = DO + head_base_offset(b, h, stride_dob, stride_doh)
+    q_base = Q + row_base_offset(b, h, q_start, stride_qb, stride_qh, stride_qm, IS_VARLEN)
+    do_base = DO + row_base_offset(b, h, q_start, stride_dob, stride_doh, stride_dom, IS_VARLEN)
     if USE_TMA:
         q = tile_descriptor(q_base, Tq, HEAD_DIM, stride_qm, BLOCK_M, BLOCK_D).load([start_m, 0])
         do = tile_descriptor(do_base, Tq, HEAD_DIM, stride_dom, BLOCK_M, BLOCK_D).load([start_m, 0])
@@ -310,7 +337,7 @@ def bwd_dq_kernel(
         do_ptrs = do_base + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :]
         q = load_tile(q_ptrs, offs_m, offs_d, Tq, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
         do = load_tile(do_ptrs, offs_m, offs_d, Tq, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
-    row_ptr = pid_bh.to(tl.int64) * Tq + offs_m
+    row_ptr = stats_offset(pid_bh, total_q, q_start, IS_VARLEN) + offs_m
     lse = tl.load(Lse + row_ptr, mask=offs_m < Tq, other=float("inf"))
     delta = tl.load(Delta + row_ptr, mask=offs_m < Tq, other=0.0)
 
@@ -326,8 +353,8 @@ def bwd_dq_kernel(
         n_end = Tk
     n_full = tl.minimum(n_full, n_end)
 
-    k_base = K + head_base_offset(b, h_kv, stride_kb, stride_kh)
-    v_base = V + head_base_offset(b, h_kv, stride_vb, stride_vh)
+    k_base = K + row_base_offset(b, h_kv, k_start, stride_kb, stride_kh, stride_kn, IS_VARLEN)
+    v_base = V + row_base_offset(b, h_kv, k_start, stride_vb, stride_vh, stride_vn, IS_VARLEN)
     if USE_TMA:
         k_src = tile_descriptor(k_base, Tk, HEAD_DIM, stride_kn, BLOCK_N, BLOCK_D)
         v_src = tile_descriptor(v_base, Tk, HEAD_DIM, stride_vn, BLOCK_N, BLOCK_D)
@@ -347,7 +374,7 @@ def bwd_dq_kernel(
     )  # fmt: skip
 
     dq *= scale
-    dq_base = DQ + head_base_offset(b, h, stride_dqb, stride_dqh)
+    dq_base = DQ + row_base_offset(b, h, q_start, stride_dqb, stride_dqh, stride_dqm, IS_VARLEN)
     if USE_TMA:  # rows past Tq and columns past HEAD_DIM are not written
         dq_desc = tile_descriptor(dq_base, Tq, HEAD_DIM, stride_dqm, BLOCK_M, BLOCK_D)
         dq_desc.store([start_m, 0], dq.to(DQ.dtype.element_ty))

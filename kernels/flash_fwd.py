@@ -11,6 +11,12 @@ Causal (bottom-right: query i sees key j <= i + Tk - Tq) splits the key range of
 tiles every row of the program sees in full run without a mask, the tiles on the diagonal (and a
 ragged last tile) run with one. Tiles no row sees are never visited.
 
+Packed variable-length sequences (IS_VARLEN, constexpr): q (total_q, H, D) and k, v (total_k, Hkv,
+D) hold B sequences one after another; program (m, h, b) reads sequence b's first row and length
+from CuQ / CuK (int32 cu_seqlens, (B + 1,)) and exits when its query tile starts past the end.
+Everything after that is the dense program on a (Tq_b, Tk_b) slice; off, the kernel compiles to
+the dense code (CuQ / CuK are None there).
+
 Two load paths (USE_TMA, constexpr): pointer loads (any GPU, any stride) or, on sm_90 with
 16-byte-aligned bases and strides, tensor descriptors for Q/K/V and the O store, which pad
 out-of-bounds rows and columns themselves.
@@ -28,6 +34,66 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 def head_base_offset(b, h, stride_b, stride_h):
     """Element offset of the (b, h) slice in int64: B * H * T * D may pass 2**31."""
     return b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def row_base_offset(b, h, start, stride_b, stride_h, stride_row, IS_VARLEN: tl.constexpr):
+    """Element offset of head h of sequence b, in int64: the (b, h) slice of a dense batch, or the
+    rows from `start` of a packed (total, heads, D) tensor."""
+    if IS_VARLEN:
+        return start.to(tl.int64) * stride_row + h.to(tl.int64) * stride_h
+    else:
+        return head_base_offset(b, h, stride_b, stride_h)
+
+
+@triton.jit
+def stats_offset(pid_bh, n_rows, start, IS_VARLEN: tl.constexpr):
+    """Offset (int64) of the first lse / delta entry of one (sequence, head): row pid_bh = b * H + h
+    of (B, H, Tq) for a dense batch (n_rows = Tq), or from `start` (the sequence's first row) in
+    row pid_bh = h of (H, total_q) for packed sequences (n_rows = total_q)."""
+    if IS_VARLEN:
+        return pid_bh.to(tl.int64) * n_rows + start
+    else:
+        return pid_bh.to(tl.int64) * n_rows
+
+
+@triton.jit
+def sequence_span(Cu, b):
+    """(first row, length) of sequence b of a packed batch, from its cu_seqlens Cu (B + 1,)."""
+    start = tl.load(Cu + b)
+    return start, tl.load(Cu + b + 1) - start
+
+
+@triton.jit
+def query_program(
+    CuQ, CuK, H, Tq, Tk,
+    BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
+):  # fmt: skip
+    """Which query tile, head and sequence this program of the forward / dQ grid owns:
+    (pid_m, h, b, pid_bh, q_start, k_start, Tq, Tk).
+
+    Grid (cdiv(Tq, BLOCK_M), H, B), with Tq = max_seqlen_q for packed sequences. Under causal the
+    diagonal-heavy (late) query tiles come first, so the longest programs start early and the
+    short ones fill the tail; programs of one head run together (K/V in L2). pid_bh is the
+    lse / delta row (stats_offset). Packed: q_start, k_start are sequence b's first rows and
+    Tq, Tk its lengths; dense: 0, 0 and the lengths given.
+    """
+    if IS_VARLEN:
+        h = tl.program_id(1)
+        b = tl.program_id(2)
+        pid_bh = h  # lse: (H, total_q)
+        q_start, Tq = sequence_span(CuQ, b)
+        k_start, Tk = sequence_span(CuK, b)
+        n_m_blocks = tl.num_programs(0)
+        pid_m = n_m_blocks - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    else:
+        n_m_blocks = tl.cdiv(Tq, BLOCK_M)
+        pid_m = n_m_blocks - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+        h = tl.program_id(1)
+        b = tl.program_id(2)
+        pid_bh = b * H + h  # lse: (B, H, Tq)
+        q_start, k_start = 0, 0
+    return pid_m, h, b, pid_bh, q_start, k_start, Tq, Tk
 
 
 @triton.jit
@@ -125,37 +191,40 @@ def fwd_tiles(
 @triton.jit
 def attn_fwd_kernel(
     Q, K, V, Out, Lse,
+    CuQ, CuK,  # IS_VARLEN: int32 cu_seqlens (B + 1,) of q and k; None for a dense batch
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
-    H, GROUP, Tq, Tk,
+    H, GROUP, Tq, Tk,  # lengths; IS_VARLEN: the packed totals total_q, total_k
     qk_scale,  # |scale| * log2(e)
     scale,  # |scale|
     TQ_BUCKET, TK_BUCKET,  # autotune keys only (lengths rounded up to a power of two)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     SCALE_NEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr = False,
+    IS_VARLEN: tl.constexpr = False,
 ):  # fmt: skip
     # USE_TMA: Q/K/V loads and the O store through tensor descriptors (sm_90 TMA); the host asks
     # for it only when every base and row stride is 16-byte aligned.
-    # Grid: (cdiv(Tq, BLOCK_M), H, B). Diagonal-heavy query blocks first, so the longest programs
-    # start early and the short ones fill the tail; programs of one head run together (K/V in L2).
-    n_m_blocks = tl.cdiv(Tq, BLOCK_M)
-    pid_m = n_m_blocks - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    pid_bh = b * H + h
+    # Grid: (cdiv(Tq, BLOCK_M), H, B), IS_VARLEN: Tq = max_seqlen_q (query_program).
+    total_q = Tq  # IS_VARLEN: the packed total (lse's row length); Tq, Tk become sequence b's
+    pid_m, h, b, pid_bh, q_start, k_start, Tq, Tk = query_program(
+        CuQ, CuK, H, Tq, Tk, BLOCK_M, CAUSAL, IS_VARLEN
+    )
     h_kv = h // GROUP  # GQA: index mapping, never a copy of K/V
 
     start_m = pid_m * BLOCK_M
+    if IS_VARLEN:  # noqa: SIM102 (Triton folds the constexpr test alone, not `and` with a tensor)
+        if start_m >= Tq:  # past the end of this sequence
+            return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
-    q_base = Q + head_base_offset(b, h, stride_qb, stride_qh)
-    k_base = K + head_base_offset(b, h_kv, stride_kb, stride_kh)
-    v_base = V + head_base_offset(b, h_kv, stride_vb, stride_vh)
+    q_base = Q + row_base_offset(b, h, q_start, stride_qb, stride_qh, stride_qm, IS_VARLEN)
+    k_base = K + row_base_offset(b, h_kv, k_start, stride_kb, stride_kh, stride_kn, IS_VARLEN)
+    v_base = V + row_base_offset(b, h_kv, k_start, stride_vb, stride_vh, stride_vn, IS_VARLEN)
     if USE_TMA:
         q = tile_descriptor(q_base, Tq, HEAD_DIM, stride_qm, BLOCK_M, BLOCK_D).load([start_m, 0])
     else:
@@ -203,7 +272,7 @@ def attn_fwd_kernel(
     lse = natural_lse(tl.where(empty, 0.0, m_i), l_i, qk_scale, scale)
     lse = tl.where(empty, float("inf"), lse)
 
-    o_base = Out + head_base_offset(b, h, stride_ob, stride_oh)
+    o_base = Out + row_base_offset(b, h, q_start, stride_ob, stride_oh, stride_om, IS_VARLEN)
     if USE_TMA:  # rows past Tq and columns past HEAD_DIM are not written
         o_desc = tile_descriptor(o_base, Tq, HEAD_DIM, stride_om, BLOCK_M, BLOCK_D)
         o_desc.store([start_m, 0], out.to(Out.dtype.element_ty))
@@ -211,5 +280,5 @@ def attn_fwd_kernel(
         o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :]
         mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask)
-    lse_ptrs = Lse + pid_bh.to(tl.int64) * Tq + offs_m
+    lse_ptrs = Lse + stats_offset(pid_bh, total_q, q_start, IS_VARLEN) + offs_m
     tl.store(lse_ptrs, lse, mask=offs_m < Tq)

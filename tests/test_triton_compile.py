@@ -9,7 +9,8 @@ The compile runs in a subprocess without TRITON_INTERPRET (conftest.py switches 
 for this process, which replaces @triton.jit functions).
 
 One more test compiles the code paths the table does not take (non-causal, padded head dim,
-negative scale, lengths Triton specialises to 1) with one config each.
+negative scale, lengths Triton specialises to 1; varlen non-causal and padded) with one config
+each. The table covers the varlen kernels (IS_VARLEN) at every 16-bit config, as the dense ones.
 
 16-bit configs are what autotune tries on these GPUs, at every head-dim bucket (fp16 and bf16
 compile to the same tiles, so bf16 stands for both here; compile_check --dtype fp16 checks fp16).
@@ -28,7 +29,13 @@ import pytest
 pytest.importorskip("triton")
 
 from fastgpt.kernels import configs  # noqa: E402
-from fastgpt.kernels.compile_check import TUNED, VARIANTS, cases, problems  # noqa: E402
+from fastgpt.kernels.compile_check import (  # noqa: E402
+    TUNED,
+    VARIANTS,
+    VARLEN_KINDS,
+    cases,
+    problems,
+)
 
 
 def compile_all(arch: int, dtype: str, *flags: str) -> list[dict]:
@@ -107,6 +114,25 @@ def test_cases_cover_what_autotune_may_launch():
             for block_d in (16, 32, 64, 128, 256):
                 for row in configs.select_rows(kind, capability, block_d, 2, limit):
                     assert (kind, block_d, row) in measured, (arch, kind, block_d, row)
+
+
+def test_cases_cover_the_varlen_kernels():
+    # Every 16-bit config the varlen autotune may pick (the table less configs.VARLEN_SPILLS) is
+    # measured with IS_VARLEN, on sm_90 on the descriptor path too (up to TMA_MAX_BLOCK_D).
+    for arch in (80, 90):
+        capability = (arch // 10, arch % 10)
+        limit = configs.SMEM_LIMIT[capability]
+        measured = {
+            (k, d, tuple(r), (o or {}).get("USE_TMA", False))
+            for _, k, _, d, r, o in cases(arch, ("bf16",))
+            if (o or {}).get("IS_VARLEN")
+        }
+        for kind in VARLEN_KINDS:
+            for block_d in (16, 32, 64, 128, 256):
+                paths = [False] + [True] * (arch >= 90 and block_d <= configs.TMA_MAX_BLOCK_D[kind])
+                for row in configs.select_rows(kind, capability, block_d, 2, limit, varlen=True):
+                    for tma in paths:
+                        assert (kind, block_d, row, tma) in measured, (arch, kind, block_d, row)
 
 
 PTXAS_LOG = """\
