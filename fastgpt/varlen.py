@@ -29,8 +29,8 @@ from torch import Tensor
 from fastgpt import varlen_ops
 from fastgpt.attention import debug, last_dim_contiguous, select_backend, validate
 
-# Backends with variable-length kernels; the Triton and C++ varlen kernels are pending.
-VARLEN_BACKENDS = ("reference",)
+# Backends with variable-length kernels; the Triton varlen kernels are pending.
+VARLEN_BACKENDS = ("reference", "cpp")
 
 
 def select_varlen_backend(device: torch.device, requested: str | None = None) -> tuple[str, str]:

@@ -17,7 +17,7 @@ shapes (dynamic totals), and the profiler shows it as ``fastgpt::...``.
 import torch
 from torch import Tensor
 
-from fastgpt import reference
+from fastgpt import _extension, reference
 from fastgpt.ops import refuse_double_backward
 from fastgpt.reference import accumulate_dtype
 
@@ -104,8 +104,10 @@ def register_varlen(backend: str) -> None:
 
 
 register_varlen("reference")
+if _extension.cpp_available():
+    register_varlen("cpp")  # its two ops are defined by the C++ extension (csrc/attention.cpp)
 
 
 def varlen_forward_op(backend: str):
-    """The registered varlen forward op of a backend (today only "reference")."""
+    """The registered varlen forward op of a backend in fastgpt.varlen.VARLEN_BACKENDS."""
     return getattr(torch.ops.fastgpt, f"{backend}_attention_varlen_forward")
