@@ -35,11 +35,15 @@ MIXES = {
     "tq!=tk": ([97, 0, 17, 257, 1, 40], [257, 5, 3, 97, 0, 40]),
 }
 HEADS = [(4, 4), (4, 2), (4, 1)]  # MHA, GQA, MQA
+# The CPU kernel everywhere; the CUDA one where a GPU and a CUDA build of the extension exist.
+DEVICES = ["cpu"] + (
+    ["cuda"] if torch.cuda.is_available() and _extension.cpp_supports("cuda") else []
+)
 
 
-def cpp_call(lens_q, lens_k, causal, scale=None):
+def cpp_call(lens_q, lens_k, causal, scale=None, device="cpu"):
     """fn(q, k, v) running fastgpt.attention_varlen on the cpp backend."""
-    cu_q, cu_k = cu_seqlens(lens_q, "cpu"), cu_seqlens(lens_k, "cpu")
+    cu_q, cu_k = cu_seqlens(lens_q, device), cu_seqlens(lens_k, device)
     max_q, max_k = max(lens_q), max(lens_k)
 
     def fn(q, k, v):
@@ -50,40 +54,43 @@ def cpp_call(lens_q, lens_k, causal, scale=None):
     return fn
 
 
-def draw(lens_q, lens_k, heads, kv_heads, D, dtype=torch.float32, seed=0):
-    return random_varlen(lens_q, lens_k, heads, kv_heads, D, dtype, seed=seed, device="cpu")
+def draw(lens_q, lens_k, heads, kv_heads, D, dtype=torch.float32, seed=0, device="cpu"):
+    return random_varlen(lens_q, lens_k, heads, kv_heads, D, dtype, seed=seed, device=device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mix", MIXES)
 @pytest.mark.parametrize("heads,kv_heads", HEADS, ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("D", [64, 24])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_float32_matches_float64_oracle(mix, heads, kv_heads, D, causal):
+def test_float32_matches_float64_oracle(device, mix, heads, kv_heads, D, causal):
     lens_q, lens_k = MIXES[mix]
-    q, k, v, grad_out = draw(lens_q, lens_k, heads, kv_heads, D)
-    fn = cpp_call(lens_q, lens_k, causal)
+    q, k, v, grad_out = draw(lens_q, lens_k, heads, kv_heads, D, device=device)
+    fn = cpp_call(lens_q, lens_k, causal, device=device)
     check_varlen_against_float64(fn, [q, k, v], grad_out, lens_q, lens_k, causal, what=mix)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("D", [64, 24])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_half_precisions_match_float64_oracle(dtype, D, causal):
+def test_half_precisions_match_float64_oracle(device, dtype, D, causal):
     lens_q, lens_k = MIXES["tq!=tk"]
-    q, k, v, grad_out = draw(lens_q, lens_k, 4, 2, D, dtype, seed=1)
-    fn = cpp_call(lens_q, lens_k, causal, scale=0.2)
+    q, k, v, grad_out = draw(lens_q, lens_k, 4, 2, D, dtype, seed=1, device=device)
+    fn = cpp_call(lens_q, lens_k, causal, scale=0.2, device=device)
     check_varlen_against_float64(fn, [q, k, v], grad_out, lens_q, lens_k, causal, scale=0.2)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mix", MIXES)
 @pytest.mark.parametrize("D", [64, 24])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_float64_output_lse_and_grads_equal_oracle(mix, D, causal):
+def test_float64_output_lse_and_grads_equal_oracle(device, mix, D, causal):
     """In float64 the op and the oracle agree to rounding: out, lse (+inf exactly where a
     causal query sees no key), dq, dk, dv."""
     lens_q, lens_k = MIXES[mix]
-    q, k, v, grad_out = draw(lens_q, lens_k, 6, 2, D, torch.float64, seed=2)
-    cu_q, cu_k = cu_seqlens(lens_q, "cpu"), cu_seqlens(lens_k, "cpu")
+    q, k, v, grad_out = draw(lens_q, lens_k, 6, 2, D, torch.float64, seed=2, device=device)
+    cu_q, cu_k = cu_seqlens(lens_q, device), cu_seqlens(lens_k, device)
     args = (cu_q, cu_k, max(lens_q), max(lens_k), causal, 0.3)
     out, lse = forward_op(q, k, v, *args)
     grads = backward_op(grad_out, q, k, v, out, lse, *args)
