@@ -197,9 +197,9 @@ def attention_varlen(
         causal: mask aligned bottom-right within each sequence: query i of sequence b sees its
             keys j <= i + (Tk_b - Tq_b). A query that sees no key outputs zeros.
         scale: multiplies q.k; defaults to 1 / sqrt(D); must be finite.
-        backend: as fastgpt.attention's; today only "reference" has varlen kernels: an automatic
-            pick of another backend runs on the reference (FASTGPT_DEBUG=1 says so), an explicit
-            "triton" or "cpp" raises NotImplementedError.
+        backend: as fastgpt.attention's. Varlen kernels: "cpp" (CPU and CUDA, the C++
+            extension) and "reference"; an automatic pick of "triton" runs on the reference
+            (FASTGPT_DEBUG=1 says so), an explicit "triton" raises NotImplementedError.
 
     Returns:
         (total_q, H, D) tensor in q's dtype; differentiable with respect to q, k and v.
