@@ -107,9 +107,9 @@ struct Shape {
 struct Batch {
   int64_t B, H, Hkv, D;
   bool causal;
-  int64_t Tq = 0, Tk = 0;               // dense lengths
-  const int32_t* cu_q = nullptr;        // packed: query rows of sequence b are cu_q[b] ..
-  const int32_t* cu_k = nullptr;        // packed: key rows of sequence b are cu_k[b] ..
+  int64_t Tq = 0, Tk = 0;         // dense: every sequence's lengths
+  const int32_t* cu_q = nullptr;  // packed: query rows of sequence b are cu_q[b] ..
+  const int32_t* cu_k = nullptr;  // packed: key rows of sequence b are cu_k[b] ..
   Shape seq(int64_t b) const {
     if (cu_q == nullptr) return {H, Hkv, D, causal, b, 0, 0, Tq, Tk};
     return {H, Hkv, D, causal, b, cu_q[b], cu_k[b], cu_q[b + 1] - cu_q[b], cu_k[b + 1] - cu_k[b]};
@@ -354,7 +354,8 @@ void backward_tile(const Shape& s, T scale, const Grads<T>& g, int64_t h, int64_
   }
   // dV += P^T dO, dP = dO V^T, dS = P * (dP - delta), dQ += scale dS K, dK += scale dS^T Q
   const TileA<T> Pt{S, 1, BK}, dS{dP, BK, 1}, dSt{dP, 1, BK};  // P^T, dS, dS^T
-  if (want_dkdv) tile_gemm<T>(cols, D, rows, T(1), Pt, rows_of(x.dout, g.dout.st), x.dv, g.dv.st, true);
+  if (want_dkdv)
+    tile_gemm<T>(cols, D, rows, T(1), Pt, rows_of(x.dout, g.dout.st), x.dv, g.dv.st, true);
   tile_gemm<T>(rows, cols, D, T(1), {x.dout, g.dout.st, 1}, panels(w.vpack, D), dP, BK, false);
   for (int64_t r = 0; r < rows; ++r) softmax_grad_row(dP + r * BK, S + r * BK, cols, x.delta[r]);
   if (want_dq) tile_gemm<T>(rows, D, cols, scale, dS, rows_of(x.k, g.k.st), x.dq, g.dq.st, true);
