@@ -146,18 +146,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
 
 // The cu_seqlens values are not read on the host (that would synchronise): fastgpt.varlen
 // validates them, and grids span max_seqlen_q / max_seqlen_k, which must bound every length.
+void check_max_seqlens(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_q,
+                       int64_t max_q, int64_t max_k) {
+  const bool q_ok = q.size(0) == 0 || (max_q > 0 && cu_q.numel() > 1);
+  TORCH_CHECK_VALUE(q_ok && (k.size(0) == 0 || max_k > 0),
+                    "fastgpt varlen attention expects max_seqlen_q and max_seqlen_k >= the longest "
+                    "sequence, got ",
+                    max_q, " and ", max_k, " for q ", q.sizes(), " and k ", k.sizes(), ".");
+}
 std::tuple<at::Tensor, at::Tensor> varlen_forward_cuda(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& cu_q_,
     const at::Tensor& cu_k_, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
     double scale) {
   check_varlen(q_, k_, v_, cu_q_, cu_k_);
+  check_max_seqlens(q_, k_, cu_q_, max_seqlen_q, max_seqlen_k);
   const c10::cuda::CUDAGuard guard(q_.device());
   const auto q = rows_usable(q_, 0), k = rows_usable(k_, 0), v = rows_usable(v_, 0);
   const auto cu_q = cu_q_.contiguous(), cu_k = cu_k_.contiguous();
   const int64_t total_q = q.size(0), H = q.size(1), D = q.size(2);
   auto out = at::empty({total_q, H, D}, q.options());                  // (total_q, H, D)
   auto lse = at::empty({H, total_q}, q.options().dtype(lse_type(q)));  // (H, total_q)
-  if (out.numel() == 0 || max_seqlen_q <= 0 || cu_q.numel() <= 1) return {out, lse};
+  if (out.numel() == 0) return {out, lse};
   const Seqs seqs{&cu_q, &cu_k, max_seqlen_q, max_seqlen_k};
   DISPATCH(q.scalar_type(), run_forward, q, k, v, out, lse, seqs, causal, scale);
   return {out, lse};
@@ -170,6 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cuda(
     double scale) {
   check_varlen(q_, k_, v_, cu_q_, cu_k_);
   check_varlen_backward(grad_out_, q_, out_, lse_);
+  check_max_seqlens(q_, k_, cu_q_, max_seqlen_q, max_seqlen_k);
   const c10::cuda::CUDAGuard guard(q_.device());
   const auto q = rows_usable(q_, 0), k = rows_usable(k_, 0), v = rows_usable(v_, 0);
   const auto dout = rows_usable(grad_out_, 0), out = rows_usable(out_, 0);
@@ -177,8 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cuda(
   auto dq = at::empty(q.sizes(), q.options());  // (total_q, H, D)
   auto dk = at::empty(k.sizes(), k.options());  // (total_k, Hkv, D)
   auto dv = at::empty(v.sizes(), v.options());  // (total_k, Hkv, D)
-  if (dq.numel() == 0 || dk.numel() == 0 || max_seqlen_q <= 0 || max_seqlen_k <= 0)
-    return {dq.zero_(), dk.zero_(), dv.zero_()};
+  if (dq.numel() == 0 || dk.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
   auto delta = at::empty(lse.sizes(), lse.options());  // (H, total_q)
   const Seqs seqs{&cu_q, &cu_k, max_seqlen_q, max_seqlen_k};
   DISPATCH(q.scalar_type(), run_backward, dout, q, k, v, out, lse, delta, dq, dk, dv, seqs,
