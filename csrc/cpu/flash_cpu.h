@@ -63,10 +63,8 @@ inline at::ScalarType compute_type(const at::Tensor& q) {
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// t in the compute type with rows the kernel can read (rows at dim row_dim, see rows_usable).
-inline at::Tensor prepare(const at::Tensor& t, at::ScalarType ct, int64_t row_dim = 2) {
-  return rows_usable(t.to(ct), row_dim);
-}
+// A dense (B, H, T, D) t in the compute type with rows the kernel can read (rows_usable).
+inline at::Tensor prepare(const at::Tensor& t, at::ScalarType ct) { return rows_usable(t.to(ct)); }
 
 // Raw view of a (batch, head, row) tensor whose rows hold D contiguous values (or one value:
 // lse, delta). P is const T* for inputs, T* for outputs.
