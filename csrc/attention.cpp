@@ -1,8 +1,10 @@
 // Operator schemas of the fastgpt C++ extension, declared once.
 //
-// The CPU implementation lives in cpu/attention_cpu.cpp and the CUDA one in
+// The CPU implementations live in cpu/attention_cpu.cpp (dense) and cpu/varlen_cpu.cpp
+// (packed sequences), both on the kernel of cpu/flash_cpu.h; the CUDA one in
 // cuda/attention_cuda.cu; each attaches itself with TORCH_LIBRARY_IMPL.
-// fastgpt/ops.py adds the fake (meta) implementations and autograd.
+// fastgpt/ops.py (dense) and fastgpt/varlen_ops.py (varlen) add the fake (meta)
+// implementations and autograd.
 
 #include <Python.h>
 #include <torch/library.h>
@@ -20,6 +22,17 @@ TORCH_LIBRARY(fastgpt, m) {
   m.def(
       "cpp_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out,"
       " Tensor lse, bool causal, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // Packed sequences (cu_seqlens: int32 (B + 1,)): q: (total_q, H, D); k, v: (total_k, Hkv, D)
+  // -> out: (total_q, H, D), lse: (H, total_q)
+  m.def(
+      "cpp_attention_varlen_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q,"
+      " Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale)"
+      " -> (Tensor out, Tensor lse)");
+  // -> dq: (total_q, H, D), dk, dv: (total_k, Hkv, D)
+  m.def(
+      "cpp_attention_varlen_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out,"
+      " Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q,"
+      " int max_seqlen_k, bool causal, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
 // `import fastgpt._C` needs a module init function; the module itself is empty

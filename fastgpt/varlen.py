@@ -40,8 +40,9 @@ from fastgpt.attention import (
 )
 from fastgpt.reference import reference_attention_varlen
 
-# Backends with variable-length kernels (Triton: the dense kernels' IS_VARLEN specialisation).
-VARLEN_BACKENDS = ("reference", "triton")
+# Backends with variable-length kernels (Triton: the dense kernels' IS_VARLEN specialisation;
+# cpp: the C++ extension's CPU and CUDA kernels, csrc/cpu/varlen_cpu.cpp and csrc/cuda).
+VARLEN_BACKENDS = ("reference", "triton", "cpp")
 
 
 def select_varlen_backend(device: torch.device, requested: str | None = None) -> tuple[str, str]:

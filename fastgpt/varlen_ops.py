@@ -9,16 +9,16 @@ Each backend with varlen kernels exposes two ops in the ``fastgpt`` namespace:
 
 q, out: (total_q, H, D); k, v: (total_k, Hkv, D); cu_seqlens_*: int32 (B + 1,); lse: (H, total_q)
 in float32 (float64 for float64 inputs). The reference and Triton backends define them here
-(the Triton ops around fastgpt.kernels.attention's varlen host functions); a compiled backend
-defines its two ops and calls register_varlen(backend) for the same fake implementations and
-autograd. To torch.compile each op is one opaque node with known output
+(the Triton ops around fastgpt.kernels.attention's varlen host functions), the C++ extension
+defines the cpp ones (csrc/attention.cpp); each backend calls register_varlen(backend) for the
+same fake implementations and autograd. To torch.compile each op is one opaque node with known output
 shapes (dynamic totals), and the profiler shows it as ``fastgpt::...``.
 """
 
 import torch
 from torch import Tensor
 
-from fastgpt import reference
+from fastgpt import _extension, reference
 from fastgpt.ops import refuse_double_backward
 from fastgpt.reference import accumulate_dtype
 
@@ -105,6 +105,8 @@ def register_varlen(backend: str) -> None:
 
 
 register_varlen("reference")
+if _extension.cpp_available():
+    register_varlen("cpp")  # its two ops are defined by the C++ extension (csrc/attention.cpp)
 
 
 @torch.library.custom_op("fastgpt::triton_attention_varlen_forward", mutates_args=())

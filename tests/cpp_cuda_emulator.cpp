@@ -4,9 +4,11 @@
 // CUDA headers (no GPU, no nvcc device pass). Every loop in the kernels strides over the block,
 // so with blockDim.x = 1 a single thread does all of a block's work and __syncthreads() is a
 // no-op: this checks the kernels' indexing, masking and numerics (not their races, which need
-// a GPU). Usage: cpp_cuda_emulator f|d|h|b B H Hkv Tq Tk D causal scale in.bin out.bin
+// a GPU). Usage: cpp_cuda_emulator f|d|h|b B H Hkv Tq Tk D causal scale in.bin out.bin [cu.bin]
 // (fp32, fp64, fp16, bf16). in.bin holds q, k, v, grad_out (contiguous, the given dtype);
-// out.bin gets out, lse (fp32, fp64 for fp64), dq, dk, dv.
+// out.bin gets out, lse (fp32, fp64 for fp64), dq, dk, dv. With cu.bin (int32 cu_seqlens_q then
+// cu_seqlens_k, B + 1 each) the sequences are packed: q, grad_out, out, dq (total_q, H, D),
+// k, v, dk, dv (total_k, Hkv, D), lse (H, total_q), and Tq, Tk are the longest lengths.
 
 #include <cuda_runtime.h>
 
@@ -50,28 +52,47 @@ void grid(int64_t gx, int64_t gy, int64_t gz, F block) {
       }
 }
 
+// Strides (batch, head, row) of a contiguous tensor with `rows` rows of `heads` heads: dense
+// (B, heads, rows, width), or packed (rows, heads, width) with batch stride 0.
+std::vector<int64_t> strides(bool packed, int64_t heads, int64_t rows, int64_t width) {
+  if (packed) return {0, width, heads * width};
+  return {heads * rows * width, rows * width, width};
+}
+
+template <typename T>
+View<T> view(T* p, const std::vector<int64_t>& s) {
+  return {p, s[0], s[1], s[2]};
+}
+
 template <typename T, typename A>
-void run(FILE* in, FILE* out, int64_t B, int64_t H, int64_t Hkv, int64_t Tq, int64_t Tk, int64_t D,
-         bool causal, double scale) {
+void run(FILE* in, FILE* out, const std::vector<int32_t>& cu, int64_t B, int64_t H, int64_t Hkv,
+         int64_t Tq, int64_t Tk, int64_t D, bool causal, double scale) {
   constexpr int BM = Tiles<A>::BM, BN = Tiles<A>::BN;
-  std::vector<T> q(B * H * Tq * D), k(B * Hkv * Tk * D), v(k.size()), dout(q.size());
+  const bool packed = !cu.empty();
+  const int64_t rows_q = packed ? cu[B] : Tq, rows_k = packed ? cu[2 * B + 1] : Tk;
+  const int64_t nb = packed ? 1 : B;  // batch entries in memory
+  std::vector<T> q(nb * H * rows_q * D), k(nb * Hkv * rows_k * D), v(k.size()), dout(q.size());
   for (auto* t : {&q, &k, &v, &dout}) {
     if (std::fread(t->data(), sizeof(T), t->size(), in) != t->size()) std::exit(2);
   }
   std::vector<T> o(q.size()), dq(q.size()), dk(k.size()), dv(k.size());
-  std::vector<A> lse(B * H * Tq), delta(B * H * Tq);
+  std::vector<A> lse(nb * H * rows_q), delta(lse.size());
+  const auto sq = strides(packed, H, rows_q, D), sk = strides(packed, Hkv, rows_k, D);
+  // lse: dense (B, H, Tq); packed (H, total_q)
+  const std::vector<int64_t> sl = packed ? std::vector<int64_t>{0, rows_q, 1}
+                                         : std::vector<int64_t>{H * Tq, Tq, 1};
   Params<T, A> p{};
-  p.q = {q.data(), H * Tq * D, Tq * D, D};
-  p.k = {k.data(), Hkv * Tk * D, Tk * D, D};
-  p.v = {v.data(), Hkv * Tk * D, Tk * D, D};
-  p.dout = {dout.data(), H * Tq * D, Tq * D, D};
-  p.out = {o.data(), H * Tq * D, Tq * D, D};
-  p.o = o.data(), p.dq = dq.data(), p.dk = dk.data(), p.dv = dv.data();
-  p.lse = lse.data(), p.delta = delta.data();
+  p.q = view<const T>(q.data(), sq), p.dout = view<const T>(dout.data(), sq);
+  p.k = view<const T>(k.data(), sk), p.v = view<const T>(v.data(), sk);
+  p.out = view<const T>(o.data(), sq);
+  p.o = view(o.data(), sq), p.dq = view(dq.data(), sq);
+  p.dk = view(dk.data(), sk), p.dv = view(dv.data(), sk);
+  p.lse = view(lse.data(), sl), p.delta = view(delta.data(), sl);
+  if (packed) p.cu_q = cu.data(), p.cu_k = cu.data() + B + 1;
   p.B = B, p.H = H, p.Hkv = Hkv, p.Tq = Tq, p.Tk = Tk, p.D = D, p.causal = causal;
   p.scale = A(scale);
   grid(ceil_div(Tq, BM), H, B, [&] { forward_kernel<T, A, BM, BN>(p); });
-  grid(B * H * Tq, 1, 1, [&] { delta_kernel<T, A>(p); });  // one row per block here
+  grid(Tq, H, B, [&] { delta_kernel<T, A>(p); });  // one row per block here
   grid(ceil_div(Tk, BN), Hkv, B, [&] { dkdv_kernel<T, A, BM, BN>(p); });
   grid(ceil_div(Tq, BM), H, B, [&] { dq_kernel<T, A, BM, BN>(p); });
   std::fwrite(o.data(), sizeof(T), o.size(), out);
@@ -80,7 +101,7 @@ void run(FILE* in, FILE* out, int64_t B, int64_t H, int64_t Hkv, int64_t Tq, int
 }
 
 int main(int argc, char** argv) {
-  if (argc != 12) return 1;
+  if (argc != 12 && argc != 13) return 1;
   const int64_t B = std::atol(argv[2]), H = std::atol(argv[3]), Hkv = std::atol(argv[4]);
   const int64_t Tq = std::atol(argv[5]), Tk = std::atol(argv[6]), D = std::atol(argv[7]);
   const bool causal = std::atoi(argv[8]) != 0;
@@ -88,18 +109,25 @@ int main(int argc, char** argv) {
   FILE* in = std::fopen(argv[10], "rb");
   FILE* out = std::fopen(argv[11], "wb");
   if (in == nullptr || out == nullptr) return 1;
+  std::vector<int32_t> cu;  // packed: cu_seqlens_q, cu_seqlens_k
+  if (argc == 13) {
+    cu.resize(2 * (B + 1));
+    FILE* f = std::fopen(argv[12], "rb");
+    if (f == nullptr || std::fread(cu.data(), sizeof(int32_t), cu.size(), f) != cu.size()) return 1;
+    std::fclose(f);
+  }
   switch (argv[1][0]) {
     case 'd':
-      run<double, double>(in, out, B, H, Hkv, Tq, Tk, D, causal, scale);
+      run<double, double>(in, out, cu, B, H, Hkv, Tq, Tk, D, causal, scale);
       break;
     case 'f':
-      run<float, float>(in, out, B, H, Hkv, Tq, Tk, D, causal, scale);
+      run<float, float>(in, out, cu, B, H, Hkv, Tq, Tk, D, causal, scale);
       break;
     case 'h':
-      run<__half, float>(in, out, B, H, Hkv, Tq, Tk, D, causal, scale);
+      run<__half, float>(in, out, cu, B, H, Hkv, Tq, Tk, D, causal, scale);
       break;
     case 'b':
-      run<__nv_bfloat16, float>(in, out, B, H, Hkv, Tq, Tk, D, causal, scale);
+      run<__nv_bfloat16, float>(in, out, cu, B, H, Hkv, Tq, Tk, D, causal, scale);
       break;
     default:
       return 1;

@@ -5,7 +5,8 @@ instantiated here for each dtype and compiled with nvcc for sm_80 (A100) and sm_
 host-only program checks that each kernel's shared memory at head dim 256 fits an A100 block
 (163 KiB), so a kernel that could not launch fails here rather than on a user's GPU. Then
 tests/cpp_cuda_emulator.cpp runs the kernels on the CPU, one thread per block, against float64
-attention (outputs, lse and gradients). Races need a real GPU: tests/test_cpp_extension.py runs
+attention (outputs, lse and gradients), dense and packed (varlen, against the varlen oracle).
+Races need a real GPU: tests/test_cpp_extension.py runs
 the same checks through the extension when one is present.
 """
 
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from oracle import check_against_float64
+from varlen_oracle import check_varlen_against_float64, cu_seqlens, random_varlen, varlen_oracle
 
 from fastgpt.reference import reference_attention_with_lse
 
@@ -205,6 +207,84 @@ def test_kernels_emulated_on_cpu_match_float64(emulator, tmp_path, dtype, case, 
     leaves = [t.requires_grad_() for t in leaves]
     out = Emulated.apply(*leaves)
     ref_out = reference_attention_with_lse(*leaves, causal, scale)[0]
+    for name, got, ref in zip(
+        ["out", "dq", "dk", "dv"],
+        [out, *torch.autograd.grad(out, leaves, grad_out)],
+        [ref_out, *torch.autograd.grad(ref_out, leaves, grad_out)],
+        strict=True,
+    ):
+        torch.testing.assert_close(got, ref, atol=1e-12, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def run_emulator_varlen(emulator, folder: Path, q, k, v, grad_out, lens_q, lens_k, causal, scale):
+    """out, lse (H, total_q), dq, dk, dv of the emulated kernels on packed sequences."""
+    (folder / "in.bin").write_bytes(
+        b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in (q, k, v, grad_out))
+    )
+    cu = torch.cat([cu_seqlens(lens_q, "cpu"), cu_seqlens(lens_k, "cpu")])
+    (folder / "cu.bin").write_bytes(cu.numpy().tobytes())
+    (_, H, D), Hkv = q.shape, k.shape[1]
+    sizes = (len(lens_q), H, Hkv, max(lens_q), max(lens_k), D, int(causal))
+    args = [CODES[q.dtype], *(str(x) for x in sizes), repr(scale)]
+    files = [str(folder / name) for name in ("in.bin", "out.bin", "cu.bin")]
+    subprocess.run([str(emulator), *args, *files], check=True, timeout=120)
+    raw = torch.from_numpy(np.fromfile(folder / "out.bin", dtype=np.uint8))
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    shapes = [(q.shape, q.dtype), ((H, q.shape[0]), lse_dtype), (q.shape, q.dtype)]
+    shapes += [(k.shape, q.dtype), (k.shape, q.dtype)]
+    tensors, offset = [], 0
+    for shape, dtype in shapes:
+        nbytes = torch.Size(shape).numel() * torch.finfo(dtype).bits // 8
+        tensors.append(raw[offset : offset + nbytes].clone().view(dtype).reshape(shape))
+        offset += nbytes
+    assert offset == raw.numel(), "the emulator wrote an unexpected number of bytes"
+    return tensors
+
+
+# (query lengths, key lengths, H, Hkv, D): empty sequences, one token, ragged tiles, Tq != Tk.
+EMULATED_VARLEN = {
+    "ragged_gqa": ([0, 1, 17, 37, 5], [3, 1, 17, 20, 0], 4, 2, 24),
+    "equal_mqa": ([0, 1, 17, 40], [0, 1, 17, 40], 2, 1, 16),
+}
+
+
+@pytest.mark.parametrize("dtype", list(CODES), ids=str)
+@pytest.mark.parametrize("case", list(EMULATED_VARLEN))
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_varlen_kernels_emulated_on_cpu_match_float64(emulator, tmp_path, dtype, case, causal):
+    lens_q, lens_k, H, Hkv, D = EMULATED_VARLEN[case]
+    q, k, v, grad_out = random_varlen(lens_q, lens_k, H, Hkv, D, torch.float64, device="cpu")
+    scale = D**-0.5
+
+    class Emulated(torch.autograd.Function):
+        """The emulator as an autograd op, so the shared float64 rule applies."""
+
+        @staticmethod
+        def forward(ctx, q, k, v):
+            out, lse, *ctx.grads = run_emulator_varlen(
+                emulator, tmp_path, q, k, v, grad_out.to(q.dtype), lens_q, lens_k, causal, scale
+            )
+            ref_lse = varlen_oracle(q.double(), k.double(), v.double(), lens_q, lens_k, causal)[1]
+            assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "rows without keys"
+            finite = torch.isfinite(ref_lse)
+            tol = 1e-12 if dtype == torch.float64 else 1e-5  # lse is fp32 or fp64
+            torch.testing.assert_close(lse.double()[finite], ref_lse[finite], atol=tol, rtol=0)
+            return out
+
+        @staticmethod
+        def backward(ctx, g):
+            assert torch.equal(g, grad_out.to(g.dtype)), "emulated with another grad_out"
+            return tuple(ctx.grads)
+
+    leaves = [t.to(dtype) for t in (q, k, v)]
+    if dtype != torch.float64:
+        check_varlen_against_float64(
+            Emulated.apply, leaves, grad_out, lens_q, lens_k, causal, what=f"emulated {case}"
+        )
+        return
+    leaves = [t.requires_grad_() for t in leaves]
+    out = Emulated.apply(*leaves)
+    ref_out = varlen_oracle(*leaves, lens_q, lens_k, causal, scale)[0]
     for name, got, ref in zip(
         ["out", "dq", "dk", "dv"],
         [out, *torch.autograd.grad(out, leaves, grad_out)],

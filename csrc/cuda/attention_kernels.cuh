@@ -7,6 +7,9 @@
 // Semantics match the CPU kernel: q (B, H, Tq, D), k/v (B, Hkv, Tk, D), query head h
 // reads kv head h / (H / Hkv); causal is bottom-right (query i sees keys
 // j <= i + Tk - Tq); a row with no visible key outputs 0 and lse = +inf.
+// Packed sequences (varlen) run the same kernels: q (total_q, H, D), k/v (total_k, Hkv, D)
+// as views with batch stride 0, sequence b at rows cu_q[b] .. cu_q[b + 1] (cu_k for keys);
+// grids span the longest sequence and blocks past a sequence's end return at once.
 // Each thread block holds BM query rows and BN keys in shared memory; every sum is
 // accumulated in A (float, or double for double inputs). Loops stride over the block,
 // so any tile size and head dim 1..256 work.
@@ -51,29 +54,44 @@ __device__ inline A infinity() {
   return static_cast<A>(__int_as_float(0x7f800000));
 }
 
-// Strided view of a (B, H, T, D) tensor with unit stride on D.
+// Strided view of a (B, H, T, D) tensor with unit stride on D (or of a (B, H, T) one: lse,
+// delta); packed (total, H, D) or (H, total) tensors have sb = 0.
 template <typename T>
 struct View {
   T* p;
   int64_t sb, sh, st;
   __device__ T* row(int64_t b, int64_t h, int64_t t) const { return p + b * sb + h * sh + t * st; }
+  // The view from row t0 on (the rows of one packed sequence).
+  __device__ View from(int64_t t0) const { return {p + t0 * st, sb, sh, st}; }
 };
 
-template <typename T, typename A>
-struct Params {
-  View<const T> q, k, v, dout, out;  // dout/out only in the backward
-  T *o, *dq, *dk, *dv;               // contiguous outputs
-  A* lse;                            // (B, H, Tq)
-  A* delta;                          // (B, H, Tq), backward scratch
-  int64_t B, H, Hkv, Tq, Tk, D;
+// One sequence: its query rows start at q0 and its key rows at k0 of its batch entry.
+struct Seq {
+  int64_t q0, k0, Tq, Tk;
   bool causal;
-  A scale;
-
   // Number of keys query row i sees (keys 0 .. n-1).
   __device__ int64_t visible(int64_t i) const {
     if (!causal) return Tk;
     const int64_t n = i + (Tk - Tq) + 1;
     return n < 0 ? 0 : (n > Tk ? Tk : n);
+  }
+};
+
+template <typename T, typename A>
+struct Params {
+  View<const T> q, k, v, dout, out;  // dout/out only in the backward
+  View<T> o, dq, dk, dv;             // outputs, shaped like q, q, k, v
+  View<A> lse;                       // (B, H, Tq), packed (H, total_q)
+  View<A> delta;                     // lse's layout, backward scratch
+  const int32_t* cu_q;               // packed: (B + 1,) query row offsets; nullptr when dense
+  const int32_t* cu_k;               // packed: (B + 1,) key row offsets
+  int64_t B, H, Hkv, Tq, Tk, D;      // packed: Tq, Tk are the longest lengths (grid sizes)
+  bool causal;
+  A scale;
+
+  __device__ Seq seq(int64_t b) const {
+    if (cu_q == nullptr) return {0, 0, Tq, Tk, causal};
+    return {cu_q[b], cu_k[b], cu_q[b + 1] - cu_q[b], cu_k[b + 1] - cu_k[b], causal};
   }
 };
 
@@ -110,11 +128,14 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params<T, A> p) {
   A *m = S + BM * BN, *l = m + BM, *alpha = l + BM;
 
   const int64_t b = blockIdx.z, h = blockIdx.y, i0 = int64_t(blockIdx.x) * BM;
+  const Seq s = p.seq(b);
+  if (i0 >= s.Tq) return;  // packed: past this sequence's queries (the whole block)
   const int64_t hk = h / (p.H / p.Hkv);
-  const int64_t rows = min(int64_t(BM), p.Tq - i0);
-  const int64_t kend = p.visible(i0 + rows - 1);
+  const int64_t rows = min(int64_t(BM), s.Tq - i0);
+  const int64_t kend = s.visible(i0 + rows - 1);
+  const View<const T> q = p.q.from(s.q0), k = p.k.from(s.k0), v = p.v.from(s.k0);
 
-  load_tile<T, A>(Qs, p.q, b, h, i0, BM, p.Tq, D, D);
+  load_tile<T, A>(Qs, q, b, h, i0, BM, s.Tq, D, D);
   for (int64_t idx = threadIdx.x; idx < BM * D; idx += blockDim.x) Os[idx] = 0;
   for (int r = threadIdx.x; r < BM; r += blockDim.x) {
     m[r] = -infinity<A>();
@@ -122,12 +143,12 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params<T, A> p) {
   }
   for (int64_t j0 = 0; j0 < kend; j0 += BN) {
     __syncthreads();  // previous tile fully consumed
-    load_tile<T, A>(Ks, p.k, b, hk, j0, BN, kend, D, ldk);
-    load_tile<T, A>(Vs, p.v, b, hk, j0, BN, kend, D, ldk);
+    load_tile<T, A>(Ks, k, b, hk, j0, BN, kend, D, ldk);
+    load_tile<T, A>(Vs, v, b, hk, j0, BN, kend, D, ldk);
     __syncthreads();
     for (int idx = threadIdx.x; idx < BM * BN; idx += blockDim.x) {
       const int r = idx / BN, c = idx % BN;
-      const bool seen = i0 + r < p.Tq && j0 + c < p.visible(i0 + r);
+      const bool seen = i0 + r < s.Tq && j0 + c < s.visible(i0 + r);
       S[idx] = seen ? p.scale * dot(Qs + r * D, Ks + c * ldk, D) : -infinity<A>();
     }
     __syncthreads();
@@ -154,45 +175,45 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params<T, A> p) {
     }
   }
   __syncthreads();
-  T* o = p.o + ((b * p.H + h) * p.Tq + i0) * D;
+  const View<T> o = p.o.from(s.q0);
   for (int64_t idx = threadIdx.x; idx < rows * D; idx += blockDim.x) {
     const int64_t r = idx / D;
-    o[idx] = from_acc<T, A>(l[r] > A(0) ? Os[idx] / l[r] : A(0));
+    o.row(b, h, i0 + r)[idx % D] = from_acc<T, A>(l[r] > A(0) ? Os[idx] / l[r] : A(0));
   }
-  A* lse = p.lse + (b * p.H + h) * p.Tq + i0;
+  const View<A> lse = p.lse.from(s.q0);
   for (int r = threadIdx.x; r < rows; r += blockDim.x)
-    lse[r] = l[r] > A(0) ? m[r] + acc_log(l[r]) : infinity<A>();
+    *lse.row(b, h, i0 + r) = l[r] > A(0) ? m[r] + acc_log(l[r]) : infinity<A>();
 }
 
 // ------------------------------------------------------------ backward
 
-// delta[b, h, i] = sum_d dO * O; grid (ceil(B * H * Tq / kThreads)).
+// delta[b, h, i] = sum_d dO * O; grid (ceil(Tq / blockDim), H, B), one row per thread.
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads) delta_kernel(Params<T, A> p) {
-  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= p.B * p.H * p.Tq) return;
-  const int64_t i = row % p.Tq, bh = row / p.Tq;
-  const T* dout = p.dout.row(bh / p.H, bh % p.H, i);
-  const T* out = p.out.row(bh / p.H, bh % p.H, i);
-  A s = 0;
-  for (int64_t d = 0; d < p.D; ++d) s += to_acc(dout[d]) * to_acc(out[d]);
-  p.delta[row] = s;
+  const int64_t b = blockIdx.z, h = blockIdx.y, i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const Seq s = p.seq(b);
+  if (i >= s.Tq) return;
+  const T* dout = p.dout.from(s.q0).row(b, h, i);
+  const T* out = p.out.from(s.q0).row(b, h, i);
+  A sum = 0;
+  for (int64_t d = 0; d < p.D; ++d) sum += to_acc(dout[d]) * to_acc(out[d]);
+  *p.delta.from(s.q0).row(b, h, i) = sum;
 }
 
-// P and dS of one (BM, BN) tile from shared Q, dO, K, V; rows past Tq give 0.
+// P and dS of one (BM, BN) tile of sequence s from shared Q, dO, K, V; rows past Tq give 0.
 template <typename T, typename A, int BM, int BN>
-__device__ inline void tile_probs(const Params<T, A>& p, int64_t b, int64_t h, int64_t i0,
-                                  int64_t j0, const A* Qs, const A* dOs, const A* Ks, const A* Vs,
-                                  A* P, A* dS) {
+__device__ inline void tile_probs(const Params<T, A>& p, const Seq& s, int64_t b, int64_t h,
+                                  int64_t i0, int64_t j0, const A* Qs, const A* dOs, const A* Ks,
+                                  const A* Vs, A* P, A* dS) {
   const int64_t D = p.D, ldk = D + 1;
   for (int idx = threadIdx.x; idx < BM * BN; idx += blockDim.x) {
     const int r = idx / BN, c = idx % BN;
     const int64_t i = i0 + r;
     A pr = 0, ds = 0;
-    if (i < p.Tq && j0 + c < p.visible(i)) {
-      const int64_t row = (b * p.H + h) * p.Tq + i;
-      pr = acc_exp(p.scale * dot(Qs + r * D, Ks + c * ldk, D) - p.lse[row]);
-      ds = pr * (dot(dOs + r * D, Vs + c * ldk, D) - p.delta[row]);
+    if (i < s.Tq && j0 + c < s.visible(i)) {
+      const A lse = *p.lse.row(b, h, s.q0 + i), delta = *p.delta.row(b, h, s.q0 + i);
+      pr = acc_exp(p.scale * dot(Qs + r * D, Ks + c * ldk, D) - lse);
+      ds = pr * (dot(dOs + r * D, Vs + c * ldk, D) - delta);
     }
     P[idx] = pr;
     dS[idx] = ds;
@@ -210,20 +231,23 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(Params<T, A> p) {
   A *Qs = dVs + BN * D, *dOs = Qs + BM * D, *P = dOs + BM * D, *dS = P + BM * BN;
 
   const int64_t b = blockIdx.z, hk = blockIdx.y, j0 = int64_t(blockIdx.x) * BN;
-  const int64_t cols = min(int64_t(BN), p.Tk - j0), group = p.H / p.Hkv;
+  const Seq s = p.seq(b);
+  if (j0 >= s.Tk) return;  // packed: past this sequence's keys (the whole block)
+  const int64_t cols = min(int64_t(BN), s.Tk - j0), group = p.H / p.Hkv;
   // First query row that sees key j0, rounded down to a tile.
-  const int64_t first = p.causal ? max(int64_t(0), j0 - (p.Tk - p.Tq)) : 0;
+  const int64_t first = s.causal ? max(int64_t(0), j0 - (s.Tk - s.Tq)) : 0;
+  const View<const T> q = p.q.from(s.q0), dout = p.dout.from(s.q0);
 
-  load_tile<T, A>(Ks, p.k, b, hk, j0, BN, p.Tk, D, ldk);
-  load_tile<T, A>(Vs, p.v, b, hk, j0, BN, p.Tk, D, ldk);
+  load_tile<T, A>(Ks, p.k.from(s.k0), b, hk, j0, BN, s.Tk, D, ldk);
+  load_tile<T, A>(Vs, p.v.from(s.k0), b, hk, j0, BN, s.Tk, D, ldk);
   for (int64_t idx = threadIdx.x; idx < BN * D; idx += blockDim.x) dKs[idx] = dVs[idx] = 0;
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-    for (int64_t i0 = first / BM * BM; i0 < p.Tq; i0 += BM) {
+    for (int64_t i0 = first / BM * BM; i0 < s.Tq; i0 += BM) {
       __syncthreads();
-      load_tile<T, A>(Qs, p.q, b, h, i0, BM, p.Tq, D, D);
-      load_tile<T, A>(dOs, p.dout, b, h, i0, BM, p.Tq, D, D);
+      load_tile<T, A>(Qs, q, b, h, i0, BM, s.Tq, D, D);
+      load_tile<T, A>(dOs, dout, b, h, i0, BM, s.Tq, D, D);
       __syncthreads();
-      tile_probs<T, A, BM, BN>(p, b, h, i0, j0, Qs, dOs, Ks, Vs, P, dS);
+      tile_probs<T, A, BM, BN>(p, s, b, h, i0, j0, Qs, dOs, Ks, Vs, P, dS);
       __syncthreads();
       for (int64_t idx = threadIdx.x; idx < BN * D; idx += blockDim.x) {
         const int64_t c = idx / D, d = idx % D;
@@ -238,10 +262,11 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(Params<T, A> p) {
     }
   }
   __syncthreads();
-  const int64_t base = ((b * p.Hkv + hk) * p.Tk + j0) * D;
+  const View<T> dk = p.dk.from(s.k0), dv = p.dv.from(s.k0);
   for (int64_t idx = threadIdx.x; idx < cols * D; idx += blockDim.x) {
-    p.dk[base + idx] = from_acc<T, A>(dKs[idx]);
-    p.dv[base + idx] = from_acc<T, A>(dVs[idx]);
+    const int64_t c = idx / D, d = idx % D;
+    dk.row(b, hk, j0 + c)[d] = from_acc<T, A>(dKs[idx]);
+    dv.row(b, hk, j0 + c)[d] = from_acc<T, A>(dVs[idx]);
   }
 }
 
@@ -256,19 +281,22 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(Params<T, A> p) {
   A *P = Vs + BN * ldk, *dS = P + BM * BN;
 
   const int64_t b = blockIdx.z, h = blockIdx.y, i0 = int64_t(blockIdx.x) * BM;
+  const Seq s = p.seq(b);
+  if (i0 >= s.Tq) return;  // packed: past this sequence's queries (the whole block)
   const int64_t hk = h / (p.H / p.Hkv);
-  const int64_t rows = min(int64_t(BM), p.Tq - i0);
-  const int64_t kend = p.visible(i0 + rows - 1);
+  const int64_t rows = min(int64_t(BM), s.Tq - i0);
+  const int64_t kend = s.visible(i0 + rows - 1);
+  const View<const T> k = p.k.from(s.k0), v = p.v.from(s.k0);
 
-  load_tile<T, A>(Qs, p.q, b, h, i0, BM, p.Tq, D, D);
-  load_tile<T, A>(dOs, p.dout, b, h, i0, BM, p.Tq, D, D);
+  load_tile<T, A>(Qs, p.q.from(s.q0), b, h, i0, BM, s.Tq, D, D);
+  load_tile<T, A>(dOs, p.dout.from(s.q0), b, h, i0, BM, s.Tq, D, D);
   for (int64_t idx = threadIdx.x; idx < BM * D; idx += blockDim.x) dQs[idx] = 0;
   for (int64_t j0 = 0; j0 < kend; j0 += BN) {
     __syncthreads();
-    load_tile<T, A>(Ks, p.k, b, hk, j0, BN, kend, D, ldk);
-    load_tile<T, A>(Vs, p.v, b, hk, j0, BN, kend, D, ldk);
+    load_tile<T, A>(Ks, k, b, hk, j0, BN, kend, D, ldk);
+    load_tile<T, A>(Vs, v, b, hk, j0, BN, kend, D, ldk);
     __syncthreads();
-    tile_probs<T, A, BM, BN>(p, b, h, i0, j0, Qs, dOs, Ks, Vs, P, dS);
+    tile_probs<T, A, BM, BN>(p, s, b, h, i0, j0, Qs, dOs, Ks, Vs, P, dS);
     __syncthreads();
     for (int64_t idx = threadIdx.x; idx < BM * D; idx += blockDim.x) {
       const int64_t r = idx / D, d = idx % D;
@@ -278,9 +306,9 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(Params<T, A> p) {
     }
   }
   __syncthreads();
-  T* dq = p.dq + ((b * p.H + h) * p.Tq + i0) * D;
+  const View<T> dq = p.dq.from(s.q0);
   for (int64_t idx = threadIdx.x; idx < rows * D; idx += blockDim.x)
-    dq[idx] = from_acc<T, A>(dQs[idx]);
+    dq.row(b, h, i0 + idx / D)[idx % D] = from_acc<T, A>(dQs[idx]);
 }
 
 // ------------------------------------------------------------ launchers
@@ -333,7 +361,7 @@ template <typename T, typename A>
 cudaError_t attention_backward(const Params<T, A>& p, cudaStream_t stream) {
   constexpr int BM = Tiles<A>::BM, BN = Tiles<A>::BN;
   cudaError_t err =
-      launch(delta_kernel<T, A>, dim3(ceil_div(p.B * p.H * p.Tq, kThreads)), 0, stream, &p);
+      launch(delta_kernel<T, A>, dim3(ceil_div(p.Tq, kThreads), p.H, p.B), 0, stream, &p);
   if (err != cudaSuccess) return err;
   err = launch(dkdv_kernel<T, A, BM, BN>, dim3(ceil_div(p.Tk, BN), p.Hkv, p.B),
                SharedBytes<A>::dkdv(p.D), stream, &p);
