@@ -11,8 +11,8 @@ q, out: (total_q, H, D); k, v: (total_k, Hkv, D); cu_seqlens_*: int32 (B + 1,); 
 in float32 (float64 for float64 inputs). The reference and Triton backends define them here
 (the Triton ops around fastgpt.kernels.attention's varlen host functions), the C++ extension
 defines the cpp ones (csrc/attention.cpp); each backend calls register_varlen(backend) for the
-same fake implementations and autograd. To torch.compile each op is one opaque node with known output
-shapes (dynamic totals), and the profiler shows it as ``fastgpt::...``.
+same fake implementations and autograd. To torch.compile each op is one opaque node with known
+output shapes (dynamic totals), and the profiler shows it as ``fastgpt::...``.
 """
 
 import torch
