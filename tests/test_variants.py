@@ -3,8 +3,9 @@
 The oracle here is written independently of fastgpt.reference: a (Tq, Tk) mask built key by key
 from the window rule, keys repeated per query head, -inf for hidden keys, the sink as one more
 column of logits (-inf without sinks) and one softmax, in float64. Gradients, d(sinks) included,
-come from autograd through it. Today the variants run on the reference path (VARIANT_BACKENDS);
-an automatic pick moves there, an explicit compiled backend raises.
+come from autograd through it. The variants run where VARIANT_BACKENDS lists them (the reference
+and the Triton kernels, interpreted here without a GPU); an automatic pick moves there, an explicit
+backend without them raises.
 """
 
 import itertools
@@ -13,8 +14,8 @@ import re
 
 import pytest
 import torch
-from oracle import F64, random_tensors
-from variant_oracle import oracle
+from oracle import F64, assert_within_bounds, random_tensors, rounding_floor
+from variant_oracle import oracle, visible
 from varlen_oracle import cu_seqlens
 
 import fastgpt
@@ -28,6 +29,7 @@ from fastgpt.reference import (
 )
 
 COMPILED = [b for b in fastgpt.available_backends("cpu") if b != "reference"]
+TRITON = "triton" in fastgpt.available_backends("cpu")
 
 
 def leaves(B, H, Hkv, Tq, Tk, D, sinks, seed=0):
@@ -219,8 +221,15 @@ def test_no_keys_with_sinks_gives_zero_rows_with_lse_the_sink():
     assert torch.equal(s.grad, torch.zeros(2, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("backend", COMPILED)
-@pytest.mark.parametrize("variant", ["window", "softcap", "sinks"])
+@pytest.mark.parametrize(
+    "backend,variant",
+    [
+        (b, v)
+        for b in COMPILED
+        for v in ["window", "softcap", "sinks"]
+        if b not in VARIANT_BACKENDS[v]
+    ],
+)
 def test_an_explicit_backend_without_the_variant_raises(backend, variant):
     q, k, v, _, s = leaves(1, 2, 2, 5, 5, 8, True)
     args = {"window": dict(window=(2, 0)), "softcap": dict(softcap=2.0), "sinks": dict(sinks=s)}
@@ -255,6 +264,137 @@ def test_bad_variant_arguments_raise_one_sentence(kwargs, error, message):
     q, k, v, _, _ = leaves(1, 4, 2, 5, 5, 8, False)
     with pytest.raises(error, match=re.escape(message)):
         attention(q, k, v, **kwargs)
+
+
+# --- The Triton kernels (interpreted without a GPU) -----------------------------------------------
+
+
+def variant_floors(q, k, v, do, causal, window, softcap, sinks, dtype):
+    """Elementwise first-order rounding floors of a flash backward in dtype with the variants:
+    oracle.flash_backward_floor's terms with the variants' p (window mask, capped scores, sink in
+    the denominator), delta's error from the rounded O, and ds times the cap's derivative; plus
+    dsinks' floor. All float64: (fq, fk, fv, fsinks or None)."""
+    eps = torch.finfo(dtype).eps
+    B, H, Tq, D = q.shape
+    Tk, group = k.shape[2], H // k.shape[1]
+    k_, v_ = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # (B, H, Tk, D)
+    s = q @ k_.transpose(-2, -1) * D**-0.5  # (B, H, Tq, Tk)
+    dcap = torch.ones_like(s)
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+        dcap = 1 - (s / softcap) ** 2
+    s = s.masked_fill(~visible(Tq, Tk, causal, tuple(window)), float("-inf"))
+    sink = torch.full((B, H, Tq, 1), float("-inf"), dtype=s.dtype)
+    if sinks is not None:
+        sink = sinks.to(s.dtype)[None, :, None, None].expand(B, H, Tq, 1)
+    lse = torch.logsumexp(torch.cat([s, sink], -1), -1, keepdim=True)  # (B, H, Tq, 1)
+    p = torch.exp(s - lse).nan_to_num(0.0)  # (B, H, Tq, Tk)
+    rel_p = eps * (1 + lse.abs().nan_to_num(0.0, posinf=0.0))  # (B, H, Tq, 1)
+    out = p @ v_  # (B, H, Tq, D)
+    dp = do @ v_.transpose(-2, -1)  # (B, H, Tq, Tk)
+    delta = (do * out).sum(-1, keepdim=True)  # (B, H, Tq, 1)
+    dp_err = eps * (do.abs() @ v_.abs().transpose(-2, -1))  # (B, H, Tq, Tk)
+    # delta = rowsum(dO * O) reads the forward's rounded O (p's error and O's own rounding): a
+    # term flash_backward_floor leaves to 2x plain PyTorch's error, which is 0 where every row
+    # sees one key (window (0, 0) or (0, -1) causal) and the exact dq is 0.
+    delta_err = (rel_p + eps) * (do.abs() * (p @ v_.abs())).sum(-1, keepdim=True)  # (B, H, Tq, 1)
+    ds_err = p * (rel_p * (dp - delta).abs() + dp_err + delta_err) * dcap  # (B, H, Tq, Tk)
+    fq = D**-0.5 * ds_err @ k_.abs()  # (B, H, Tq, D)
+    fk = (D**-0.5 * ds_err.transpose(-2, -1) @ q.abs()).unflatten(1, (-1, group)).sum(2)
+    fv = ((p * rel_p).transpose(-2, -1) @ do.abs()).unflatten(1, (-1, group)).sum(2)
+    fs = None
+    if sinks is not None:  # dsinks = -sum p_sink * delta: p_sink's and delta's rounding
+        p_sink = torch.exp(sink - lse).nan_to_num(0.0)  # (B, H, Tq, 1)
+        delta_err = eps * (do.abs() * out.abs()).sum(-1, keepdim=True)
+        fs = (p_sink * (rel_p * delta.abs() + delta_err)).sum((0, 2, 3))  # (H,)
+    return fq, fk, fv, fs
+
+
+def check_triton_variants(shape, causal, window, softcap, sinks, dtype, seed=0):
+    """The Triton kernels' out and gradients (dsinks included) against the float64 oracle, within
+    the rule of tests/oracle.py: 2x the error of the oracle run in dtype plus the floors."""
+    B, H, Hkv, Tq, Tk, D = shape
+    q, k, v, do, s = (
+        None if t is None else t.detach() for t in leaves(B, H, Hkv, Tq, Tk, D, sinks, seed=seed)
+    )
+    variants = dict(causal=causal, window=window, softcap=softcap)
+
+    def run(fn, dtype, sinks_dtype):
+        tensors = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        sk = None if s is None else s.to(sinks_dtype).requires_grad_()
+        out = fn(*tensors, sinks=sk)
+        grads = torch.autograd.grad(out, tensors + ([sk] if sk is not None else []), do.to(dtype))
+        return out.detach(), [g.detach() for g in grads]
+
+    def kernel(q, k, v, sinks):
+        return attention(q, k, v, sinks=sinks, backend="triton", **variants)
+
+    def plain(q, k, v, sinks):
+        return oracle(q, k, v, causal, window, softcap, sinks)[0]
+
+    got_out, got = run(kernel, dtype, torch.float32)
+    exact_out, exact = run(plain, torch.float64, torch.float64)
+    plain_out, plain_grads = run(plain, dtype, dtype)
+    *floors, fs = variant_floors(q, k, v, do, causal, window, softcap, s, dtype)
+    what = f"triton {dtype} {shape} causal={causal} window={window} softcap={softcap}"
+    assert_within_bounds(
+        what, dtype, [got_out, *got[:3]], [plain_out, *plain_grads[:3]],
+        [exact_out, *exact[:3]], [torch.zeros_like(exact_out), *floors],
+    )  # fmt: skip
+    if s is not None:  # dsinks: (H,) in the sinks' float32
+        assert got[3].dtype == torch.float32 and got[3].shape == (H,)
+        err = (got[3].double() - exact[3]).abs()
+        plain_err = (plain_grads[3].double() - exact[3]).abs().max().item()
+        bound = 2 * plain_err + rounding_floor(exact[3], dtype) + fs
+        assert (err <= bound).all(), f"{what} dsinks: error {err.tolist()} over {bound.tolist()}"
+
+
+# Every window x causal x softcap x sinks once in fp32, rotating through LENGTHS and the GQA
+# shapes (odd lengths, Tq < Tk and Tq > Tk; tiles of 16/32 rows under the interpreter).
+TRITON_CASES = [
+    (window, causal, softcap, sinks, LENGTHS[n % len(LENGTHS)], (4, 4 >> (n % 3)))
+    for n, (window, causal, softcap, sinks) in enumerate(
+        itertools.product(WINDOWS, [False, True], [0.0, 1.5], [False, True])
+    )
+]
+
+
+@pytest.mark.skipif(not TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("window,causal,softcap,sinks,lengths,heads", TRITON_CASES)
+def test_triton_variants_fp32_within_the_rule(window, causal, softcap, sinks, lengths, heads):
+    (Tq, Tk), (H, Hkv) = lengths, heads
+    check_triton_variants((2, H, Hkv, Tq, Tk, 8), causal, window, softcap, sinks, torch.float32)
+
+
+@pytest.mark.skipif(not TRITON, reason="triton is not installed")
+@pytest.mark.parametrize(
+    "causal,window,softcap,sinks,lengths",
+    [
+        (True, (40, 0), 0.0, True, (150, 150)),  # key tiles on both sides of the window skipped
+        (False, (20, 33), 2.0, False, (130, 70)),  # Tq > Tk, both sides bounded
+        (False, (-1, 10), 0.0, True, (45, 160)),  # right-bounded only
+        (True, (17, -1), 50.0, True, (64, 96)),  # Gemma 2's cap, tile-aligned lengths
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_windows_that_skip_tiles(causal, window, softcap, sinks, lengths, dtype):
+    """Windows narrower than the sequence: programs skip key tiles, mask only the edges."""
+    Tq, Tk = lengths
+    check_triton_variants((1, 2, 1, Tq, Tk, 16), causal, window, softcap, sinks, dtype, seed=Tq)
+
+
+@pytest.mark.skipif(not TRITON, reason="triton is not installed")
+def test_triton_variant_ops_pass_opcheck():
+    q, k, v, do, s = (t.detach().float() for t in leaves(1, 4, 2, 9, 21, 8, True, seed=2))
+    assert s.shape == (4,)
+    forward = torch.ops.fastgpt.triton_attention_forward
+    backward = torch.ops.fastgpt.triton_attention_backward
+    variants = dict(window=[3, 2], softcap=2.0, sinks=s)
+    torch.library.opcheck(forward, (q, k, v, False, 0.3), variants)
+    out, lse = forward(q, k, v, False, 0.3, **variants)
+    torch.library.opcheck(backward, (do, q, k, v, out, lse, False, 0.3), variants)
+    plain = backward(do, q, k, v, *forward(q, k, v, True, 0.3), True, 0.3)
+    assert len(plain) == 4 and plain[3].shape == (0,)  # no sinks: an empty dsinks
 
 
 # --- Packed variable-length attention ------------------------------------------------------------
