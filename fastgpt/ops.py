@@ -37,7 +37,7 @@ def triton_attention_forward(
 ) -> tuple[Tensor, Tensor]:
     from fastgpt.kernels.attention import attention_forward
 
-    return attention_forward(q, k, v, causal, scale, **_kernel_variants(window, softcap, sinks))
+    return attention_forward(q, k, v, causal, scale, **kernel_variants(window, softcap, sinks))
 
 
 @torch.library.custom_op("fastgpt::triton_attention_backward", mutates_args=())
@@ -56,14 +56,14 @@ def triton_attention_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from fastgpt.kernels.attention import attention_backward
 
-    variants = _kernel_variants(window, softcap, sinks)
+    variants = kernel_variants(window, softcap, sinks)
     grads = attention_backward(grad_out, q, k, v, out, lse, causal, scale, **variants)
     if sinks is None:
         return *grads, q.new_empty((0,), dtype=torch.float32)
     return grads
 
 
-def _kernel_variants(window: list[int] | None, softcap: float, sinks: Tensor | None) -> dict:
+def kernel_variants(window: list[int] | None, softcap: float, sinks: Tensor | None) -> dict:
     """The kernel host functions' variant keywords from an op's arguments."""
     return {
         "window": tuple(window) if window is not None else (-1, -1),

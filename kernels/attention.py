@@ -405,20 +405,28 @@ def attention_varlen_forward(
     causal: bool,
     scale: float,
     use_tma: bool | None = None,
+    *,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused forward over packed sequences. q (total_q, H, D), k, v (total_k, Hkv, D); returns
-    out (total_q, H, D) in q.dtype and lse (H, total_q) fp32. use_tma as attention_forward's."""
+    out (total_q, H, D) in q.dtype and lse (H, total_q) fp32. use_tma as attention_forward's;
+    window, softcap, sinks the variants, within each sequence."""
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     total_q, H, D = q.shape
     total_k, Hkv = k.shape[0], k.shape[1]
     B = cu_seqlens_q.numel() - 1
+    extra = variant_args(window, softcap, sinks, causal, scale, max_seqlen_q + max_seqlen_k + 1)
     out = torch.empty((total_q, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((H, total_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or max_seqlen_q == 0:
         return out, lse
     if total_k == 0 or max_seqlen_k == 0:  # no key anywhere: every row is empty
-        return out.zero_(), lse.fill_(math.inf)
+        if sinks is None:
+            return out.zero_(), lse.fill_(math.inf)
+        return out.zero_(), lse.copy_(extra["Sinks"].view(H, 1).expand_as(lse))
     _check_grid(B)
     use_tma = _use_descriptors(use_tma, "fwd", _block_d(D), q, k, v, out)
 
@@ -431,7 +439,7 @@ def attention_varlen_forward(
         H, H // Hkv, total_q, total_k, abs(scale) * LOG2E.value, abs(scale),
         _bucket(max_seqlen_q), _bucket(max_seqlen_k),
         HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=bool(causal), SCALE_NEG=scale < 0,
-        DOT_PRECISION=_dot_precision(q.dtype), USE_TMA=use_tma, IS_VARLEN=True,
+        DOT_PRECISION=_dot_precision(q.dtype), USE_TMA=use_tma, IS_VARLEN=True, **extra,
     )  # fmt: skip
     return out, lse
 
@@ -451,9 +459,14 @@ def attention_varlen_backward(
     scale: float,
     dkdv_split: int | None = None,
     use_tma: bool | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    *,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
     """Fused backward over packed sequences: dq (total_q, H, D), dk, dv (total_k, Hkv, D),
-    contiguous, input dtype. lse: (H, total_q). dkdv_split, use_tma as attention_backward's."""
+    contiguous, input dtype, and with sinks dsinks (H,) fp32. lse: (H, total_q). dkdv_split,
+    use_tma as attention_backward's; window, softcap, sinks the forward's."""
     grad_out, q, k, v, out = (last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     total_q, H, D = q.shape
@@ -462,12 +475,17 @@ def attention_varlen_backward(
     dq = torch.empty((total_q, H, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((total_k, Hkv, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((total_k, Hkv, D), dtype=v.dtype, device=v.device)
+    extra = variant_args(window, softcap, sinks, causal, scale, max_seqlen_q + max_seqlen_k + 1)
+    sinks32 = extra.pop("Sinks")
+    dsinks = () if sinks is None else (torch.zeros((H,), dtype=torch.float32, device=q.device),)
     if dq.numel() == 0 or dk.numel() == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.zero_(), dk.zero_(), dv.zero_(), *dsinks
     _check_grid(B)
     lse = lse.to(torch.float32).contiguous()  # (H, total_q)
     block_d = _block_d(D)
-    delta = _varlen_delta(out, grad_out, block_d)  # (H, total_q)
+    delta, partials = _varlen_delta(out, grad_out, block_d, lse, sinks32)  # (H, total_q)
+    if sinks is not None:
+        dsinks = (partials.sum(1),)  # (H, blocks) -> (H,), a fixed-order reduction
 
     group = H // Hkv
     splits = (
@@ -478,7 +496,7 @@ def attention_varlen_backward(
             f"dkdv_split={splits} must divide the GQA group {group} (H={H}, Hkv={Hkv})"
         )
     dk_out, dv_out = _varlen_dkdv_targets(dk, dv, splits)
-    common = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal), IS_VARLEN=True)
+    common = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal), IS_VARLEN=True, **extra)
     common["DOT_PRECISION"] = _dot_precision(q.dtype)
     strides = tuple(s for t in (q, k, v, grad_out) for s in _packed_strides(t))
     tail = (scale, _bucket(max_seqlen_q), _bucket(max_seqlen_k))
@@ -506,20 +524,30 @@ def attention_varlen_backward(
         *strides, *_packed_strides(dq),
         H, group, total_q, total_k, *tail, **common, USE_TMA=tma_dq,
     )  # fmt: skip
-    return dq, dk, dv
+    return dq, dk, dv, *dsinks
 
 
-def _varlen_delta(out: torch.Tensor, grad_out: torch.Tensor, block_d: int) -> torch.Tensor:
+def _varlen_delta(
+    out: torch.Tensor,
+    grad_out: torch.Tensor,
+    block_d: int,
+    lse: torch.Tensor,
+    sinks: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """delta = rowsum(dO * O) as (H, total_q) fp32: the preprocess kernel over the packed rows
-    as one sequence (a row's delta does not depend on where its sequence starts)."""
+    as one sequence (a row's delta does not depend on where its sequence starts); with sinks
+    (H,) fp32 also dsinks' partials (H, row blocks), else None."""
     total_q, H, D = out.shape
     delta = torch.empty((H, total_q), dtype=torch.float32, device=out.device)
     pre_block_m = 64 if INTERPRET else 128
-    bwd_preprocess_kernel[(triton.cdiv(total_q, pre_block_m), H, 1)](
+    n_pre = triton.cdiv(total_q, pre_block_m)
+    partials = None if sinks is None else torch.empty((H, n_pre), device=out.device)
+    sink_args = {} if sinks is None else dict(Lse=lse, Sinks=sinks, DSinks=partials)
+    bwd_preprocess_kernel[(n_pre, H, 1)](
         out, grad_out, delta, *_packed_strides(out), *_packed_strides(grad_out), H, total_q,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_block_m,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_block_m, **sink_args,
     )  # fmt: skip
-    return delta
+    return delta, partials
 
 
 def _varlen_dkdv_targets(

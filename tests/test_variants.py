@@ -27,6 +27,7 @@ from fastgpt.reference import (
     reference_attention_varlen_backward,
     reference_sinks_grad,
 )
+from fastgpt.varlen import VARLEN_BACKENDS
 
 COMPILED = [b for b in fastgpt.available_backends("cpu") if b != "reference"]
 TRITON = "triton" in fastgpt.available_backends("cpu")
@@ -190,9 +191,10 @@ def test_fastgpt_backend_env_is_an_automatic_pick_that_moves(monkeypatch, debug_
     for backend in COMPILED:
         monkeypatch.setenv("FASTGPT_BACKEND", backend)
         out = attention(q.float(), k.float(), v.float(), sinks=s.float())
-        assert debug_log()[-1].endswith(
-            f"-> reference ({backend} (FASTGPT_BACKEND) has no sinks kernels yet)"
-        )
+        moved = f"-> reference ({backend} (FASTGPT_BACKEND) has no sinks kernels yet)"
+        stays = f"-> {backend} (FASTGPT_BACKEND)"
+        has = backend in VARIANT_BACKENDS["sinks"]
+        assert debug_log()[-1].endswith(stays if has else moved)
         torch.testing.assert_close(
             out.double(), oracle(q, k, v, True, sinks=s)[0], atol=1e-5, rtol=1e-5
         )
@@ -437,12 +439,80 @@ def test_varlen_variants_match_the_oracle_per_sequence(causal, window, softcap, 
         torch.testing.assert_close(got, want, **F64)
 
 
-@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize(
+    "backend",
+    [b for b in COMPILED if b not in VARLEN_BACKENDS or b not in VARIANT_BACKENDS["window"]],
+)
 def test_varlen_explicit_backend_without_varlen_or_the_variant_raises(backend):
     q = torch.randn(5, 2, 8)
     cu = cu_seqlens([5], "cpu")
     with pytest.raises(NotImplementedError):
         fastgpt.attention_varlen(q, q, q, cu, cu, 5, 5, window=(2, 0), backend=backend)
+
+
+@pytest.mark.skipif(not TRITON, reason="triton is not installed")
+@pytest.mark.parametrize(
+    "causal,window,softcap,sinks",
+    [(True, (3, 0), 0.0, True), (False, (2, 20), 1.5, True), (False, (-1, -1), 2.0, False)],
+)
+def test_triton_varlen_variants_within_the_rule(causal, window, softcap, sinks):
+    """Packed sequences (one empty, one past a tile, one of one row) on the Triton varlen
+    kernels: out, dq/dk/dv and dsinks against the float64 oracle run per sequence, in fp32."""
+    lens_q, lens_k = [5, 0, 40, 1], [7, 3, 37, 1]
+    H, Hkv, D = 4, 2, 8
+    Nq, Nk = sum(lens_q), sum(lens_k)
+    q, k, v, do, s = random_tensors(
+        (Nq, H, D), (Nk, Hkv, D), (Nk, Hkv, D), (Nq, H, D), (H,),
+        dtype=torch.float64, device="cpu", seed=9,
+    )  # fmt: skip
+    s = s if sinks else None
+    cu_q, cu_k = cu_seqlens(lens_q, "cpu"), cu_seqlens(lens_k, "cpu")
+    variants = dict(window=window, softcap=softcap)
+
+    def run(fn, dtype, sinks_dtype):
+        tensors = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        sk = None if s is None else s.to(sinks_dtype).requires_grad_()
+        out = fn(*tensors, sk)
+        grads = torch.autograd.grad(out, tensors + ([sk] if sk is not None else []), do.to(dtype))
+        return [out.detach(), *(g.detach() for g in grads)]
+
+    def kernel(q, k, v, sk):
+        return fastgpt.attention_varlen(
+            q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, sinks=sk,
+            backend="triton", **variants,
+        )  # fmt: skip
+
+    def per_sequence(q, k, v, sk):
+        outs, rq, rk = [], 0, 0
+        for tq, tk in zip(lens_q, lens_k, strict=True):
+            b = [
+                t.transpose(0, 1)[None] for t in (q[rq : rq + tq], k[rk : rk + tk], v[rk : rk + tk])
+            ]
+            outs.append(oracle(*b, causal, window, softcap, sk)[0][0].transpose(0, 1))
+            rq, rk = rq + tq, rk + tk
+        return torch.cat(outs)
+
+    got = run(kernel, torch.float32, torch.float32)
+    exact = run(per_sequence, torch.float64, torch.float64)
+    plain = run(per_sequence, torch.float32, torch.float32)
+    floors = [torch.zeros_like(exact[0])] + [torch.zeros_like(g) for g in exact[1:4]]
+    rq, rk, sink_floor = 0, 0, 0
+    for tq, tk in zip(lens_q, lens_k, strict=True):  # the dense floors, sequence by sequence
+        b = [t.transpose(0, 1)[None] for t in (q[rq : rq + tq], k[rk : rk + tk], v[rk : rk + tk])]
+        do_b = do[rq : rq + tq].transpose(0, 1)[None]
+        fq, fk, fv, fs = variant_floors(*b, do_b, causal, window, softcap, s, torch.float32)
+        sink_floor = sink_floor + (0 if fs is None else fs)
+        floors[1][rq : rq + tq] = fq[0].transpose(0, 1)
+        floors[2][rk : rk + tk] = fk[0].transpose(0, 1)
+        floors[3][rk : rk + tk] = fv[0].transpose(0, 1)
+        rq, rk = rq + tq, rk + tk
+    what = f"triton varlen causal={causal} window={window} softcap={softcap}"
+    assert_within_bounds(what, torch.float32, got[:4], plain[:4], exact[:4], floors)
+    if s is not None:  # dsinks: the rule, with its floor summed over the sequences
+        err = (got[4].double() - exact[4]).abs()
+        plain_err = (plain[4].double() - exact[4]).abs().max().item()
+        bound = 2 * plain_err + rounding_floor(exact[4], torch.float32) + sink_floor
+        assert (err <= bound).all(), f"{what} dsinks: error {err.tolist()} over {bound.tolist()}"
 
 
 def test_varlen_bad_sinks_raise_naming_the_heads():
