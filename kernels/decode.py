@@ -63,13 +63,13 @@ def decode_split_kernel(
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     acc, m_i, l_i, k_ptrs, v_ptrs = fwd_tiles(
         acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_g, offs_n, offs_d,
-        lo, hi_full, Tk, HEAD_DIM, 0, qk_scale,
-        False, False, SCALE_NEG, BLOCK_N, BLOCK_D, DOT_PRECISION, False,  # pointer loads
+        lo, hi_full, Tk, HEAD_DIM, 0, qk_scale, 0, 0, 1.0, 1.0,  # no window, no softcap
+        False, False, SCALE_NEG, BLOCK_N, BLOCK_D, DOT_PRECISION, False, False, False,  # pointers
     )  # fmt: skip
     acc, m_i, l_i, k_ptrs, v_ptrs = fwd_tiles(
         acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_g, offs_n, offs_d,
-        hi_full, hi, Tk, HEAD_DIM, 0, qk_scale,
-        True, False, SCALE_NEG, BLOCK_N, BLOCK_D, DOT_PRECISION, False,
+        hi_full, hi, Tk, HEAD_DIM, 0, qk_scale, 0, 0, 1.0, 1.0,
+        True, False, SCALE_NEG, BLOCK_N, BLOCK_D, DOT_PRECISION, False, False, False,
     )  # fmt: skip
 
     # Row of a partial: ((b * H + h) * S + s), with h = h_kv * GROUP + g.
