@@ -106,9 +106,10 @@ def variant_args(
 
     reach: more than any |query - key| offset (Tq + Tk, or the packed totals')."""
     left, right = (int(w) for w in window)
-    right = 0 if causal else right
     args: dict = {"Sinks": None if sinks is None else sinks.to(torch.float32).contiguous()}
-    args["WINDOW"] = left >= 0 or right >= 0
+    # Causal alone is no window (CAUSAL masks it); with a left bound it is right = 0.
+    args["WINDOW"] = left >= 0 or (right >= 0 and not causal)
+    right = 0 if causal else right
     args["win_left"] = left if left >= 0 else reach
     args["win_right"] = right if right >= 0 else reach
     # scale 0 makes every score 0, which the cap keeps at 0: no cap to apply.
