@@ -386,6 +386,21 @@ def test_triton_windows_that_skip_tiles(causal, window, softcap, sinks, lengths,
 
 
 @pytest.mark.skipif(not TRITON, reason="triton is not installed")
+def test_triton_plain_calls_compile_no_variant_path():
+    """WINDOW / SOFTCAP / sinks are on only when a call restricts: causal alone is no window."""
+    from fastgpt.kernels.attention import variant_args
+
+    for causal in (False, True):
+        plain = variant_args((-1, -1), 0.0, None, causal, 0.3, 100)
+        assert not plain["WINDOW"] and not plain["SOFTCAP"] and plain["Sinks"] is None
+    causal_right = variant_args((-1, 5), 0.0, None, True, 0.3, 100)  # causal hides the right
+    assert not causal_right["WINDOW"]
+    left = variant_args((7, -1), 2.0, None, True, 0.3, 100)
+    assert left["WINDOW"] and (left["win_left"], left["win_right"]) == (7, 0) and left["SOFTCAP"]
+    assert not variant_args((-1, -1), 2.0, None, False, 0.0, 100)["SOFTCAP"]  # scale 0: s = 0
+
+
+@pytest.mark.skipif(not TRITON, reason="triton is not installed")
 def test_triton_variant_ops_pass_opcheck():
     q, k, v, do, s = (t.detach().float() for t in leaves(1, 4, 2, 9, 21, 8, True, seed=2))
     assert s.shape == (4,)
