@@ -106,7 +106,12 @@ VARIANTS = {
     "decode": [{"HEAD_DIM": 40}, {"SCALE_NEG": True}, {"GROUP": 1}],
     "kvcache": [{"HEAD_DIM": 40}, {"SCALE_NEG": True}, {"CAUSAL": False}, {"GROUP": 1, "Tq": 1}],
     "preprocess": [SINKS],
+    "combine": [SINKS],
 }
+VARIANTS["kvcache"] += [
+    {**WINDOW, **SOFTCAP},
+    {**WINDOW, **SOFTCAP, "PAGED": False, "PAGE_SIZE": 1},
+]
 VARIANTS["fwd"] += [WINDOW, SOFTCAP, SINKS, ALL_VARIANTS, {**ALL_VARIANTS, "CAUSAL": False}]
 for _kind in ("dkdv", "dq"):
     VARIANTS[_kind] += [WINDOW, SOFTCAP, {**WINDOW, **SOFTCAP, "CAUSAL": False}]
@@ -140,10 +145,11 @@ def constexprs_of(kind: str, block_d: int, row: tuple[int, int, int, int], dtype
         return {**base, **precision, "BLOCK_G": 16, "BLOCK_N": block_n, "SCALE_NEG": False}
     if kind == "kvcache":
         paths = {"CAUSAL": True, "SCALE_NEG": False, "PAGED": True, "PAGE_SIZE": 16}
+        paths |= {"WINDOW": False, "SOFTCAP": False}
         return {**base, **precision, **paths, "BLOCK_M": block_m, "BLOCK_N": block_n}
     if kind == "preprocess":
         return {**base, "BLOCK_M": block_m, "Lse": None, "Sinks": None, "DSinks": None}
-    return {**base, "BLOCK_S": 64}  # combine, at attention.DECODE_MAX_SPLITS
+    return {**base, "BLOCK_S": 64, "Sinks": None}  # combine, at attention.DECODE_MAX_SPLITS
 
 
 def _sources_digest() -> str:

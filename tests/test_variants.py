@@ -414,6 +414,48 @@ def test_triton_variant_ops_pass_opcheck():
     assert len(plain) == 4 and plain[3].shape == (0,)  # no sinks: an empty dsinks
 
 
+@pytest.mark.skipif(not TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "page16"])
+@pytest.mark.parametrize(
+    "causal,window,softcap,sinks",
+    [(True, (5, 0), 0.0, True), (False, (20, 2), 2.0, False), (True, (-1, -1), 50.0, True)],
+)
+def test_triton_kvcache_variants_within_the_rule(paged, causal, window, softcap, sinks):
+    """The Triton KV-cache kernel (split-K over the cache, then the merge) with the variants:
+    each sequence's rows against the float64 oracle on its own keys, within the fp32 rule."""
+    from fastgpt.kernels.kvcache import kvcache_attention_with_lse
+
+    B, Tq, H, Hkv, D, capacity = 3, 3, 4, 2, 8, 96
+    lengths = [3, 70, 96]  # keys per sequence after the new ones
+    q, k_all, v_all, s = random_tensors(
+        (B, Tq, H, D), (B, capacity, Hkv, D), (B, capacity, Hkv, D), (H,),
+        dtype=torch.float64, device="cpu", seed=4,
+    )  # fmt: skip
+    s = s if sinks else None
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    k_cache, v_cache, table = k_all.float(), v_all.float(), None
+    if paged:  # pages of 16 rows, handed out in reverse so that logical order != physical
+        pages = capacity // 16
+        table = torch.arange(B * pages, dtype=torch.int32).flip(0).view(B, pages)
+        k_cache = torch.empty(B * pages, 16, Hkv, D)
+        v_cache = torch.empty(B * pages, 16, Hkv, D)
+        k_cache[table.flatten().long()] = k_all.float().view(B * pages, 16, Hkv, D)
+        v_cache[table.flatten().long()] = v_all.float().view(B * pages, 16, Hkv, D)
+    out, lse = kvcache_attention_with_lse(
+        q.float(), k_cache, v_cache, seqlens, table, causal, D**-0.5, num_splits=3,
+        window=window, softcap=softcap, sinks=None if s is None else s.float(),
+    )  # fmt: skip
+    for b, end in enumerate(lengths):
+        qb, kb, vb = (t.transpose(0, 1)[None] for t in (q[b], k_all[b, :end], v_all[b, :end]))
+        exact, exact_lse = oracle(qb, kb, vb, causal, window, softcap, s)
+        args = [t.float() for t in (qb, kb, vb)] + [None if s is None else s.float()]
+        plain = oracle(*args[:3], causal, window, softcap, args[3])[0]
+        got = out[b].transpose(0, 1)[None]  # (1, H, Tq, D)
+        what = f"triton kvcache paged={paged} b={b}"
+        assert_within_bounds(what, torch.float32, [got], [plain], [exact], [None])
+        torch.testing.assert_close(lse[b].double(), exact_lse[0], atol=1e-5, rtol=1e-5)
+
+
 # --- Packed variable-length attention ------------------------------------------------------------
 
 
