@@ -341,9 +341,9 @@ def attention_with_kvcache(
             (a query that sees no key outputs zeros); False: every one of the sequence's keys.
         scale: multiplies q.k; defaults to 1 / sqrt(D).
         window, softcap, sinks: fastgpt.attention's variants, with the window placed on each
-            sequence's own positions (query i sits at cache_seqlens[b] + Tnew - Tq + i). Today
-            only the reference runs them (KVCACHE_VARIANT_BACKENDS): an automatic pick moves
-            there, an explicit other backend raises NotImplementedError.
+            sequence's own positions (query i sits at cache_seqlens[b] + Tnew - Tq + i). The
+            reference and the Triton kernel run them (KVCACHE_VARIANT_BACKENDS): an automatic
+            pick moves there, an explicit other backend raises NotImplementedError.
         backend: as fastgpt.attention's; a backend without a KV-cache kernel (KVCACHE_KERNELS)
             runs the reference when picked automatically and raises NotImplementedError when asked
             for by name.
