@@ -93,17 +93,16 @@ def _three_grads_fake(grad_out, q, k, v, out, lse, causal, scale, *variants, **n
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-_VARIANT_ARGS = ("window", "softcap", "sinks")  # the ops' inputs after (q, k, v, causal, scale)
-
-
 def _setup_context(ctx, inputs, output):
     q, k, v, causal, scale = inputs[:5]
-    variants = dict(zip(_VARIANT_ARGS, inputs[5:], strict=False))
+    # The variants by name (window, softcap, sinks: the forward's inputs after scale, in its
+    # schema's order); only those in use go on to the backward op.
+    variants = dict(zip(ctx.variant_names, inputs[5:], strict=True))
     sinks = variants.pop("sinks", None)
-    # Only the variants in use go on to the backward op (one without them keeps working).
     ctx.variants = {name: value for name, value in variants.items() if value not in (None, 0.0)}
     out, lse = output
-    ctx.has_sinks, ctx.n_inputs = sinks is not None, len(inputs)
+    ctx.sinks_input = ctx.variant_names.index("sinks") + 5 if sinks is not None else None
+    ctx.n_inputs = len(inputs)
     ctx.save_for_backward(q, k, v, out, lse, *([sinks] if sinks is not None else []))
     ctx.causal, ctx.scale = causal, scale
     ctx.mark_non_differentiable(lse)
@@ -122,15 +121,21 @@ def _register(backend: str) -> None:
         variants = dict(ctx.variants, **({"sinks": sinks[0]} if sinks else {}))
         grads = backward_op(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale, **variants)
         result = [*grads[:3]] + [None] * (ctx.n_inputs - 3)  # (dq, dk, dv, None for the rest)
-        if ctx.has_sinks:  # sinks is the op's last input; its gradient the op's 4th output
-            result[-1] = grads[3].to(sinks[0].dtype)
+        if ctx.sinks_input is not None:  # its gradient: the backward op's 4th output
+            result[ctx.sinks_input] = grads[3].to(sinks[0].dtype)
         return tuple(result)
 
+    def setup_context(ctx, inputs, output):
+        ctx.variant_names = variant_names
+        _setup_context(ctx, inputs, output)
+
+    schema = getattr(torch.ops.fastgpt, f"{backend}_attention_forward").default._schema
+    variant_names = [a.name for a in schema.arguments][5:]
     with_dsinks = len(backward_op.default._schema.returns) == 4
     fake_backward = _backward_fake if with_dsinks else _three_grads_fake
     torch.library.register_fake(forward)(_forward_fake)
     torch.library.register_fake(f"fastgpt::{backend}_attention_backward")(fake_backward)
-    torch.library.register_autograd(forward, backward, setup_context=_setup_context)
+    torch.library.register_autograd(forward, backward, setup_context=setup_context)
     refuse_double_backward(
         f"fastgpt::{backend}_attention_backward",
         f"The {backend} backend has no double backward (second-order gradients through "
