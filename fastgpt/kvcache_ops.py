@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from fastgpt import _extension
+from fastgpt.ops import kernel_variants
 
 
 @torch.library.custom_op("fastgpt::triton_attention_kvcache", mutates_args=())
@@ -25,10 +26,14 @@ def triton_attention_kvcache(
     block_table: Tensor | None,
     causal: bool,
     scale: float,
+    window: list[int] | None = None,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     from fastgpt.kernels.kvcache import kvcache_attention
 
-    return kvcache_attention(q, k_cache, v_cache, seqlens_k, block_table, causal, scale)
+    variants = kernel_variants(window, softcap, sinks)
+    return kvcache_attention(q, k_cache, v_cache, seqlens_k, block_table, causal, scale, **variants)
 
 
 def cpp_has_kvcache() -> bool:
@@ -44,6 +49,8 @@ def _kvcache_fake(
     block_table: Tensor | None,
     causal: bool,
     scale: float,
+    *variants,
+    **named_variants,
 ) -> Tensor:
     torch._check(q.dim() == 4 and k_cache.dim() == 4, lambda: "q and the caches must be 4-d")
     return q.new_empty(q.shape)  # (B, Tq, H, D), contiguous, q's dtype

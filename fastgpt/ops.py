@@ -2,9 +2,14 @@
 
 Each compiled backend exposes two ops in the ``fastgpt`` namespace:
 
-    fastgpt::<backend>_attention_forward(q, k, v, causal, scale) -> (out, lse)
-    fastgpt::<backend>_attention_backward(grad_out, q, k, v, out, lse, causal, scale)
-        -> (dq, dk, dv)
+    fastgpt::<backend>_attention_forward(q, k, v, causal, scale, **variants) -> (out, lse)
+    fastgpt::<backend>_attention_backward(grad_out, q, k, v, out, lse, causal, scale, **variants)
+        -> (dq, dk, dv) or (dq, dk, dv, dsinks)
+
+variants are keyword arguments with defaults (window=None, softcap=0.0, sinks=None) for a backend
+whose kernels have them (fastgpt.attention.VARIANT_BACKENDS); the Triton backward always returns
+dsinks ((H,) fp32, empty without sinks). The autograd glue passes the variants on only when set,
+so an op without them keeps working.
 
 The Triton ops are defined here as custom ops around the host functions in fastgpt.kernels; the
 C++ ops are defined by the extension (csrc/) and only get their fake implementations and autograd
@@ -21,11 +26,18 @@ from fastgpt.reference import accumulate_dtype
 
 @torch.library.custom_op("fastgpt::triton_attention_forward", mutates_args=())
 def triton_attention_forward(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    scale: float,
+    window: list[int] | None = None,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     from fastgpt.kernels.attention import attention_forward
 
-    return attention_forward(q, k, v, causal, scale)
+    return attention_forward(q, k, v, causal, scale, **kernel_variants(window, softcap, sinks))
 
 
 @torch.library.custom_op("fastgpt::triton_attention_backward", mutates_args=())
@@ -38,28 +50,60 @@ def triton_attention_backward(
     lse: Tensor,
     causal: bool,
     scale: float,
-) -> tuple[Tensor, Tensor, Tensor]:
+    window: list[int] | None = None,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from fastgpt.kernels.attention import attention_backward
 
-    return attention_backward(grad_out, q, k, v, out, lse, causal, scale)
+    variants = kernel_variants(window, softcap, sinks)
+    grads = attention_backward(grad_out, q, k, v, out, lse, causal, scale, **variants)
+    if sinks is None:
+        return *grads, q.new_empty((0,), dtype=torch.float32)
+    return grads
 
 
-def _forward_fake(q, k, v, causal, scale):
+def kernel_variants(window: list[int] | None, softcap: float, sinks: Tensor | None) -> dict:
+    """The kernel host functions' variant keywords from an op's arguments."""
+    return {
+        "window": tuple(window) if window is not None else (-1, -1),
+        "softcap": softcap,
+        "sinks": sinks,
+    }
+
+
+def _forward_fake(q, k, v, causal, scale, window=None, softcap=0.0, sinks=None):
     B, H, Tq, D = q.shape
     out = q.new_empty((B, H, Tq, D))  # (B, H, Tq, D), contiguous
     lse = q.new_empty((B, H, Tq), dtype=accumulate_dtype(q.dtype))  # (B, H, Tq)
     return out, lse
 
 
-def _backward_fake(grad_out, q, k, v, out, lse, causal, scale):
-    # dq like q, dk and dv like k: contiguous, in the input dtype.
+def _backward_fake(
+    grad_out, q, k, v, out, lse, causal, scale, window=None, softcap=0.0, sinks=None
+):
+    # dq like q, dk and dv like k: contiguous, in the input dtype; dsinks (H,) fp32 or empty.
+    n_sinks = 0 if sinks is None else sinks.shape[0]
+    dsinks = q.new_empty((n_sinks,), dtype=torch.float32)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
+
+
+def _three_grads_fake(grad_out, q, k, v, out, lse, causal, scale, *variants, **named):
+    # A backward op without dsinks (the C++ op until it has the variants): (dq, dk, dv).
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale = inputs
+    q, k, v, causal, scale = inputs[:5]
+    # The variants by name (window, softcap, sinks: the forward's inputs after scale, in its
+    # schema's order); only those in use go on to the backward op.
+    variants = dict(zip(ctx.variant_names, inputs[5:], strict=True))
+    sinks = variants.pop("sinks", None)
+    ctx.variants = {name: value for name, value in variants.items() if value not in (None, 0.0)}
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.sinks_input = ctx.variant_names.index("sinks") + 5 if sinks is not None else None
+    ctx.n_inputs = len(inputs)
+    ctx.save_for_backward(q, k, v, out, lse, *([sinks] if sinks is not None else []))
     ctx.causal, ctx.scale = causal, scale
     ctx.mark_non_differentiable(lse)
 
@@ -73,13 +117,25 @@ def _register(backend: str) -> None:
     backward_op = getattr(torch.ops.fastgpt, f"{backend}_attention_backward")
 
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
+        q, k, v, out, lse, *sinks = ctx.saved_tensors
+        variants = dict(ctx.variants, **({"sinks": sinks[0]} if sinks else {}))
+        grads = backward_op(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale, **variants)
+        result = [*grads[:3]] + [None] * (ctx.n_inputs - 3)  # (dq, dk, dv, None for the rest)
+        if ctx.sinks_input is not None:  # its gradient: the backward op's 4th output
+            result[ctx.sinks_input] = grads[3].to(sinks[0].dtype)
+        return tuple(result)
 
+    def setup_context(ctx, inputs, output):
+        ctx.variant_names = variant_names
+        _setup_context(ctx, inputs, output)
+
+    schema = getattr(torch.ops.fastgpt, f"{backend}_attention_forward").default._schema
+    variant_names = [a.name for a in schema.arguments][5:]
+    with_dsinks = len(backward_op.default._schema.returns) == 4
+    fake_backward = _backward_fake if with_dsinks else _three_grads_fake
     torch.library.register_fake(forward)(_forward_fake)
-    torch.library.register_fake(f"fastgpt::{backend}_attention_backward")(_backward_fake)
-    torch.library.register_autograd(forward, backward, setup_context=_setup_context)
+    torch.library.register_fake(f"fastgpt::{backend}_attention_backward")(fake_backward)
+    torch.library.register_autograd(forward, backward, setup_context=setup_context)
     refuse_double_backward(
         f"fastgpt::{backend}_attention_backward",
         f"The {backend} backend has no double backward (second-order gradients through "

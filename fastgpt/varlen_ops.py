@@ -13,13 +13,18 @@ in float32 (float64 for float64 inputs). The reference and Triton backends defin
 defines the cpp ones (csrc/attention.cpp); each backend calls register_varlen(backend) for the
 same fake implementations and autograd. To torch.compile each op is one opaque node with known
 output shapes (dynamic totals), and the profiler shows it as ``fastgpt::...``.
+
+The Triton and C++ ops also take the variants as keyword arguments with defaults (window=None,
+softcap=0.0, sinks=None; fastgpt.attention's, within each sequence) and their backward returns a
+fourth output, dsinks ((H,) in lse's dtype, empty without sinks). The autograd glue passes the
+variants on only when set, and reads dsinks only from a backward op with four outputs.
 """
 
 import torch
 from torch import Tensor
 
 from fastgpt import _extension, reference
-from fastgpt.ops import refuse_double_backward
+from fastgpt.ops import kernel_variants, refuse_double_backward
 from fastgpt.reference import accumulate_dtype
 
 
@@ -68,15 +73,40 @@ def _forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     return out, lse
 
 
+def _forward_variants_fake(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, *variants
+):
+    return _forward_fake(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
+    )
+
+
 def _backward_fake(grad_out, q, k, v, *rest):
     # dq like q, dk and dv like k: contiguous, in the input dtype.
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+def _backward_dsinks_fake(
+    grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale,
+    window=None, softcap=0.0, sinks=None,
+):  # fmt: skip
+    # As _backward_fake, and dsinks (H,) fp32, empty without sinks.
+    dsinks = q.new_empty((0 if sinks is None else sinks.shape[0],), dtype=torch.float32)
+    return *_backward_fake(grad_out, q, k, v), dsinks
+
+
+_VARIANT_ARGS = ("window", "softcap", "sinks")  # the ops' inputs after scale
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale = inputs
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale = inputs[:9]
+    variants = dict(zip(_VARIANT_ARGS, inputs[9:], strict=False))
+    sinks = variants.pop("sinks", None)
+    ctx.variants = {name: value for name, value in variants.items() if value not in (None, 0.0)}
+    ctx.has_sinks, ctx.n_inputs = sinks is not None, len(inputs)
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    saved = [q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *([sinks] if sinks is not None else [])]
+    ctx.save_for_backward(*saved)
     ctx.max_seqlens, ctx.causal, ctx.scale = (max_seqlen_q, max_seqlen_k), causal, scale
     ctx.mark_non_differentiable(lse)
 
@@ -88,14 +118,22 @@ def register_varlen(backend: str) -> None:
     backward_op = getattr(torch.ops.fastgpt, f"{backend}_attention_varlen_backward")
 
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv = backward_op(
-            grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.max_seqlens, ctx.causal, ctx.scale
-        )
-        return dq, dk, dv, None, None, None, None, None, None
+        q, k, v, out, lse, cu_q, cu_k, *sinks = ctx.saved_tensors
+        variants = dict(ctx.variants, **({"sinks": sinks[0]} if sinks else {}))
+        grads = backward_op(
+            grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.max_seqlens, ctx.causal, ctx.scale,
+            **variants,
+        )  # fmt: skip
+        result = [*grads[:3]] + [None] * (ctx.n_inputs - 3)
+        if ctx.has_sinks:  # sinks is the op's last input; its gradient the op's 4th output
+            result[-1] = grads[3].to(sinks[0].dtype)
+        return tuple(result)
 
-    torch.library.register_fake(forward)(_forward_fake)
-    torch.library.register_fake(f"fastgpt::{backend}_attention_varlen_backward")(_backward_fake)
+    with_variants = len(backward_op.default._schema.returns) == 4
+    forward_fake = _forward_variants_fake if with_variants else _forward_fake
+    backward_fake = _backward_dsinks_fake if with_variants else _backward_fake
+    torch.library.register_fake(forward)(forward_fake)
+    torch.library.register_fake(f"fastgpt::{backend}_attention_varlen_backward")(backward_fake)
     torch.library.register_autograd(forward, backward, setup_context=_setup_context)
     refuse_double_backward(
         f"fastgpt::{backend}_attention_varlen_backward",
@@ -120,11 +158,23 @@ def triton_attention_varlen_forward(
     max_seqlen_k: int,
     causal: bool,
     scale: float,
+    window: list[int] | None = None,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     from fastgpt.kernels.attention import attention_varlen_forward
 
     return attention_varlen_forward(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        causal,
+        scale,
+        **kernel_variants(window, softcap, sinks),
     )  # (total_q, H, D), (H, total_q) fp32: fresh contiguous tensors
 
 
@@ -142,13 +192,19 @@ def triton_attention_varlen_backward(
     max_seqlen_k: int,
     causal: bool,
     scale: float,
-) -> tuple[Tensor, Tensor, Tensor]:
+    window: list[int] | None = None,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from fastgpt.kernels.attention import attention_varlen_backward
 
-    return attention_varlen_backward(
+    grads = attention_varlen_backward(
         grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-        max_seqlen_q, max_seqlen_k, causal, scale,
+        max_seqlen_q, max_seqlen_k, causal, scale, **kernel_variants(window, softcap, sinks),
     )  # fmt: skip
+    if sinks is None:
+        return *grads, q.new_empty((0,), dtype=torch.float32)
+    return grads
 
 
 register_varlen("triton")

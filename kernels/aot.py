@@ -24,10 +24,10 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource
 
-FP32_ARGS = {"Lse", "Delta", "Acc", "M", "L", "DKp", "DVp"}
+FP32_ARGS = {"Lse", "Delta", "Acc", "M", "L", "DKp", "DVp", "Sinks", "DSinks"}
 INT32_ARGS = {"CuQ", "CuK"}  # cu_seqlens of the varlen kernels (None constexprs when dense)
 TENSOR_ARGS = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", *FP32_ARGS, *INT32_ARGS}
-FLOAT_ARGS = {"qk_scale", "scale", "lse_scale"}
+FLOAT_ARGS = {"qk_scale", "scale", "lse_scale", "softcap", "cap_in", "cap_out"}
 INT32_TENSOR_ARGS = {"Seqlens", "Table"}  # the KV-cache kernel's lengths and block table
 ELEMENT_SIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
 

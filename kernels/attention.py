@@ -16,6 +16,10 @@ Packed variable-length sequences (the same kernels with IS_VARLEN; fastgpt.atten
 
 q/out: (total_q, H, D); k, v: (total_k, Hkv, D); cu_seqlens_*: int32 (B + 1,); lse: (H, total_q)
 float32. The grids cover max_seqlen_* rows per sequence; programs past a sequence's end exit.
+
+Variants (keywords of the dense functions): window=(left, right) (-1 unbounded), softcap=c (0 off)
+and sinks (H,) (None off), with flash-attn's semantics (fastgpt.reference). With sinks, lse
+includes the sink's term and attention_backward returns (dq, dk, dv, dsinks), dsinks (H,) fp32.
 """
 
 import functools
@@ -49,7 +53,7 @@ if INTERPRET:
 # Autotune keys: head dim, causal, the GQA group and the lengths rounded up to a power of two (so
 # a new length in the same bucket reuses the tuned config). dK/dV adds its group split (the work
 # per program). Tensor dtypes are added by the autotuner itself.
-_KEY = ["HEAD_DIM", "CAUSAL", "GROUP", "TQ_BUCKET", "TK_BUCKET", "IS_VARLEN"]
+_KEY = ["HEAD_DIM", "CAUSAL", "GROUP", "TQ_BUCKET", "TK_BUCKET", "IS_VARLEN", "WINDOW", "SOFTCAP"]
 
 _fwd = triton.autotune(
     FWD_CONFIGS, key=[*_KEY, "USE_TMA"], prune_configs_by={"early_config_prune": prune_fwd}
@@ -89,6 +93,35 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def variant_args(
+    window: tuple[int, int],
+    softcap: float,
+    sinks: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    reach: int,
+) -> dict:
+    """The kernels' variant arguments: Sinks (fp32 or None), win_left / win_right (causal folded
+    into right = 0, an unbounded side as `reach`, past every key), softcap, WINDOW, SOFTCAP.
+
+    reach: more than any |query - key| offset (Tq + Tk, or the packed totals')."""
+    left, right = (int(w) for w in window)
+    args: dict = {"Sinks": None if sinks is None else sinks.to(torch.float32).contiguous()}
+    # Causal alone is no window (CAUSAL masks it); with a left bound it is right = 0.
+    args["WINDOW"] = left >= 0 or (right >= 0 and not causal)
+    right = 0 if causal else right
+    args["win_left"] = left if left >= 0 else reach
+    args["win_right"] = right if right >= 0 else reach
+    # scale 0 makes every score 0, which the cap keeps at 0: no cap to apply.
+    args["SOFTCAP"] = softcap > 0.0 and scale != 0.0
+    args["softcap"] = float(softcap) if args["SOFTCAP"] else 1.0
+    return args
+
+
+def _plain(args: dict) -> bool:
+    return not args["WINDOW"] and not args["SOFTCAP"] and args["Sinks"] is None
+
+
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -96,22 +129,30 @@ def attention_forward(
     causal: bool,
     scale: float,
     use_tma: bool | None = None,
+    *,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused attention forward. Returns out (B, H, Tq, D) in q.dtype and lse (B, H, Tq) fp32.
 
     use_tma: Q/K/V loads and the O store through tensor descriptors; default tma_ok(...) (sm_90+
     with 16-byte-aligned bases and strides). True forces it (the interpreter tests both paths).
+    window, softcap, sinks: the variants (module docstring).
     """
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
+    extra = variant_args(window, softcap, sinks, causal, scale, Tq + Tk + 1)
     out = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    if Tk == 0:  # no key anywhere: every row is empty
-        return out.zero_(), lse.fill_(math.inf)
-    if Tq == 1 and Tk >= DECODE_MIN_KEYS:
+    if Tk == 0:  # no key anywhere: every row is empty (its lse the sink's, with sinks)
+        if sinks is None:
+            return out.zero_(), lse.fill_(math.inf)
+        return out.zero_(), lse.copy_(extra["Sinks"].view(1, H, 1).expand_as(lse))
+    if Tq == 1 and Tk >= DECODE_MIN_KEYS and _plain(extra):
         return decode_forward(q, k, v, scale)
 
     use_tma = _use_descriptors(use_tma, "fwd", _block_d(D), q, k, v, out)
@@ -125,7 +166,7 @@ def attention_forward(
         H, H // Hkv, Tq, Tk, abs(scale) * LOG2E.value, abs(scale),
         _bucket(Tq), _bucket(Tk),
         HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=bool(causal), SCALE_NEG=scale < 0,
-        DOT_PRECISION=_dot_precision(q.dtype), USE_TMA=use_tma,
+        DOT_PRECISION=_dot_precision(q.dtype), USE_TMA=use_tma, **extra,
     )  # fmt: skip
     return out, lse
 
@@ -223,8 +264,13 @@ def attention_backward(
     scale: float,
     dkdv_split: int | None = None,
     use_tma: bool | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused attention backward. Returns dq like q, dk and dv like k, contiguous, input dtype.
+    *,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Fused attention backward. Returns dq like q, dk and dv like k, contiguous, input dtype;
+    with sinks also dsinks (H,) fp32 (lse must then be the forward's, the sink's term included).
 
     dkdv_split: how many programs share one KV head's GQA group in the dK/dV pass (a divisor of
     the group); default dkdv_splits(...), more than 1 only when the grid would not fill the GPU.
@@ -234,22 +280,30 @@ def attention_backward(
     grad_out, q, k, v, out = (last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
+    extra = variant_args(window, softcap, sinks, causal, scale, Tq + Tk + 1)
+    sinks32 = extra.pop("Sinks")
     dq = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Hkv, Tk, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Hkv, Tk, D), dtype=v.dtype, device=v.device)
+    dsinks = () if sinks is None else (torch.zeros((H,), dtype=torch.float32, device=q.device),)
     if dq.numel() == 0 or dk.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.zero_(), dk.zero_(), dv.zero_(), *dsinks
     lse = lse.to(torch.float32).contiguous()
     block_d = _block_d(D)
 
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     pre_block_m = 64 if INTERPRET else 128
-    bwd_preprocess_kernel[(triton.cdiv(Tq, pre_block_m), H, B)](
+    n_pre = triton.cdiv(Tq, pre_block_m)
+    partials = None if sinks is None else torch.empty((B, H, n_pre), device=q.device)
+    sink_args = {} if sinks is None else dict(Lse=lse, Sinks=sinks32, DSinks=partials)
+    bwd_preprocess_kernel[(n_pre, H, B)](
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], H, Tq,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_block_m,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_block_m, **sink_args,
     )  # fmt: skip
+    if sinks is not None:
+        dsinks = (partials.sum((0, 2)),)  # (H,): torch's fixed-order reduction, no atomics
 
-    common = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal))
+    common = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal), **extra)
     common["DOT_PRECISION"] = _dot_precision(q.dtype)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
     buckets = (_bucket(Tq), _bucket(Tk))
@@ -285,7 +339,7 @@ def attention_backward(
         *strides, *dq.stride()[:3],
         H, H // Hkv, Tq, Tk, scale, *buckets, **common, USE_TMA=tma_dq,
     )  # fmt: skip
-    return dq, dk, dv
+    return dq, dk, dv, *dsinks
 
 
 def _dkdv_targets(
@@ -352,20 +406,28 @@ def attention_varlen_forward(
     causal: bool,
     scale: float,
     use_tma: bool | None = None,
+    *,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused forward over packed sequences. q (total_q, H, D), k, v (total_k, Hkv, D); returns
-    out (total_q, H, D) in q.dtype and lse (H, total_q) fp32. use_tma as attention_forward's."""
+    out (total_q, H, D) in q.dtype and lse (H, total_q) fp32. use_tma as attention_forward's;
+    window, softcap, sinks the variants, within each sequence."""
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     total_q, H, D = q.shape
     total_k, Hkv = k.shape[0], k.shape[1]
     B = cu_seqlens_q.numel() - 1
+    extra = variant_args(window, softcap, sinks, causal, scale, max_seqlen_q + max_seqlen_k + 1)
     out = torch.empty((total_q, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((H, total_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or max_seqlen_q == 0:
         return out, lse
     if total_k == 0 or max_seqlen_k == 0:  # no key anywhere: every row is empty
-        return out.zero_(), lse.fill_(math.inf)
+        if sinks is None:
+            return out.zero_(), lse.fill_(math.inf)
+        return out.zero_(), lse.copy_(extra["Sinks"].view(H, 1).expand_as(lse))
     _check_grid(B)
     use_tma = _use_descriptors(use_tma, "fwd", _block_d(D), q, k, v, out)
 
@@ -378,7 +440,7 @@ def attention_varlen_forward(
         H, H // Hkv, total_q, total_k, abs(scale) * LOG2E.value, abs(scale),
         _bucket(max_seqlen_q), _bucket(max_seqlen_k),
         HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=bool(causal), SCALE_NEG=scale < 0,
-        DOT_PRECISION=_dot_precision(q.dtype), USE_TMA=use_tma, IS_VARLEN=True,
+        DOT_PRECISION=_dot_precision(q.dtype), USE_TMA=use_tma, IS_VARLEN=True, **extra,
     )  # fmt: skip
     return out, lse
 
@@ -398,9 +460,14 @@ def attention_varlen_backward(
     scale: float,
     dkdv_split: int | None = None,
     use_tma: bool | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    *,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
     """Fused backward over packed sequences: dq (total_q, H, D), dk, dv (total_k, Hkv, D),
-    contiguous, input dtype. lse: (H, total_q). dkdv_split, use_tma as attention_backward's."""
+    contiguous, input dtype, and with sinks dsinks (H,) fp32. lse: (H, total_q). dkdv_split,
+    use_tma as attention_backward's; window, softcap, sinks the forward's."""
     grad_out, q, k, v, out = (last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     total_q, H, D = q.shape
@@ -409,12 +476,17 @@ def attention_varlen_backward(
     dq = torch.empty((total_q, H, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((total_k, Hkv, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((total_k, Hkv, D), dtype=v.dtype, device=v.device)
+    extra = variant_args(window, softcap, sinks, causal, scale, max_seqlen_q + max_seqlen_k + 1)
+    sinks32 = extra.pop("Sinks")
+    dsinks = () if sinks is None else (torch.zeros((H,), dtype=torch.float32, device=q.device),)
     if dq.numel() == 0 or dk.numel() == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.zero_(), dk.zero_(), dv.zero_(), *dsinks
     _check_grid(B)
     lse = lse.to(torch.float32).contiguous()  # (H, total_q)
     block_d = _block_d(D)
-    delta = _varlen_delta(out, grad_out, block_d)  # (H, total_q)
+    delta, partials = _varlen_delta(out, grad_out, block_d, lse, sinks32)  # (H, total_q)
+    if sinks is not None:
+        dsinks = (partials.sum(1),)  # (H, blocks) -> (H,), a fixed-order reduction
 
     group = H // Hkv
     splits = (
@@ -425,7 +497,7 @@ def attention_varlen_backward(
             f"dkdv_split={splits} must divide the GQA group {group} (H={H}, Hkv={Hkv})"
         )
     dk_out, dv_out = _varlen_dkdv_targets(dk, dv, splits)
-    common = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal), IS_VARLEN=True)
+    common = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal), IS_VARLEN=True, **extra)
     common["DOT_PRECISION"] = _dot_precision(q.dtype)
     strides = tuple(s for t in (q, k, v, grad_out) for s in _packed_strides(t))
     tail = (scale, _bucket(max_seqlen_q), _bucket(max_seqlen_k))
@@ -453,20 +525,30 @@ def attention_varlen_backward(
         *strides, *_packed_strides(dq),
         H, group, total_q, total_k, *tail, **common, USE_TMA=tma_dq,
     )  # fmt: skip
-    return dq, dk, dv
+    return dq, dk, dv, *dsinks
 
 
-def _varlen_delta(out: torch.Tensor, grad_out: torch.Tensor, block_d: int) -> torch.Tensor:
+def _varlen_delta(
+    out: torch.Tensor,
+    grad_out: torch.Tensor,
+    block_d: int,
+    lse: torch.Tensor,
+    sinks: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """delta = rowsum(dO * O) as (H, total_q) fp32: the preprocess kernel over the packed rows
-    as one sequence (a row's delta does not depend on where its sequence starts)."""
+    as one sequence (a row's delta does not depend on where its sequence starts); with sinks
+    (H,) fp32 also dsinks' partials (H, row blocks), else None."""
     total_q, H, D = out.shape
     delta = torch.empty((H, total_q), dtype=torch.float32, device=out.device)
     pre_block_m = 64 if INTERPRET else 128
-    bwd_preprocess_kernel[(triton.cdiv(total_q, pre_block_m), H, 1)](
+    n_pre = triton.cdiv(total_q, pre_block_m)
+    partials = None if sinks is None else torch.empty((H, n_pre), device=out.device)
+    sink_args = {} if sinks is None else dict(Lse=lse, Sinks=sinks, DSinks=partials)
+    bwd_preprocess_kernel[(n_pre, H, 1)](
         out, grad_out, delta, *_packed_strides(out), *_packed_strides(grad_out), H, total_q,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_block_m,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_block_m, **sink_args,
     )  # fmt: skip
-    return delta
+    return delta, partials
 
 
 def _varlen_dkdv_targets(

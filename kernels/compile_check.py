@@ -95,15 +95,29 @@ def dense_cases(arch: int, dtypes=("bf16", "fp32")):
 # Code paths the table runs do not take (they compile causal, even head dims, positive scale,
 # unspecialised lengths, group and dK/dV split; Triton specialises an int argument equal to 1):
 # kernel -> constexpr overrides, each compiled with one small config.
+# The attention variants: WINDOW and SOFTCAP constexprs, SINKS (not a kernel parameter: it makes
+# Sinks, and in the preprocess pass Lse / DSinks, real pointers instead of None).
+WINDOW, SOFTCAP, SINKS = {"WINDOW": True}, {"SOFTCAP": True}, {"SINKS": True}
+ALL_VARIANTS = {**WINDOW, **SOFTCAP, **SINKS}
 VARIANTS = {
     "fwd": [{"CAUSAL": False}, {"HEAD_DIM": 40}, {"SCALE_NEG": True}, {"Tq": 1, "Tk": 1}],
     "dkdv": [{"CAUSAL": False}, {"HEAD_DIM": 40}, {"Tq": 1, "GROUP": 1, "SPLITS": 1}],
     "dq": [{"CAUSAL": False}, {"HEAD_DIM": 40}, {"Tk": 1, "GROUP": 1}],
     "decode": [{"HEAD_DIM": 40}, {"SCALE_NEG": True}, {"GROUP": 1}],
     "kvcache": [{"HEAD_DIM": 40}, {"SCALE_NEG": True}, {"CAUSAL": False}, {"GROUP": 1, "Tq": 1}],
+    "preprocess": [SINKS],
+    "combine": [SINKS],
 }
+VARIANTS["kvcache"] += [
+    {**WINDOW, **SOFTCAP},
+    {**WINDOW, **SOFTCAP, "PAGED": False, "PAGE_SIZE": 1},
+]
+VARIANTS["fwd"] += [WINDOW, SOFTCAP, SINKS, ALL_VARIANTS, {**ALL_VARIANTS, "CAUSAL": False}]
+for _kind in ("dkdv", "dq"):
+    VARIANTS[_kind] += [WINDOW, SOFTCAP, {**WINDOW, **SOFTCAP, "CAUSAL": False}]
 for _kind in VARLEN_KINDS:  # varlen: non-causal and a padded head dim
     VARIANTS[_kind] += [{**VARLEN, "CAUSAL": False}, {**VARLEN, "HEAD_DIM": 40}]
+    VARIANTS[_kind] += [{**VARLEN, **WINDOW, **SOFTCAP}]
 
 
 def variant_cases(arch: int, dtypes=("fp16",)):
@@ -118,6 +132,8 @@ def constexprs_of(kind: str, block_d: int, row: tuple[int, int, int, int], dtype
     """The constexprs of a dense case (overrides go on top; IS_VARLEN takes CuQ / CuK out)."""
     block_m, block_n, _, _ = row
     base = {"HEAD_DIM": block_d, "BLOCK_D": block_d}
+    if kind in VARLEN_KINDS:  # the attention variants off: compiled out, pointers None
+        base |= {"WINDOW": False, "SOFTCAP": False, **({"Sinks": None} if kind == "fwd" else {})}
     precision = {"DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     if kind in VARLEN_KINDS:
         tiles = {"CAUSAL": True, "BLOCK_M": block_m, "BLOCK_N": block_n, "IS_VARLEN": False}
@@ -129,10 +145,11 @@ def constexprs_of(kind: str, block_d: int, row: tuple[int, int, int, int], dtype
         return {**base, **precision, "BLOCK_G": 16, "BLOCK_N": block_n, "SCALE_NEG": False}
     if kind == "kvcache":
         paths = {"CAUSAL": True, "SCALE_NEG": False, "PAGED": True, "PAGE_SIZE": 16}
+        paths |= {"WINDOW": False, "SOFTCAP": False}
         return {**base, **precision, **paths, "BLOCK_M": block_m, "BLOCK_N": block_n}
     if kind == "preprocess":
-        return {**base, "BLOCK_M": block_m}
-    return {**base, "BLOCK_S": 64}  # combine, at attention.DECODE_MAX_SPLITS
+        return {**base, "BLOCK_M": block_m, "Lse": None, "Sinks": None, "DSinks": None}
+    return {**base, "BLOCK_S": 64, "Sinks": None}  # combine, at attention.DECODE_MAX_SPLITS
 
 
 def _sources_digest() -> str:
@@ -162,6 +179,9 @@ def _compile_case(arch, kind, dtype, block_d, row, override) -> dict:
         constexprs = {**constexprs_of(kind, block_d, row, dtype), **(override or {})}
         if constexprs.get("IS_VARLEN"):  # cu_seqlens are real int32 pointers then
             del constexprs["CuQ"], constexprs["CuK"]
+        if constexprs.pop("SINKS", False):  # sinks (and the preprocess pass's lse, dsinks) too
+            for name in ("Sinks", "Lse", "DSinks"):
+                constexprs.pop(name, None)
         fn = FUNCTIONS[kind]
         compiled, log = aot.compile_with_log(fn, arch, dtype, constexprs, row[2], row[3])
         record["shared"] = compiled.metadata.shared

@@ -20,7 +20,7 @@ and weighs nothing in the merge; a row that sees no key at all comes out 0 (lse 
 import triton
 import triton.language as tl
 
-from .flash_fwd import fwd_tiles, head_base_offset, load_tile, natural_lse
+from .flash_fwd import fwd_tiles, head_base_offset, load_tile, natural_lse, tanh, window_visible
 
 
 @triton.jit
@@ -63,13 +63,13 @@ def decode_split_kernel(
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     acc, m_i, l_i, k_ptrs, v_ptrs = fwd_tiles(
         acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_g, offs_n, offs_d,
-        lo, hi_full, Tk, HEAD_DIM, 0, qk_scale,
-        False, False, SCALE_NEG, BLOCK_N, BLOCK_D, DOT_PRECISION, False,  # pointer loads
+        lo, hi_full, Tk, HEAD_DIM, 0, qk_scale, 0, 0, 1.0, 1.0,  # no window, no softcap
+        False, False, SCALE_NEG, BLOCK_N, BLOCK_D, DOT_PRECISION, False, False, False,  # pointers
     )  # fmt: skip
     acc, m_i, l_i, k_ptrs, v_ptrs = fwd_tiles(
         acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_g, offs_n, offs_d,
-        hi_full, hi, Tk, HEAD_DIM, 0, qk_scale,
-        True, False, SCALE_NEG, BLOCK_N, BLOCK_D, DOT_PRECISION, False,
+        hi_full, hi, Tk, HEAD_DIM, 0, qk_scale, 0, 0, 1.0, 1.0,
+        True, False, SCALE_NEG, BLOCK_N, BLOCK_D, DOT_PRECISION, False, False, False,
     )  # fmt: skip
 
     # Row of a partial: ((b * H + h) * S + s), with h = h_kv * GROUP + g.
@@ -97,6 +97,7 @@ def decode_combine_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    Sinks=None,  # (H,) fp32 sink logits (the KV-cache path), or None
 ):
     # Grid: (H, B). Out: (B, H, 1, HEAD_DIM) in the input dtype; Lse: (B, H, 1) fp32. The
     # KV-cache path launches it over (H, B * Tq) rows of its (B, Tq, H, D) output.
@@ -123,7 +124,14 @@ def decode_combine_kernel(
     empty = l == 0.0  # the row sees no key: out 0, lse +inf
     out = tl.sum(w[:, None] * acc_s, 0) / tl.where(empty, 1.0, l)  # (BLOCK_D,)
     lse = natural_lse(tl.where(empty, 0.0, m), l, qk_scale, scale)
-    lse = tl.where(empty, float("inf"), lse)
+    if Sinks is not None:  # exp(sink) joins the denominator (out 0, lse = sink for an empty row)
+        lse_keys = tl.where(empty, float("-inf"), lse)
+        sink = tl.load(Sinks + h).to(tl.float32)
+        top = tl.maximum(lse_keys, sink)
+        lse = top + tl.log(tl.exp(lse_keys - top) + tl.exp(sink - top))
+        out = out * tl.exp(lse_keys - lse)
+    else:
+        lse = tl.where(empty, float("inf"), lse)
     o_ptrs = Out + head_base_offset(b, h, stride_ob, stride_oh) + offs_d
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
     tl.store(Lse + pid_bh, lse)
@@ -157,9 +165,10 @@ def kv_tiles(
     acc, m_i, l_i, q, rows_i,  # running (acc, m, l); q (BLOCK_M, BLOCK_D); query index per row
     K, V, Table, b, lo, hi, seqlen, causal_shift, qk_scale, blocks_per_seq,
     stride_kb, stride_kt, stride_vb, stride_vt, offs_n, offs_d, HEAD_DIM,
+    win_left, win_right, cap_in, cap_out,  # window bounds; softcap: |scale| / c, c / |scale|
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, SCALE_NEG: tl.constexpr, PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     """Fold the cached keys [lo, hi) of sequence b into (acc, m_i, l_i), as flash_fwd.fwd_tiles
     does: K and V point at the head's first element, each tile's rows are located by kv_rows.
@@ -182,10 +191,16 @@ def kv_tiles(
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) q.k
         if SCALE_NEG:
             qk = -qk
+        if SOFTCAP:  # as flash_fwd.fwd_tiles: |scale| * qk becomes c * tanh(|scale| * qk / c)
+            qk = tanh(qk * cap_in) * cap_out
         if MASKED:
             visible = cols[None, :] < seqlen
             if CAUSAL:
                 visible = visible & (cols[None, :] <= rows_i[:, None] + causal_shift)
+            if WINDOW:
+                visible = visible & window_visible(
+                    rows_i[:, None], cols[None, :], causal_shift, win_left, win_right
+                )
             qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         shift = m_new * qk_scale
@@ -203,6 +218,27 @@ def kv_tiles(
 
 
 @triton.jit
+def kv_window_range(
+    lo, hi, mb, seqlen, shift, win_left, win_right, GROUP, Tq,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The keys of split [lo, hi) (lo a multiple of BLOCK_N) that the query rows of M block mb
+    see under the window: (lo, full_lo, full_hi, end). [lo, full_lo) and [full_hi, end) run
+    masked, [full_lo, full_hi) holds whole tiles every row sees; nothing outside is visited."""
+    first = mb * BLOCK_M // GROUP  # the block's first and last query index
+    last = tl.minimum((mb * BLOCK_M + BLOCK_M - 1) // GROUP, Tq - 1)
+    start = tl.minimum(tl.maximum(first + shift - win_left, 0), seqlen) // BLOCK_N * BLOCK_N
+    lo = tl.maximum(lo, start)
+    end = tl.maximum(tl.minimum(hi, last + shift + win_right + 1), lo)
+    full_lo = tl.cdiv(tl.maximum(last + shift - win_left, 0), BLOCK_N) * BLOCK_N
+    full_hi = (first + shift + win_right + 1) // BLOCK_N * BLOCK_N
+    full_hi = tl.minimum(full_hi, seqlen // BLOCK_N * BLOCK_N)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), end)
+    full_hi = tl.maximum(tl.minimum(full_hi, end), full_lo)
+    return lo, full_lo, full_hi, end
+
+
+@triton.jit
 def kvcache_split_kernel(
     Q, K, V, Seqlens, Table, Acc, M, L,
     stride_qb, stride_qt, stride_qh,
@@ -216,6 +252,9 @@ def kvcache_split_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     SCALE_NEG: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    win_left=0, win_right=0,  # WINDOW: bounds, causal folded in by the host
+    cap_in=1.0, cap_out=1.0,  # SOFTCAP: |scale| / c and c / |scale|
+    WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):  # fmt: skip
     # Grid: (S, H_KV * cdiv(GROUP * Tq, BLOCK_M), B). Partials Acc: (B, Tq, H, S, HEAD_DIM) fp32;
     # M, L: (B, Tq, H, S) fp32. K / V: (B, Tmax, H_KV, D) or paged (pages, PAGE_SIZE, H_KV, D),
@@ -251,15 +290,28 @@ def kvcache_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if WINDOW:  # [lo, w_full) masked (the window's left edge), then as without
+        lo, w_full, hi_full, hi = kv_window_range(
+            lo, hi, mb, seqlen, causal_shift, win_left, win_right, GROUP, Tq, BLOCK_M, BLOCK_N
+        )
+        acc, m_i, l_i = kv_tiles(
+            acc, m_i, l_i, q, rows_i, K, V, Table, b, lo, w_full, seqlen, causal_shift, qk_scale,
+            blocks_per_seq, stride_kb, stride_kt, stride_vb, stride_vt, offs_n, offs_d, HEAD_DIM,
+            win_left, win_right, cap_in, cap_out, True, CAUSAL, SCALE_NEG, PAGED, PAGE_SIZE,
+            BLOCK_N, BLOCK_D, DOT_PRECISION, WINDOW, SOFTCAP,
+        )  # fmt: skip
+        lo = w_full
     acc, m_i, l_i = kv_tiles(
         acc, m_i, l_i, q, rows_i, K, V, Table, b, lo, hi_full, seqlen, causal_shift, qk_scale,
         blocks_per_seq, stride_kb, stride_kt, stride_vb, stride_vt, offs_n, offs_d, HEAD_DIM,
-        False, CAUSAL, SCALE_NEG, PAGED, PAGE_SIZE, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        win_left, win_right, cap_in, cap_out, False, CAUSAL, SCALE_NEG, PAGED, PAGE_SIZE,
+        BLOCK_N, BLOCK_D, DOT_PRECISION, WINDOW, SOFTCAP,
     )  # fmt: skip
     acc, m_i, l_i = kv_tiles(
         acc, m_i, l_i, q, rows_i, K, V, Table, b, hi_full, hi, seqlen, causal_shift, qk_scale,
         blocks_per_seq, stride_kb, stride_kt, stride_vb, stride_vt, offs_n, offs_d, HEAD_DIM,
-        True, CAUSAL, SCALE_NEG, PAGED, PAGE_SIZE, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        win_left, win_right, cap_in, cap_out, True, CAUSAL, SCALE_NEG, PAGED, PAGE_SIZE,
+        BLOCK_N, BLOCK_D, DOT_PRECISION, WINDOW, SOFTCAP,
     )  # fmt: skip
 
     # Row of a partial: ((b * Tq + i) * H + h) * S + s.

@@ -16,6 +16,13 @@ Three passes, no atomics (deterministic by construction):
   3. dQ: one program per query tile, looping over the key tiles it sees.
 Both loops skip tiles the causal mask hides and mask only the diagonal / ragged tiles.
 
+Variants (as the forward, compiled out when off): WINDOW and SOFTCAP recompute the forward's
+scores and mask, and SOFTCAP multiplies ds by the tanh's derivative 1 - t^2 (t = tanh(s / c)).
+Both loops visit only the tiles the window touches. Sinks need nothing in the dK/dV and dQ passes
+(lse includes the sink; rowsum(p * dp) = rowsum(dO * O) still, the sink having no value); their
+gradient dsinks[h] = -sum over rows of exp(sinks[h] - lse) * delta is formed in the preprocess
+pass as one partial per (batch, head, query block), summed on the host (no atomics).
+
 IS_VARLEN (constexpr): packed sequences, as in the forward (flash_fwd.py). Programs read their
 sequence's rows from CuQ / CuK and exit past its end; lse and delta are (H, total_q). The
 preprocess pass needs no switch: it runs over the packed rows as one sequence.
@@ -28,11 +35,15 @@ from .flash_fwd import (
     LOG2E,
     head_base_offset,
     load_tile,
+    plain_key_range,
     query_program,
     row_base_offset,
     sequence_span,
     stats_offset,
+    tanh,
     tile_descriptor,
+    window_key_range,
+    window_visible,
 )
 
 
@@ -43,6 +54,7 @@ def bwd_preprocess_kernel(
     stride_dob, stride_doh, stride_dom,
     H, Tq,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    Lse=None, Sinks=None, DSinks=None,  # sinks: lse (B, H, Tq), sinks (H,), partials (B*H, grid0)
 ):  # fmt: skip
     # Grid: (cdiv(Tq, BLOCK_M), H, B). Delta: (B, H, Tq) fp32, contiguous.
     pid_m = tl.program_id(0)
@@ -59,6 +71,10 @@ def bwd_preprocess_kernel(
     do = load_tile(do_ptrs, offs_m, offs_d, Tq, HEAD_DIM, True, BLOCK_D != HEAD_DIM)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
     tl.store(Delta + pid_bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
+    if Sinks is not None:  # this block's share of dsinks[h] = -sum_rows exp(sink - lse) * delta
+        lse = tl.load(Lse + pid_bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))
+        p_sink = tl.exp(tl.load(Sinks + h).to(tl.float32) - lse)  # (BLOCK_M,), 0 past the end
+        tl.store(DSinks + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m, -tl.sum(p_sink * delta))
 
 
 @triton.jit
@@ -71,6 +87,30 @@ def p_exponent(qk, scale, lse):
     matters at scores ~1e10, where lse's rounding exceeds 128 and exp2 would overflow.
     """
     return tl.minimum(tl.fma(qk, scale, -lse) * LOG2E, 0.0)
+
+
+@triton.jit
+def capped_exponent(qk, scale, softcap, lse):
+    """(log2 p, t) for softcapped scores c * t, t = tanh(scale * qk / c), clamped as p_exponent."""
+    t = tanh(qk * (scale / softcap))
+    return tl.minimum((softcap * t - lse) * LOG2E, 0.0), t
+
+
+@triton.jit
+def window_query_range(start_n, shift, win_left, win_right, Tq, BLOCK_M, BLOCK_N, RAGGED):
+    """Query tiles that see keys [start_n, start_n + BLOCK_N) under the window: (lo, full_lo,
+    full_hi, end), as window_key_range with rows and keys swapped (query i sees key j iff
+    j - shift - win_right <= i <= j - shift + win_left). RAGGED (a key tile past Tk): no tile is
+    unmasked."""
+    last = start_n + BLOCK_N - 1
+    lo = tl.minimum(tl.maximum(start_n - shift - win_right, 0), Tq) // BLOCK_M * BLOCK_M
+    end = tl.maximum(tl.minimum(last - shift + win_left + 1, Tq), lo)
+    full_lo = tl.cdiv(tl.maximum(last - shift - win_right, 0), BLOCK_M) * BLOCK_M
+    full_hi = (start_n - shift + win_left + 1) // BLOCK_M * BLOCK_M
+    full_hi = tl.where(RAGGED, 0, tl.minimum(full_hi, Tq // BLOCK_M * BLOCK_M))
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), end)
+    full_hi = tl.maximum(tl.minimum(full_hi, end), full_lo)
+    return lo, full_lo, full_hi, end
 
 
 @triton.jit
@@ -107,9 +147,10 @@ def dkdv_tiles(
     dk, dv, k, v,  # (BLOCK_N, BLOCK_D): fp32 accumulators, then this program's K and V tiles
     q_src, do_src, lse_ptr, delta_ptr, stride_qm, stride_dom,  # pointers at query tile `lo`,
     offs_n, offs_m, offs_d,  # or with USE_TMA descriptors of this head's Q and dO (Tq, HEAD_DIM)
-    lo, hi, Tq, HEAD_DIM, causal_shift, scale,
+    lo, hi, Tq, HEAD_DIM, causal_shift, scale, win_left, win_right, softcap,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, SCORES_AS_FORWARD: tl.constexpr, USE_TMA: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     """Accumulate the query tiles [lo, hi) into dk, dv, kept transposed (keys x queries)."""
     # Masked (diagonal, ragged) tiles are not software-pipelined, as in the forward.
@@ -133,16 +174,25 @@ def dkdv_tiles(
             qk_t = tl.trans(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION))
         else:
             qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-        x_t = p_exponent(qk_t, scale, lse[None, :])
+        if SOFTCAP:
+            x_t, t_t = capped_exponent(qk_t, scale, softcap, lse[None, :])
+        else:
+            x_t = p_exponent(qk_t, scale, lse[None, :])
         if MASKED:
             visible = rows[None, :] < Tq
             if CAUSAL:
                 visible = visible & (offs_n[:, None] <= rows[None, :] + causal_shift)
+            if WINDOW:
+                visible = visible & window_visible(
+                    rows[None, :], offs_n[:, None], causal_shift, win_left, win_right
+                )
             x_t = tl.where(visible, x_t, float("-inf"))
         p_t = tl.exp2(x_t)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * (1.0 - t_t * t_t)
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
         if not USE_TMA:
             q_src += BLOCK_M * stride_qm
@@ -166,6 +216,9 @@ def bwd_dkdv_kernel(
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SCORES_AS_FORWARD: tl.constexpr, USE_TMA: tl.constexpr = False,
     IS_VARLEN: tl.constexpr = False,
+    win_left=0, win_right=0,  # WINDOW: bounds, folded with causal by the host
+    softcap=1.0,  # SOFTCAP: c (> 0)
+    WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):  # fmt: skip
     # USE_TMA: K/V/Q/dO loads and the dK/dV stores through tensor descriptors, as in the forward.
     # Grid: (cdiv(Tk, BLOCK_N), H_KV * SPLITS, B) (IS_VARLEN: Tk = max_seqlen_k). Early key tiles
@@ -218,6 +271,11 @@ def bwd_dkdv_kernel(
         m_full = start_n * 0
     m_full = tl.where(start_n + BLOCK_N > Tk, Tq, m_full)
     m_tail = tl.maximum(m_tail, m_full)
+    m_stop = Tq
+    if WINDOW:  # [m_lo, m_full) and [m_tail, m_stop) masked, [m_full, m_tail) not
+        m_lo, m_full, m_tail, m_stop = window_query_range(
+            start_n, causal_shift, win_left, win_right, Tq, BLOCK_M, BLOCK_N, start_n + BLOCK_N > Tk
+        )
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -240,17 +298,23 @@ def bwd_dkdv_kernel(
         dk, dv, q_src, do_src = dkdv_tiles(
             dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qm, stride_dom,
             offs_n, offs_m, offs_d, m_lo, m_full, Tq, HEAD_DIM, causal_shift, scale,
-            True, CAUSAL, BLOCK_M, BLOCK_D, DOT_PRECISION, SCORES_AS_FORWARD, USE_TMA,
+            win_left, win_right, softcap,
+            True, CAUSAL, BLOCK_M, BLOCK_D, DOT_PRECISION, SCORES_AS_FORWARD, USE_TMA, WINDOW,
+            SOFTCAP,
         )  # fmt: skip
         dk, dv, q_src, do_src = dkdv_tiles(
             dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qm, stride_dom,
             offs_n, offs_m, offs_d, m_full, m_tail, Tq, HEAD_DIM, causal_shift, scale,
-            False, CAUSAL, BLOCK_M, BLOCK_D, DOT_PRECISION, SCORES_AS_FORWARD, USE_TMA,
+            win_left, win_right, softcap,
+            False, CAUSAL, BLOCK_M, BLOCK_D, DOT_PRECISION, SCORES_AS_FORWARD, USE_TMA, WINDOW,
+            SOFTCAP,
         )  # fmt: skip
         dk, dv, q_src, do_src = dkdv_tiles(
             dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qm, stride_dom,
-            offs_n, offs_m, offs_d, m_tail, Tq, Tq, HEAD_DIM, causal_shift, scale,
-            True, CAUSAL, BLOCK_M, BLOCK_D, DOT_PRECISION, SCORES_AS_FORWARD, USE_TMA,
+            offs_n, offs_m, offs_d, m_tail, m_stop, Tq, HEAD_DIM, causal_shift, scale,
+            win_left, win_right, softcap,
+            True, CAUSAL, BLOCK_M, BLOCK_D, DOT_PRECISION, SCORES_AS_FORWARD, USE_TMA, WINDOW,
+            SOFTCAP,
         )  # fmt: skip
 
     dk = (dk * scale).to(DK.dtype.element_ty)
@@ -266,9 +330,10 @@ def dq_tiles(
     dq, q, do, lse, delta,  # (BLOCK_M, BLOCK_D) fp32 acc, q, dO tiles; (BLOCK_M,) fp32 x2
     k_src, v_src, stride_kn, stride_vn,  # (BLOCK_N, BLOCK_D) pointers at key tile `lo`, or
     offs_m, offs_n, offs_d,  # with USE_TMA tensor descriptors of K and V (Tk, HEAD_DIM)
-    lo, hi, Tk, HEAD_DIM, causal_shift, scale,
+    lo, hi, Tk, HEAD_DIM, causal_shift, scale, win_left, win_right, softcap,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     """Accumulate the key tiles [lo, hi) into dq (unscaled)."""
     # Masked (diagonal, ragged) tiles are not software-pipelined, as in the forward.
@@ -281,15 +346,24 @@ def dq_tiles(
             k = load_tile(k_src, cols, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
             v = load_tile(v_src, cols, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-        x = p_exponent(qk, scale, lse[:, None])
+        if SOFTCAP:
+            x, t = capped_exponent(qk, scale, softcap, lse[:, None])
+        else:
+            x = p_exponent(qk, scale, lse[:, None])
         if MASKED:
             visible = cols[None, :] < Tk
             if CAUSAL:
                 visible = visible & (cols[None, :] <= offs_m[:, None] + causal_shift)
+            if WINDOW:
+                visible = visible & window_visible(
+                    offs_m[:, None], cols[None, :], causal_shift, win_left, win_right
+                )
             x = tl.where(visible, x, float("-inf"))
         p = tl.exp2(x)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
         if not USE_TMA:
             k_src += BLOCK_N * stride_kn
@@ -311,6 +385,9 @@ def bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr = False, IS_VARLEN: tl.constexpr = False,
+    win_left=0, win_right=0,  # WINDOW: bounds, folded with causal by the host
+    softcap=1.0,  # SOFTCAP: c (> 0)
+    WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):  # fmt: skip
     # Grid: (cdiv(Tq, BLOCK_M), H, B), IS_VARLEN: Tq = max_seqlen_q (query_program, as forward).
     # USE_TMA: Q/dO/K/V loads and the dQ store through tensor descriptors, as in the forward.
@@ -341,17 +418,15 @@ def bwd_dq_kernel(
     lse = tl.load(Lse + row_ptr, mask=offs_m < Tq, other=float("inf"))
     delta = tl.load(Delta + row_ptr, mask=offs_m < Tq, other=0.0)
 
-    # Same key ranges as the forward: [0, n_full) unmasked, [n_full, n_end) masked.
+    # Same key ranges as the forward: [n_lo, n_start) and [n_full, n_end) masked, [n_start,
+    # n_full) unmasked (n_lo = n_start = 0 without WINDOW).
     causal_shift = Tk - Tq
-    n_tiles_full = Tk // BLOCK_N * BLOCK_N
-    if CAUSAL:
-        seen_by_all = tl.maximum(start_m + causal_shift + 1, 0)
-        n_full = tl.minimum(seen_by_all // BLOCK_N * BLOCK_N, n_tiles_full)
-        n_end = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_shift, 0), Tk)
+    if WINDOW:
+        n_lo, n_start, n_full, n_end = window_key_range(
+            start_m, causal_shift, win_left, win_right, Tk, BLOCK_M, BLOCK_N
+        )
     else:
-        n_full = n_tiles_full
-        n_end = Tk
-    n_full = tl.minimum(n_full, n_end)
+        n_full, n_end = plain_key_range(start_m, causal_shift, Tk, BLOCK_M, BLOCK_N, CAUSAL)
 
     k_base = K + row_base_offset(b, h_kv, k_start, stride_kb, stride_kh, stride_kn, IS_VARLEN)
     v_base = V + row_base_offset(b, h_kv, k_start, stride_vb, stride_vh, stride_vn, IS_VARLEN)
@@ -362,15 +437,26 @@ def bwd_dq_kernel(
         k_src = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
         v_src = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if WINDOW:
+        if not USE_TMA:
+            k_src += n_lo.to(tl.int64) * stride_kn
+            v_src += n_lo.to(tl.int64) * stride_vn
+        dq, k_src, v_src = dq_tiles(
+            dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+            n_lo, n_start, Tk, HEAD_DIM, causal_shift, scale, win_left, win_right, softcap,
+            True, CAUSAL, BLOCK_N, BLOCK_D, DOT_PRECISION, USE_TMA, WINDOW, SOFTCAP,
+        )  # fmt: skip
+    else:
+        n_start = 0
     dq, k_src, v_src = dq_tiles(
         dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-        0, n_full, Tk, HEAD_DIM, causal_shift, scale,
-        False, CAUSAL, BLOCK_N, BLOCK_D, DOT_PRECISION, USE_TMA,
+        n_start, n_full, Tk, HEAD_DIM, causal_shift, scale, win_left, win_right, softcap,
+        False, CAUSAL, BLOCK_N, BLOCK_D, DOT_PRECISION, USE_TMA, WINDOW, SOFTCAP,
     )  # fmt: skip
     dq, k_src, v_src = dq_tiles(
         dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-        n_full, n_end, Tk, HEAD_DIM, causal_shift, scale,
-        True, CAUSAL, BLOCK_N, BLOCK_D, DOT_PRECISION, USE_TMA,
+        n_full, n_end, Tk, HEAD_DIM, causal_shift, scale, win_left, win_right, softcap,
+        True, CAUSAL, BLOCK_N, BLOCK_D, DOT_PRECISION, USE_TMA, WINDOW, SOFTCAP,
     )  # fmt: skip
 
     dq *= scale

@@ -17,6 +17,13 @@ from CuQ / CuK (int32 cu_seqlens, (B + 1,)) and exits when its query tile starts
 Everything after that is the dense program on a (Tq_b, Tk_b) slice; off, the kernel compiles to
 the dense code (CuQ / CuK are None there).
 
+Variants (constexpr, each compiled out when off): WINDOW restricts query i to keys j in
+[i + shift - win_left, i + shift + win_right] (shift = Tk - Tq; the host folds causal into
+win_right = 0 and an unbounded side into a bound past every key). A program then visits only the
+key tiles its rows' windows touch: masked tiles on the two window edges, unmasked ones between, so
+the cost is O(Tq * W). SOFTCAP turns each score s into c * tanh(s / c). Sinks ((H,) fp32, or None)
+adds exp(sinks[h]) to each row's denominator at the end: lse includes it and out is rescaled.
+
 Two load paths (USE_TMA, constexpr): pointer loads (any GPU, any stride) or, on sm_90 with
 16-byte-aligned bases and strides, tensor descriptors for Q/K/V and the O store, which pad
 out-of-bounds rows and columns themselves.
@@ -97,6 +104,48 @@ def query_program(
 
 
 @triton.jit
+def tanh(x):
+    """tanh(x) to a few fp32 ulps, relative (Gemma's cap c = 50 multiplies its absolute error).
+
+    |x| >= 0.55: 1 - 2 / (e^2|x| + 1) with the sign, saturating to +-1 (exp2 -> inf). Below,
+    where that form cancels, the odd series to x^9 at y = x / 4 (truncation ~1e-11 relative),
+    then tanh(2y) = 2 tanh(y) / (1 + tanh(y)^2) twice."""
+    ax = tl.abs(x)
+    big = 1.0 - 2.0 / (tl.exp2(ax * (2.0 * LOG2E)) + 1.0)
+    y = x * 0.25
+    y2 = y * y
+    t = y * (
+        1.0 + y2 * (-1.0 / 3.0 + y2 * (2.0 / 15.0 + y2 * (-17.0 / 315.0 + y2 * (62.0 / 2835.0))))
+    )
+    t = 2.0 * t / (1.0 + t * t)
+    t = 2.0 * t / (1.0 + t * t)
+    return tl.where(ax < 0.55, t, tl.where(x < 0, -big, big))
+
+
+@triton.jit
+def window_visible(rows, cols, shift, win_left, win_right):
+    """Whether key cols sees query rows under the window (broadcast shapes from the caller)."""
+    return (cols >= rows + shift - win_left) & (cols <= rows + shift + win_right)
+
+
+@triton.jit
+def window_key_range(start_m, shift, win_left, win_right, Tk, BLOCK_M, BLOCK_N):
+    """Key tiles of query rows [start_m, start_m + BLOCK_M) under the window: (lo, full_lo,
+    full_hi, end). [lo, full_lo) and [full_hi, end) are masked edge tiles; [full_lo, full_hi)
+    holds whole tiles every row sees (none past the last full tile of Tk). lo is tile-aligned."""
+    last = start_m + BLOCK_M - 1
+    lo = tl.minimum(tl.maximum(start_m + shift - win_left, 0), Tk) // BLOCK_N * BLOCK_N
+    end = tl.maximum(tl.minimum(last + shift + win_right + 1, Tk), lo)
+    full_lo = tl.cdiv(tl.maximum(last + shift - win_left, 0), BLOCK_N) * BLOCK_N
+    full_hi = tl.minimum(
+        (start_m + shift + win_right + 1) // BLOCK_N * BLOCK_N, Tk // BLOCK_N * BLOCK_N
+    )
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), end)
+    full_hi = tl.maximum(tl.minimum(full_hi, end), full_lo)
+    return lo, full_lo, full_hi, end
+
+
+@triton.jit
 def load_tile(ptrs, rows, cols, n_rows, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
     """Load a 2-D tile, masking only the dimensions the caller says can run past the end."""
     if CHECK_ROWS and CHECK_COLS:
@@ -132,14 +181,42 @@ def natural_lse(m, l, qk_scale, scale):
 
 
 @triton.jit
+def plain_key_range(start_m, causal_shift, Tk, BLOCK_M, BLOCK_N, CAUSAL: tl.constexpr):
+    """(n_full, n_end) of query rows [start_m, start_m + BLOCK_M) without a window: key tiles
+    [0, n_full) need no mask, [n_full, n_end) do (the causal diagonal, a ragged last tile)."""
+    n_tiles_full = Tk // BLOCK_N * BLOCK_N
+    if CAUSAL:
+        # The first row (start_m) sees keys <= start_m + shift: every row sees those.
+        seen_by_all = tl.maximum(start_m + causal_shift + 1, 0)
+        n_full = tl.minimum(seen_by_all // BLOCK_N * BLOCK_N, n_tiles_full)
+        # The last row sees keys < start_m + BLOCK_M + shift; nothing past that is visited.
+        n_end = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_shift, 0), Tk)
+    else:
+        n_full = n_tiles_full
+        n_end = Tk
+    return tl.minimum(n_full, n_end), n_end
+
+
+@triton.jit
+def add_sink(out, lse_keys, sink):
+    """(out, lse) with exp(sink) added to the denominator: lse = log(exp(lse_keys) + exp(sink)),
+    out scaled by exp(lse_keys - lse). lse_keys = -inf for a row that saw no key (out 0)."""
+    sink = sink.to(tl.float32)
+    top = tl.maximum(lse_keys, sink)
+    lse = top + tl.log(tl.exp(lse_keys - top) + tl.exp(sink - top))
+    return out * tl.exp(lse_keys - lse)[:, None], lse
+
+
+@triton.jit
 def fwd_tiles(
     acc, m_i, l_i, q,  # (BLOCK_M, BLOCK_D) fp32, (BLOCK_M,) fp32 x2, (BLOCK_M, BLOCK_D) input dtype
     k_src, v_src, stride_kn, stride_vn,  # (BLOCK_N, BLOCK_D) pointers at key tile `lo`, or
     offs_m, offs_n, offs_d,  # with USE_TMA tensor descriptors of K and V (Tk, HEAD_DIM)
     lo, hi, Tk, HEAD_DIM, causal_shift, qk_scale,
+    win_left, win_right, cap_in, cap_out,  # window bounds; softcap: s / c per unit of q.k, c / s
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, SCALE_NEG: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     """Fold key tiles [lo, hi) into the running (acc, m_i, l_i). MASKED adds causal + length masks.
 
@@ -161,10 +238,16 @@ def fwd_tiles(
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) q.k
         if SCALE_NEG:
             qk = -qk  # scores are scale * q.k = |scale| * (-q.k): qk_scale is positive
+        if SOFTCAP:  # |scale| * qk becomes c * tanh(|scale| * qk / c)
+            qk = tanh(qk * cap_in) * cap_out
         if MASKED:
             visible = cols[None, :] < Tk
             if CAUSAL:
                 visible = visible & (cols[None, :] <= offs_m[:, None] + causal_shift)
+            if WINDOW:
+                visible = visible & window_visible(
+                    offs_m[:, None], cols[None, :], causal_shift, win_left, win_right
+                )
             qk = tl.where(visible, qk, float("-inf"))
         # m is the running max of the unscaled products; the base-2 shift is fl(m * qk_scale),
         # recomputed bit-identically for alpha and at the end (so lse can undo its rounding).
@@ -204,6 +287,10 @@ def attn_fwd_kernel(
     SCALE_NEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr = False,
     IS_VARLEN: tl.constexpr = False,
+    Sinks=None,  # (H,) fp32 sink logits, or None
+    win_left=0, win_right=0,  # WINDOW: bounds, folded with causal by the host
+    softcap=1.0,  # SOFTCAP: c (> 0)
+    WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):  # fmt: skip
     # USE_TMA: Q/K/V loads and the O store through tensor descriptors (sm_90 TMA); the host asks
     # for it only when every base and row stride is 16-byte aligned.
@@ -235,19 +322,20 @@ def attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Key range of this program: [0, n_full) needs no mask, [n_full, n_end) does.
+    # Key range of this program: [n_lo, n_start) and [n_full, n_end) need a mask, [n_start,
+    # n_full) does not. Without WINDOW, n_lo = n_start = 0.
     causal_shift = Tk - Tq
-    n_tiles_full = Tk // BLOCK_N * BLOCK_N
-    if CAUSAL:
-        # The first row (start_m) sees keys <= start_m + shift: every row sees those.
-        seen_by_all = tl.maximum(start_m + causal_shift + 1, 0)
-        n_full = tl.minimum(seen_by_all // BLOCK_N * BLOCK_N, n_tiles_full)
-        # The last row sees keys < start_m + BLOCK_M + shift; nothing past that is visited.
-        n_end = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_shift, 0), Tk)
+    if WINDOW:
+        n_lo, n_start, n_full, n_end = window_key_range(
+            start_m, causal_shift, win_left, win_right, Tk, BLOCK_M, BLOCK_N
+        )
     else:
-        n_full = n_tiles_full
-        n_end = Tk
-    n_full = tl.minimum(n_full, n_end)
+        n_full, n_end = plain_key_range(start_m, causal_shift, Tk, BLOCK_M, BLOCK_N, CAUSAL)
+    if SOFTCAP:
+        cap_in = scale / softcap
+        cap_out = softcap / scale
+    else:
+        cap_in, cap_out = scale, scale  # unused
 
     if USE_TMA:
         k_src = tile_descriptor(k_base, Tk, HEAD_DIM, stride_kn, BLOCK_N, BLOCK_D)
@@ -255,22 +343,39 @@ def attn_fwd_kernel(
     else:
         k_src = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]  # (BLOCK_N, BLOCK_D), key 0
         v_src = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
+    if WINDOW:
+        if not USE_TMA:
+            k_src += n_lo.to(tl.int64) * stride_kn
+            v_src += n_lo.to(tl.int64) * stride_vn
+        acc, m_i, l_i, k_src, v_src = fwd_tiles(
+            acc, m_i, l_i, q, k_src, v_src, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+            n_lo, n_start, Tk, HEAD_DIM, causal_shift, qk_scale, win_left, win_right, cap_in,
+            cap_out, True, CAUSAL, SCALE_NEG, BLOCK_N, BLOCK_D, DOT_PRECISION, USE_TMA, WINDOW,
+            SOFTCAP,
+        )  # fmt: skip
+    else:
+        n_start = 0
     acc, m_i, l_i, k_src, v_src = fwd_tiles(
         acc, m_i, l_i, q, k_src, v_src, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-        0, n_full, Tk, HEAD_DIM, causal_shift, qk_scale,
-        False, CAUSAL, SCALE_NEG, BLOCK_N, BLOCK_D, DOT_PRECISION, USE_TMA,
+        n_start, n_full, Tk, HEAD_DIM, causal_shift, qk_scale, win_left, win_right, cap_in,
+        cap_out, False, CAUSAL, SCALE_NEG, BLOCK_N, BLOCK_D, DOT_PRECISION, USE_TMA, WINDOW,
+        SOFTCAP,
     )  # fmt: skip
     acc, m_i, l_i, k_src, v_src = fwd_tiles(
         acc, m_i, l_i, q, k_src, v_src, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-        n_full, n_end, Tk, HEAD_DIM, causal_shift, qk_scale,
-        True, CAUSAL, SCALE_NEG, BLOCK_N, BLOCK_D, DOT_PRECISION, USE_TMA,
+        n_full, n_end, Tk, HEAD_DIM, causal_shift, qk_scale, win_left, win_right, cap_in,
+        cap_out, True, CAUSAL, SCALE_NEG, BLOCK_N, BLOCK_D, DOT_PRECISION, USE_TMA, WINDOW,
+        SOFTCAP,
     )  # fmt: skip
 
     # A row that saw no key has l = 0 and acc = 0: output 0 and lse = +inf (never NaN).
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = natural_lse(tl.where(empty, 0.0, m_i), l_i, qk_scale, scale)
-    lse = tl.where(empty, float("inf"), lse)
+    if Sinks is not None:  # the sink's term joins the denominator: out shrinks by exp(lse_k - lse)
+        out, lse = add_sink(out, tl.where(empty, float("-inf"), lse), tl.load(Sinks + h))
+    else:
+        lse = tl.where(empty, float("inf"), lse)
 
     o_base = Out + row_base_offset(b, h, q_start, stride_ob, stride_oh, stride_om, IS_VARLEN)
     if USE_TMA:  # rows past Tq and columns past HEAD_DIM are not written

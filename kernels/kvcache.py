@@ -24,13 +24,14 @@ from torch import Tensor
 
 from fastgpt.attention import last_dim_contiguous
 
+from .attention import variant_args
 from .configs import INTERPRET, KVCACHE_CONFIGS, prune_kvcache
 from .decode import decode_combine_kernel, kvcache_split_kernel
 from .flash_fwd import LOG2E
 
 _kvcache = triton.autotune(
     KVCACHE_CONFIGS,
-    key=["HEAD_DIM", "CAUSAL", "PAGED", "PAGE_SIZE", "M_ROWS"],
+    key=["HEAD_DIM", "CAUSAL", "PAGED", "PAGE_SIZE", "M_ROWS", "WINDOW", "SOFTCAP"],
     prune_configs_by={"early_config_prune": prune_kvcache},
 )(kvcache_split_kernel)
 
@@ -49,9 +50,13 @@ def kvcache_attention(
     block_table: Tensor | None,
     causal: bool,
     scale: float,
+    **variants,
 ) -> Tensor:
-    """Attention of q (B, Tq, H, D) over each sequence's cached keys. Returns (B, Tq, H, D)."""
-    return kvcache_attention_with_lse(q, k_cache, v_cache, seqlens_k, block_table, causal, scale)[0]
+    """Attention of q (B, Tq, H, D) over each sequence's cached keys. Returns (B, Tq, H, D).
+    variants: window, softcap, sinks keywords (kvcache_attention_with_lse)."""
+    return kvcache_attention_with_lse(
+        q, k_cache, v_cache, seqlens_k, block_table, causal, scale, **variants
+    )[0]
 
 
 def kvcache_attention_with_lse(
@@ -63,8 +68,15 @@ def kvcache_attention_with_lse(
     causal: bool,
     scale: float,
     num_splits: int | None = None,
+    *,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """kvcache_attention, plus lse (B, H, Tq) fp32 (natural log, +inf for a row seeing no key).
+
+    window, softcap, sinks: fastgpt.attention's variants on each sequence's own positions (query
+    i sees keys j in [i + seqlen - Tq - left, i + seqlen - Tq + right]); lse includes the sink.
 
     num_splits: key-axis splits per sequence, default enough programs to fill the GPU about four
     times over (at most KVCACHE_MAX_SPLITS, at least _MIN_CHUNK keys each).
@@ -78,10 +90,16 @@ def kvcache_attention_with_lse(
     paged = block_table is not None
     page_size = k_cache.shape[1] if paged else 1
     capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
+    extra = variant_args(window, softcap, sinks, causal, scale, Tq + capacity + 1)
+    sinks32 = extra.pop("Sinks")
+    if extra.pop("SOFTCAP"):
+        extra |= dict(SOFTCAP=True, cap_in=abs(scale) / softcap, cap_out=softcap / abs(scale))
+    del extra["softcap"]
     out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Tq, H), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or capacity == 0:  # no query, or no key anywhere
-        return out.zero_(), lse.fill_(math.inf).permute(0, 2, 1)
+        lse = lse.fill_(math.inf) if sinks is None else lse.copy_(sinks32.expand_as(lse))
+        return out.zero_(), lse.permute(0, 2, 1)
 
     splits, chunk = _splits(B * Hkv, capacity, q.device, num_splits)
     acc = torch.empty((B, Tq, H, splits, D), dtype=torch.float32, device=q.device)
@@ -100,12 +118,12 @@ def kvcache_attention_with_lse(
         table.shape[-1] if paged else 0,
         H, Hkv, group, Tq, abs(scale) * LOG2E.value, chunk, group * Tq,
         HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=bool(causal) and Tq > 1, SCALE_NEG=scale < 0,
-        PAGED=paged, PAGE_SIZE=page_size, DOT_PRECISION=_dot_precision(q.dtype),
+        PAGED=paged, PAGE_SIZE=page_size, DOT_PRECISION=_dot_precision(q.dtype), **extra,
     )  # fmt: skip
     decode_combine_kernel[(H, B * Tq)](
         acc, m, l, out, lse, out.stride(1), out.stride(2),
         H, splits, abs(scale) * LOG2E.value, abs(scale),
-        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_S=triton.next_power_of_2(splits),
+        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_S=triton.next_power_of_2(splits), Sinks=sinks32,
     )  # fmt: skip
     return out, lse.permute(0, 2, 1)
 

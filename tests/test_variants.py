@@ -3,8 +3,9 @@
 The oracle here is written independently of fastgpt.reference: a (Tq, Tk) mask built key by key
 from the window rule, keys repeated per query head, -inf for hidden keys, the sink as one more
 column of logits (-inf without sinks) and one softmax, in float64. Gradients, d(sinks) included,
-come from autograd through it. Today the variants run on the reference path (VARIANT_BACKENDS);
-an automatic pick moves there, an explicit compiled backend raises.
+come from autograd through it. The variants run where VARIANT_BACKENDS lists them (the reference
+and the Triton kernels, interpreted here without a GPU); an automatic pick moves there, an explicit
+backend without them raises.
 """
 
 import itertools
@@ -13,8 +14,8 @@ import re
 
 import pytest
 import torch
-from oracle import F64, random_tensors
-from variant_oracle import oracle
+from oracle import F64, assert_within_bounds, random_tensors, rounding_floor
+from variant_oracle import oracle, visible
 from varlen_oracle import cu_seqlens
 
 import fastgpt
@@ -26,8 +27,10 @@ from fastgpt.reference import (
     reference_attention_varlen_backward,
     reference_sinks_grad,
 )
+from fastgpt.varlen import VARLEN_BACKENDS
 
 COMPILED = [b for b in fastgpt.available_backends("cpu") if b != "reference"]
+TRITON = "triton" in fastgpt.available_backends("cpu")
 
 
 def leaves(B, H, Hkv, Tq, Tk, D, sinks, seed=0):
@@ -188,9 +191,10 @@ def test_fastgpt_backend_env_is_an_automatic_pick_that_moves(monkeypatch, debug_
     for backend in COMPILED:
         monkeypatch.setenv("FASTGPT_BACKEND", backend)
         out = attention(q.float(), k.float(), v.float(), sinks=s.float())
-        assert debug_log()[-1].endswith(
-            f"-> reference ({backend} (FASTGPT_BACKEND) has no sinks kernels yet)"
-        )
+        moved = f"-> reference ({backend} (FASTGPT_BACKEND) has no sinks kernels yet)"
+        stays = f"-> {backend} (FASTGPT_BACKEND)"
+        has = backend in VARIANT_BACKENDS["sinks"]
+        assert debug_log()[-1].endswith(stays if has else moved)
         torch.testing.assert_close(
             out.double(), oracle(q, k, v, True, sinks=s)[0], atol=1e-5, rtol=1e-5
         )
@@ -219,8 +223,15 @@ def test_no_keys_with_sinks_gives_zero_rows_with_lse_the_sink():
     assert torch.equal(s.grad, torch.zeros(2, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("backend", COMPILED)
-@pytest.mark.parametrize("variant", ["window", "softcap", "sinks"])
+@pytest.mark.parametrize(
+    "backend,variant",
+    [
+        (b, v)
+        for b in COMPILED
+        for v in ["window", "softcap", "sinks"]
+        if b not in VARIANT_BACKENDS[v]
+    ],
+)
 def test_an_explicit_backend_without_the_variant_raises(backend, variant):
     q, k, v, _, s = leaves(1, 2, 2, 5, 5, 8, True)
     args = {"window": dict(window=(2, 0)), "softcap": dict(softcap=2.0), "sinks": dict(sinks=s)}
@@ -255,6 +266,194 @@ def test_bad_variant_arguments_raise_one_sentence(kwargs, error, message):
     q, k, v, _, _ = leaves(1, 4, 2, 5, 5, 8, False)
     with pytest.raises(error, match=re.escape(message)):
         attention(q, k, v, **kwargs)
+
+
+# --- The Triton kernels (interpreted without a GPU) -----------------------------------------------
+
+
+def variant_floors(q, k, v, do, causal, window, softcap, sinks, dtype):
+    """Elementwise first-order rounding floors of a flash backward in dtype with the variants:
+    oracle.flash_backward_floor's terms with the variants' p (window mask, capped scores, sink in
+    the denominator), delta's error from the rounded O, and ds times the cap's derivative; plus
+    dsinks' floor. All float64: (fq, fk, fv, fsinks or None)."""
+    eps = torch.finfo(dtype).eps
+    B, H, Tq, D = q.shape
+    Tk, group = k.shape[2], H // k.shape[1]
+    k_, v_ = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # (B, H, Tk, D)
+    s = q @ k_.transpose(-2, -1) * D**-0.5  # (B, H, Tq, Tk)
+    dcap = torch.ones_like(s)
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+        dcap = 1 - (s / softcap) ** 2
+    s = s.masked_fill(~visible(Tq, Tk, causal, tuple(window)), float("-inf"))
+    sink = torch.full((B, H, Tq, 1), float("-inf"), dtype=s.dtype)
+    if sinks is not None:
+        sink = sinks.to(s.dtype)[None, :, None, None].expand(B, H, Tq, 1)
+    lse = torch.logsumexp(torch.cat([s, sink], -1), -1, keepdim=True)  # (B, H, Tq, 1)
+    p = torch.exp(s - lse).nan_to_num(0.0)  # (B, H, Tq, Tk)
+    rel_p = eps * (1 + lse.abs().nan_to_num(0.0, posinf=0.0))  # (B, H, Tq, 1)
+    out = p @ v_  # (B, H, Tq, D)
+    dp = do @ v_.transpose(-2, -1)  # (B, H, Tq, Tk)
+    delta = (do * out).sum(-1, keepdim=True)  # (B, H, Tq, 1)
+    dp_err = eps * (do.abs() @ v_.abs().transpose(-2, -1))  # (B, H, Tq, Tk)
+    # delta = rowsum(dO * O) reads the forward's rounded O (p's error and O's own rounding): a
+    # term flash_backward_floor leaves to 2x plain PyTorch's error, which is 0 where every row
+    # sees one key (window (0, 0) or (0, -1) causal) and the exact dq is 0.
+    delta_err = (rel_p + eps) * (do.abs() * (p @ v_.abs())).sum(-1, keepdim=True)  # (B, H, Tq, 1)
+    ds_err = p * (rel_p * (dp - delta).abs() + dp_err + delta_err) * dcap  # (B, H, Tq, Tk)
+    fq = D**-0.5 * ds_err @ k_.abs()  # (B, H, Tq, D)
+    fk = (D**-0.5 * ds_err.transpose(-2, -1) @ q.abs()).unflatten(1, (-1, group)).sum(2)
+    fv = ((p * rel_p).transpose(-2, -1) @ do.abs()).unflatten(1, (-1, group)).sum(2)
+    fs = None
+    if sinks is not None:  # dsinks = -sum p_sink * delta: p_sink's and delta's rounding
+        p_sink = torch.exp(sink - lse).nan_to_num(0.0)  # (B, H, Tq, 1)
+        delta_err = eps * (do.abs() * out.abs()).sum(-1, keepdim=True)
+        fs = (p_sink * (rel_p * delta.abs() + delta_err)).sum((0, 2, 3))  # (H,)
+    return fq, fk, fv, fs
+
+
+def check_triton_variants(shape, causal, window, softcap, sinks, dtype, seed=0):
+    """The Triton kernels' out and gradients (dsinks included) against the float64 oracle, within
+    the rule of tests/oracle.py: 2x the error of the oracle run in dtype plus the floors."""
+    B, H, Hkv, Tq, Tk, D = shape
+    q, k, v, do, s = (
+        None if t is None else t.detach() for t in leaves(B, H, Hkv, Tq, Tk, D, sinks, seed=seed)
+    )
+    variants = dict(causal=causal, window=window, softcap=softcap)
+
+    def run(fn, dtype, sinks_dtype):
+        tensors = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        sk = None if s is None else s.to(sinks_dtype).requires_grad_()
+        out = fn(*tensors, sinks=sk)
+        grads = torch.autograd.grad(out, tensors + ([sk] if sk is not None else []), do.to(dtype))
+        return out.detach(), [g.detach() for g in grads]
+
+    def kernel(q, k, v, sinks):
+        return attention(q, k, v, sinks=sinks, backend="triton", **variants)
+
+    def plain(q, k, v, sinks):
+        return oracle(q, k, v, causal, window, softcap, sinks)[0]
+
+    got_out, got = run(kernel, dtype, torch.float32)
+    exact_out, exact = run(plain, torch.float64, torch.float64)
+    plain_out, plain_grads = run(plain, dtype, dtype)
+    *floors, fs = variant_floors(q, k, v, do, causal, window, softcap, s, dtype)
+    what = f"triton {dtype} {shape} causal={causal} window={window} softcap={softcap}"
+    assert_within_bounds(
+        what, dtype, [got_out, *got[:3]], [plain_out, *plain_grads[:3]],
+        [exact_out, *exact[:3]], [torch.zeros_like(exact_out), *floors],
+    )  # fmt: skip
+    if s is not None:  # dsinks: (H,) in the sinks' float32
+        assert got[3].dtype == torch.float32 and got[3].shape == (H,)
+        err = (got[3].double() - exact[3]).abs()
+        plain_err = (plain_grads[3].double() - exact[3]).abs().max().item()
+        bound = 2 * plain_err + rounding_floor(exact[3], dtype) + fs
+        assert (err <= bound).all(), f"{what} dsinks: error {err.tolist()} over {bound.tolist()}"
+
+
+# Every window x causal x softcap x sinks once in fp32, rotating through LENGTHS and the GQA
+# shapes (odd lengths, Tq < Tk and Tq > Tk; tiles of 16/32 rows under the interpreter).
+TRITON_CASES = [
+    (window, causal, softcap, sinks, LENGTHS[n % len(LENGTHS)], (4, 4 >> (n % 3)))
+    for n, (window, causal, softcap, sinks) in enumerate(
+        itertools.product(WINDOWS, [False, True], [0.0, 1.5], [False, True])
+    )
+]
+
+
+@pytest.mark.skipif(not TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("window,causal,softcap,sinks,lengths,heads", TRITON_CASES)
+def test_triton_variants_fp32_within_the_rule(window, causal, softcap, sinks, lengths, heads):
+    (Tq, Tk), (H, Hkv) = lengths, heads
+    check_triton_variants((2, H, Hkv, Tq, Tk, 8), causal, window, softcap, sinks, torch.float32)
+
+
+@pytest.mark.skipif(not TRITON, reason="triton is not installed")
+@pytest.mark.parametrize(
+    "causal,window,softcap,sinks,lengths",
+    [
+        (True, (40, 0), 0.0, True, (150, 150)),  # key tiles on both sides of the window skipped
+        (False, (20, 33), 2.0, False, (130, 70)),  # Tq > Tk, both sides bounded
+        (False, (-1, 10), 0.0, True, (45, 160)),  # right-bounded only
+        (True, (17, -1), 50.0, True, (64, 96)),  # Gemma 2's cap, tile-aligned lengths
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_windows_that_skip_tiles(causal, window, softcap, sinks, lengths, dtype):
+    """Windows narrower than the sequence: programs skip key tiles, mask only the edges."""
+    Tq, Tk = lengths
+    check_triton_variants((1, 2, 1, Tq, Tk, 16), causal, window, softcap, sinks, dtype, seed=Tq)
+
+
+@pytest.mark.skipif(not TRITON, reason="triton is not installed")
+def test_triton_plain_calls_compile_no_variant_path():
+    """WINDOW / SOFTCAP / sinks are on only when a call restricts: causal alone is no window."""
+    from fastgpt.kernels.attention import variant_args
+
+    for causal in (False, True):
+        plain = variant_args((-1, -1), 0.0, None, causal, 0.3, 100)
+        assert not plain["WINDOW"] and not plain["SOFTCAP"] and plain["Sinks"] is None
+    causal_right = variant_args((-1, 5), 0.0, None, True, 0.3, 100)  # causal hides the right
+    assert not causal_right["WINDOW"]
+    left = variant_args((7, -1), 2.0, None, True, 0.3, 100)
+    assert left["WINDOW"] and (left["win_left"], left["win_right"]) == (7, 0) and left["SOFTCAP"]
+    assert not variant_args((-1, -1), 2.0, None, False, 0.0, 100)["SOFTCAP"]  # scale 0: s = 0
+
+
+@pytest.mark.skipif(not TRITON, reason="triton is not installed")
+def test_triton_variant_ops_pass_opcheck():
+    q, k, v, do, s = (t.detach().float() for t in leaves(1, 4, 2, 9, 21, 8, True, seed=2))
+    assert s.shape == (4,)
+    forward = torch.ops.fastgpt.triton_attention_forward
+    backward = torch.ops.fastgpt.triton_attention_backward
+    variants = dict(window=[3, 2], softcap=2.0, sinks=s)
+    torch.library.opcheck(forward, (q, k, v, False, 0.3), variants)
+    out, lse = forward(q, k, v, False, 0.3, **variants)
+    torch.library.opcheck(backward, (do, q, k, v, out, lse, False, 0.3), variants)
+    plain = backward(do, q, k, v, *forward(q, k, v, True, 0.3), True, 0.3)
+    assert len(plain) == 4 and plain[3].shape == (0,)  # no sinks: an empty dsinks
+
+
+@pytest.mark.skipif(not TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "page16"])
+@pytest.mark.parametrize(
+    "causal,window,softcap,sinks",
+    [(True, (5, 0), 0.0, True), (False, (20, 2), 2.0, False), (True, (-1, -1), 50.0, True)],
+)
+def test_triton_kvcache_variants_within_the_rule(paged, causal, window, softcap, sinks):
+    """The Triton KV-cache kernel (split-K over the cache, then the merge) with the variants:
+    each sequence's rows against the float64 oracle on its own keys, within the fp32 rule."""
+    from fastgpt.kernels.kvcache import kvcache_attention_with_lse
+
+    B, Tq, H, Hkv, D, capacity = 3, 3, 4, 2, 8, 96
+    lengths = [3, 70, 96]  # keys per sequence after the new ones
+    q, k_all, v_all, s = random_tensors(
+        (B, Tq, H, D), (B, capacity, Hkv, D), (B, capacity, Hkv, D), (H,),
+        dtype=torch.float64, device="cpu", seed=4,
+    )  # fmt: skip
+    s = s if sinks else None
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    k_cache, v_cache, table = k_all.float(), v_all.float(), None
+    if paged:  # pages of 16 rows, handed out in reverse so that logical order != physical
+        pages = capacity // 16
+        table = torch.arange(B * pages, dtype=torch.int32).flip(0).view(B, pages)
+        k_cache = torch.empty(B * pages, 16, Hkv, D)
+        v_cache = torch.empty(B * pages, 16, Hkv, D)
+        k_cache[table.flatten().long()] = k_all.float().view(B * pages, 16, Hkv, D)
+        v_cache[table.flatten().long()] = v_all.float().view(B * pages, 16, Hkv, D)
+    out, lse = kvcache_attention_with_lse(
+        q.float(), k_cache, v_cache, seqlens, table, causal, D**-0.5, num_splits=3,
+        window=window, softcap=softcap, sinks=None if s is None else s.float(),
+    )  # fmt: skip
+    for b, end in enumerate(lengths):
+        qb, kb, vb = (t.transpose(0, 1)[None] for t in (q[b], k_all[b, :end], v_all[b, :end]))
+        exact, exact_lse = oracle(qb, kb, vb, causal, window, softcap, s)
+        args = [t.float() for t in (qb, kb, vb)] + [None if s is None else s.float()]
+        plain = oracle(*args[:3], causal, window, softcap, args[3])[0]
+        got = out[b].transpose(0, 1)[None]  # (1, H, Tq, D)
+        what = f"triton kvcache paged={paged} b={b}"
+        assert_within_bounds(what, torch.float32, [got], [plain], [exact], [None])
+        torch.testing.assert_close(lse[b].double(), exact_lse[0], atol=1e-5, rtol=1e-5)
 
 
 # --- Packed variable-length attention ------------------------------------------------------------
@@ -297,12 +496,80 @@ def test_varlen_variants_match_the_oracle_per_sequence(causal, window, softcap, 
         torch.testing.assert_close(got, want, **F64)
 
 
-@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize(
+    "backend",
+    [b for b in COMPILED if b not in VARLEN_BACKENDS or b not in VARIANT_BACKENDS["window"]],
+)
 def test_varlen_explicit_backend_without_varlen_or_the_variant_raises(backend):
     q = torch.randn(5, 2, 8)
     cu = cu_seqlens([5], "cpu")
     with pytest.raises(NotImplementedError):
         fastgpt.attention_varlen(q, q, q, cu, cu, 5, 5, window=(2, 0), backend=backend)
+
+
+@pytest.mark.skipif(not TRITON, reason="triton is not installed")
+@pytest.mark.parametrize(
+    "causal,window,softcap,sinks",
+    [(True, (3, 0), 0.0, True), (False, (2, 20), 1.5, True), (False, (-1, -1), 2.0, False)],
+)
+def test_triton_varlen_variants_within_the_rule(causal, window, softcap, sinks):
+    """Packed sequences (one empty, one past a tile, one of one row) on the Triton varlen
+    kernels: out, dq/dk/dv and dsinks against the float64 oracle run per sequence, in fp32."""
+    lens_q, lens_k = [5, 0, 40, 1], [7, 3, 37, 1]
+    H, Hkv, D = 4, 2, 8
+    Nq, Nk = sum(lens_q), sum(lens_k)
+    q, k, v, do, s = random_tensors(
+        (Nq, H, D), (Nk, Hkv, D), (Nk, Hkv, D), (Nq, H, D), (H,),
+        dtype=torch.float64, device="cpu", seed=9,
+    )  # fmt: skip
+    s = s if sinks else None
+    cu_q, cu_k = cu_seqlens(lens_q, "cpu"), cu_seqlens(lens_k, "cpu")
+    variants = dict(window=window, softcap=softcap)
+
+    def run(fn, dtype, sinks_dtype):
+        tensors = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        sk = None if s is None else s.to(sinks_dtype).requires_grad_()
+        out = fn(*tensors, sk)
+        grads = torch.autograd.grad(out, tensors + ([sk] if sk is not None else []), do.to(dtype))
+        return [out.detach(), *(g.detach() for g in grads)]
+
+    def kernel(q, k, v, sk):
+        return fastgpt.attention_varlen(
+            q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, sinks=sk,
+            backend="triton", **variants,
+        )  # fmt: skip
+
+    def per_sequence(q, k, v, sk):
+        outs, rq, rk = [], 0, 0
+        for tq, tk in zip(lens_q, lens_k, strict=True):
+            b = [
+                t.transpose(0, 1)[None] for t in (q[rq : rq + tq], k[rk : rk + tk], v[rk : rk + tk])
+            ]
+            outs.append(oracle(*b, causal, window, softcap, sk)[0][0].transpose(0, 1))
+            rq, rk = rq + tq, rk + tk
+        return torch.cat(outs)
+
+    got = run(kernel, torch.float32, torch.float32)
+    exact = run(per_sequence, torch.float64, torch.float64)
+    plain = run(per_sequence, torch.float32, torch.float32)
+    floors = [torch.zeros_like(exact[0])] + [torch.zeros_like(g) for g in exact[1:4]]
+    rq, rk, sink_floor = 0, 0, 0
+    for tq, tk in zip(lens_q, lens_k, strict=True):  # the dense floors, sequence by sequence
+        b = [t.transpose(0, 1)[None] for t in (q[rq : rq + tq], k[rk : rk + tk], v[rk : rk + tk])]
+        do_b = do[rq : rq + tq].transpose(0, 1)[None]
+        fq, fk, fv, fs = variant_floors(*b, do_b, causal, window, softcap, s, torch.float32)
+        sink_floor = sink_floor + (0 if fs is None else fs)
+        floors[1][rq : rq + tq] = fq[0].transpose(0, 1)
+        floors[2][rk : rk + tk] = fk[0].transpose(0, 1)
+        floors[3][rk : rk + tk] = fv[0].transpose(0, 1)
+        rq, rk = rq + tq, rk + tk
+    what = f"triton varlen causal={causal} window={window} softcap={softcap}"
+    assert_within_bounds(what, torch.float32, got[:4], plain[:4], exact[:4], floors)
+    if s is not None:  # dsinks: the rule, with its floor summed over the sequences
+        err = (got[4].double() - exact[4]).abs()
+        plain_err = (plain[4].double() - exact[4]).abs().max().item()
+        bound = 2 * plain_err + rounding_floor(exact[4], torch.float32) + sink_floor
+        assert (err <= bound).all(), f"{what} dsinks: error {err.tolist()} over {bound.tolist()}"
 
 
 def test_varlen_bad_sinks_raise_naming_the_heads():
