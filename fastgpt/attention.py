@@ -32,9 +32,9 @@ BACKEND_DTYPES = {  # the dtypes each backend takes
 # softcap=c and sinks=(H,) tensor of its forward op, with their gradients. An automatic pick
 # moves to a backend that has every variant of a call; an explicit one without raises.
 VARIANT_BACKENDS: dict[str, tuple[str, ...]] = {
-    "window": ("reference",),  # sliding window (left, right), flash-attn's window_size
-    "softcap": ("reference",),  # scores c * tanh(s / c), Gemma 2's attention logit softcap
-    "sinks": ("reference",),  # a learnable (H,) logit in each row's softmax denominator
+    "window": ("reference", "cpp"),  # sliding window (left, right), flash-attn's window_size
+    "softcap": ("reference", "cpp"),  # scores c * tanh(s / c), Gemma 2's attention logit softcap
+    "sinks": ("reference", "cpp"),  # a learnable (H,) logit in each row's softmax denominator
 }
 
 logger = logging.getLogger("fastgpt")

@@ -2,9 +2,14 @@
 
 Each compiled backend exposes two ops in the ``fastgpt`` namespace:
 
-    fastgpt::<backend>_attention_forward(q, k, v, causal, scale) -> (out, lse)
-    fastgpt::<backend>_attention_backward(grad_out, q, k, v, out, lse, causal, scale)
-        -> (dq, dk, dv)
+    fastgpt::<backend>_attention_forward(q, k, v, causal, scale, **variants) -> (out, lse)
+    fastgpt::<backend>_attention_backward(grad_out, q, k, v, out, lse, causal, scale, **variants)
+        -> (dq, dk, dv) or (dq, dk, dv, dsinks)
+
+variants are keyword arguments with defaults (window=None, softcap=0.0, sinks=None) for a backend
+whose kernels have them (fastgpt.attention.VARIANT_BACKENDS); the C++ backward always returns
+dsinks ((H,) fp32, fp64 for fp64 inputs, empty without sinks). The autograd glue passes the
+variants on only when set, so an op without them keeps working.
 
 The Triton ops are defined here as custom ops around the host functions in fastgpt.kernels; the
 C++ ops are defined by the extension (csrc/) and only get their fake implementations and autograd
@@ -44,22 +49,40 @@ def triton_attention_backward(
     return attention_backward(grad_out, q, k, v, out, lse, causal, scale)
 
 
-def _forward_fake(q, k, v, causal, scale):
+def _forward_fake(q, k, v, causal, scale, window=None, softcap=0.0, sinks=None):
     B, H, Tq, D = q.shape
     out = q.new_empty((B, H, Tq, D))  # (B, H, Tq, D), contiguous
     lse = q.new_empty((B, H, Tq), dtype=accumulate_dtype(q.dtype))  # (B, H, Tq)
     return out, lse
 
 
-def _backward_fake(grad_out, q, k, v, out, lse, causal, scale):
-    # dq like q, dk and dv like k: contiguous, in the input dtype.
+def _backward_fake(
+    grad_out, q, k, v, out, lse, causal, scale, window=None, softcap=0.0, sinks=None
+):
+    # dq like q, dk and dv like k: contiguous, in the input dtype; dsinks (H,) or empty, in lse's
+    # dtype (fp32, fp64 for fp64 inputs).
+    n_sinks = 0 if sinks is None else sinks.shape[0]
+    dsinks = q.new_empty((n_sinks,), dtype=accumulate_dtype(q.dtype))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
+
+
+def _three_grads_fake(grad_out, q, k, v, out, lse, causal, scale, *variants, **named):
+    # A backward op without dsinks (the Triton op until it has the variants): (dq, dk, dv).
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+_VARIANT_ARGS = ("window", "softcap", "sinks")  # the ops' inputs after (q, k, v, causal, scale)
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale = inputs
+    q, k, v, causal, scale = inputs[:5]
+    variants = dict(zip(_VARIANT_ARGS, inputs[5:], strict=False))
+    sinks = variants.pop("sinks", None)
+    # Only the variants in use go on to the backward op (one without them keeps working).
+    ctx.variants = {name: value for name, value in variants.items() if value not in (None, 0.0)}
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.has_sinks, ctx.n_inputs = sinks is not None, len(inputs)
+    ctx.save_for_backward(q, k, v, out, lse, *([sinks] if sinks is not None else []))
     ctx.causal, ctx.scale = causal, scale
     ctx.mark_non_differentiable(lse)
 
@@ -73,12 +96,18 @@ def _register(backend: str) -> None:
     backward_op = getattr(torch.ops.fastgpt, f"{backend}_attention_backward")
 
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
+        q, k, v, out, lse, *sinks = ctx.saved_tensors
+        variants = dict(ctx.variants, **({"sinks": sinks[0]} if sinks else {}))
+        grads = backward_op(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale, **variants)
+        result = [*grads[:3]] + [None] * (ctx.n_inputs - 3)  # (dq, dk, dv, None for the rest)
+        if ctx.has_sinks:  # sinks is the op's last input; its gradient the op's 4th output
+            result[-1] = grads[3].to(sinks[0].dtype)
+        return tuple(result)
 
+    with_dsinks = len(backward_op.default._schema.returns) == 4
+    fake_backward = _backward_fake if with_dsinks else _three_grads_fake
     torch.library.register_fake(forward)(_forward_fake)
-    torch.library.register_fake(f"fastgpt::{backend}_attention_backward")(_backward_fake)
+    torch.library.register_fake(f"fastgpt::{backend}_attention_backward")(fake_backward)
     torch.library.register_autograd(forward, backward, setup_context=_setup_context)
     refuse_double_backward(
         f"fastgpt::{backend}_attention_backward",

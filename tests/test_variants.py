@@ -28,6 +28,12 @@ from fastgpt.reference import (
 )
 
 COMPILED = [b for b in fastgpt.available_backends("cpu") if b != "reference"]
+# The backends with every variant that run on the CPU in float64 (the reference, the C++ kernel).
+FP64_VARIANT_BACKENDS = [
+    b
+    for b in fastgpt.available_backends("cpu")
+    if b != "triton" and all(b in VARIANT_BACKENDS[v] for v in VARIANT_BACKENDS)
+]
 
 
 def leaves(B, H, Hkv, Tq, Tk, D, sinks, seed=0):
@@ -59,15 +65,17 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("backend", FP64_VARIANT_BACKENDS)
 @pytest.mark.parametrize("window,causal,softcap,sinks,lengths,heads", CASES)
 def test_variants_match_the_oracle_outputs_lse_and_grads(
-    window, causal, softcap, sinks, lengths, heads
+    window, causal, softcap, sinks, lengths, heads, backend
 ):
     (Tq, Tk), (H, Hkv) = lengths, heads
     q, k, v, do, s = leaves(2, H, Hkv, Tq, Tk, 8, sinks, seed=Tq * 7 + Tk)
     out, lse = attention(
-        q, k, v, causal=causal, window=window, softcap=softcap, sinks=s, return_lse=True
-    )
+        q, k, v, causal=causal, window=window, softcap=softcap, sinks=s, return_lse=True,
+        backend=backend,
+    )  # fmt: skip
     want_out, want_lse = oracle(q, k, v, causal, window, softcap, s)
     torch.testing.assert_close(out, want_out, **F64)
     torch.testing.assert_close(lse, want_lse.detach(), **F64)
@@ -107,12 +115,15 @@ def test_rows_that_see_no_key_output_zero_with_lse_inf_or_the_sink():
     torch.testing.assert_close(lse[0, :, :3], s.detach()[:, None].expand(2, 3), **F64)
 
 
+@pytest.mark.parametrize("backend", FP64_VARIANT_BACKENDS)
 @pytest.mark.parametrize("window,softcap", [((4, 0), 0.0), ((-1, -1), 2.0), ((2, 3), 1.0)])
-def test_gradcheck_in_float64_sinks_included(window, softcap):
+def test_gradcheck_in_float64_sinks_included(window, softcap, backend):
     q, k, v, _, s = leaves(1, 2, 1, 5, 7, 3, True, seed=11)
 
     def f(q, k, v, s):
-        return attention(q, k, v, causal=True, window=window, softcap=softcap, sinks=s)
+        return attention(
+            q, k, v, causal=True, window=window, softcap=softcap, sinks=s, backend=backend
+        )
 
     assert torch.autograd.gradcheck(f, (q, k, v, s))
 
@@ -177,8 +188,11 @@ def test_a_plain_call_runs_as_before_and_variants_log_their_backend(debug_log):
         assert debug_log()[-1] == picked
     attention(q, k, v, window=(2, 0), sinks=s)
     message = debug_log()[-1]
-    assert "window, sinks -> reference" in message, message
-    if COMPILED:  # the automatic pick was a compiled backend: the log says why it moved
+    auto = picked.split(" -> ")[1].split(" ")[0]  # the plain call's automatic pick
+    if auto in VARIANT_BACKENDS["window"]:  # it has the variants: it stays
+        assert f"window, sinks -> {auto} " in message, message
+    else:  # the log says why it moved
+        assert "window, sinks -> reference" in message, message
         assert "has no window, sinks kernels yet" in message, message
 
 
@@ -188,9 +202,12 @@ def test_fastgpt_backend_env_is_an_automatic_pick_that_moves(monkeypatch, debug_
     for backend in COMPILED:
         monkeypatch.setenv("FASTGPT_BACKEND", backend)
         out = attention(q.float(), k.float(), v.float(), sinks=s.float())
-        assert debug_log()[-1].endswith(
-            f"-> reference ({backend} (FASTGPT_BACKEND) has no sinks kernels yet)"
-        )
+        if backend in VARIANT_BACKENDS["sinks"]:  # it has them: it stays
+            assert debug_log()[-1].endswith(f"-> {backend} (FASTGPT_BACKEND)")
+        else:
+            assert debug_log()[-1].endswith(
+                f"-> reference ({backend} (FASTGPT_BACKEND) has no sinks kernels yet)"
+            )
         torch.testing.assert_close(
             out.double(), oracle(q, k, v, True, sinks=s)[0], atol=1e-5, rtol=1e-5
         )
@@ -219,8 +236,15 @@ def test_no_keys_with_sinks_gives_zero_rows_with_lse_the_sink():
     assert torch.equal(s.grad, torch.zeros(2, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("backend", COMPILED)
-@pytest.mark.parametrize("variant", ["window", "softcap", "sinks"])
+@pytest.mark.parametrize(
+    "backend,variant",
+    [
+        (b, v)
+        for b in COMPILED
+        for v in ["window", "softcap", "sinks"]
+        if b not in VARIANT_BACKENDS[v]
+    ],
+)
 def test_an_explicit_backend_without_the_variant_raises(backend, variant):
     q, k, v, _, s = leaves(1, 2, 2, 5, 5, 8, True)
     args = {"window": dict(window=(2, 0)), "softcap": dict(softcap=2.0), "sinks": dict(sinks=s)}
