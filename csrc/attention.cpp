@@ -29,13 +29,14 @@ TORCH_LIBRARY(fastgpt, m) {
   // -> out: (total_q, H, D), lse: (H, total_q)
   m.def(
       "cpp_attention_varlen_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q,"
-      " Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale)"
-      " -> (Tensor out, Tensor lse)");
-  // -> dq: (total_q, H, D), dk, dv: (total_k, Hkv, D)
+      " Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale,"
+      " int[]? window=None, float softcap=0.0, Tensor? sinks=None) -> (Tensor out, Tensor lse)");
+  // -> dq: (total_q, H, D), dk, dv: (total_k, Hkv, D), dsinks: as the dense op's
   m.def(
       "cpp_attention_varlen_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out,"
       " Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q,"
-      " int max_seqlen_k, bool causal, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+      " int max_seqlen_k, bool causal, float scale, int[]? window=None, float softcap=0.0,"
+      " Tensor? sinks=None) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dsinks)");
 }
 
 // `import fastgpt._C` needs a module init function; the module itself is empty

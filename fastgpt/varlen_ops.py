@@ -11,8 +11,11 @@ q, out: (total_q, H, D); k, v: (total_k, Hkv, D); cu_seqlens_*: int32 (B + 1,); 
 in float32 (float64 for float64 inputs). The reference and Triton backends define them here
 (the Triton ops around fastgpt.kernels.attention's varlen host functions), the C++ extension
 defines the cpp ones (csrc/attention.cpp); each backend calls register_varlen(backend) for the
-same fake implementations and autograd. To torch.compile each op is one opaque node with known output
-shapes (dynamic totals), and the profiler shows it as ``fastgpt::...``.
+same fake implementations and autograd. To torch.compile each op is one opaque node with known
+output shapes (dynamic totals), and the profiler shows it as ``fastgpt::...``.
+
+The cpp ops also take the variants as trailing keywords (window=None, softcap=0.0, sinks=None) and
+their backward returns dsinks after dq, dk, dv; the glue passes the variants on only when set.
 """
 
 import torch
@@ -61,7 +64,9 @@ def reference_attention_varlen_backward(
     )  # fresh contiguous tensors in the inputs' dtypes
 
 
-def _forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
+def _forward_fake(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, *variants
+):
     total_q, H, D = q.shape
     out = q.new_empty((total_q, H, D))  # (total_q, H, D), contiguous
     lse = q.new_empty((H, total_q), dtype=accumulate_dtype(q.dtype))  # (H, total_q)
@@ -73,10 +78,30 @@ def _backward_fake(grad_out, q, k, v, *rest):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+def _backward_fake_with_dsinks(
+    grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, window=None,
+    softcap=0.0, sinks=None,
+):  # fmt: skip
+    # An op with the variants (cpp) also returns dsinks: (H,) in lse's dtype, (0,) without sinks.
+    n_sinks = 0 if sinks is None else sinks.shape[0]
+    dsinks = q.new_empty((n_sinks,), dtype=accumulate_dtype(q.dtype))
+    return (*_backward_fake(grad_out, q, k, v), dsinks)
+
+
+_VARIANT_ARGS = ("window", "softcap", "sinks")  # an op's inputs after the 9 plain ones, if any
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale = inputs
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale = inputs[:9]
+    variants = dict(zip(_VARIANT_ARGS, inputs[9:], strict=False))
+    sinks = variants.pop("sinks", None)
+    # Only the variants in use go on to the backward op (one without them keeps working).
+    ctx.variants = {name: value for name, value in variants.items() if value not in (None, 0.0)}
+    ctx.has_sinks, ctx.n_inputs = sinks is not None, len(inputs)
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    ctx.save_for_backward(
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *[sinks][: int(ctx.has_sinks)]
+    )
     ctx.max_seqlens, ctx.causal, ctx.scale = (max_seqlen_q, max_seqlen_k), causal, scale
     ctx.mark_non_differentiable(lse)
 
@@ -88,14 +113,21 @@ def register_varlen(backend: str) -> None:
     backward_op = getattr(torch.ops.fastgpt, f"{backend}_attention_varlen_backward")
 
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv = backward_op(
-            grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.max_seqlens, ctx.causal, ctx.scale
-        )
-        return dq, dk, dv, None, None, None, None, None, None
+        q, k, v, out, lse, cu_q, cu_k, *sinks = ctx.saved_tensors
+        variants = dict(ctx.variants, **({"sinks": sinks[0]} if sinks else {}))
+        grads = backward_op(
+            grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.max_seqlens, ctx.causal, ctx.scale,
+            **variants,
+        )  # fmt: skip
+        result = [*grads[:3]] + [None] * (ctx.n_inputs - 3)  # (dq, dk, dv, None for the rest)
+        if ctx.has_sinks:  # sinks is the op's last input; its gradient the op's 4th output
+            result[-1] = grads[3].to(sinks[0].dtype)
+        return tuple(result)
 
+    with_dsinks = len(backward_op.default._schema.returns) == 4
+    fake_backward = _backward_fake_with_dsinks if with_dsinks else _backward_fake
     torch.library.register_fake(forward)(_forward_fake)
-    torch.library.register_fake(f"fastgpt::{backend}_attention_varlen_backward")(_backward_fake)
+    torch.library.register_fake(f"fastgpt::{backend}_attention_varlen_backward")(fake_backward)
     torch.library.register_autograd(forward, backward, setup_context=_setup_context)
     refuse_double_backward(
         f"fastgpt::{backend}_attention_varlen_backward",

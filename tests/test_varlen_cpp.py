@@ -139,7 +139,7 @@ def test_packed_equal_lengths_are_the_dense_op_bit_for_bit():
     )
     packed = lambda t: t.transpose(1, 2).flatten(0, 1)  # (B, H, T, D) -> (B T, H, D)
     assert torch.equal(out, packed(d_out)) and torch.equal(lse, d_lse.transpose(0, 1).flatten(1))
-    for got, want in zip(grads, d_grads, strict=True):
+    for got, want in zip(grads[:3], d_grads[:3], strict=True):  # then both dsinks: empty
         assert torch.equal(got, packed(want))
 
 
