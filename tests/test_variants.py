@@ -289,7 +289,8 @@ def test_bad_variant_arguments_raise_one_sentence(kwargs, error, message):
 @pytest.mark.parametrize(
     "window,softcap,sinks", [((3, 0), 0.0, False), ((2, 1), 1.5, True), ((-1, -1), 0.0, True)]
 )
-def test_varlen_variants_match_the_oracle_per_sequence(causal, window, softcap, sinks):
+@pytest.mark.parametrize("backend", FP64_VARIANT_BACKENDS)
+def test_varlen_variants_match_the_oracle_per_sequence(causal, window, softcap, sinks, backend):
     lens_q, lens_k = [5, 0, 17, 1], [7, 3, 17, 1]
     H, Hkv, D = 4, 2, 8
     Nq, Nk = sum(lens_q), sum(lens_k)
@@ -302,8 +303,9 @@ def test_varlen_variants_match_the_oracle_per_sequence(causal, window, softcap, 
     cu_q, cu_k = cu_seqlens(lens_q, "cpu"), cu_seqlens(lens_k, "cpu")
     variants = dict(window=window, softcap=softcap, sinks=s)
     out, lse = fastgpt.attention_varlen(
-        *tensors, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, return_lse=True, **variants
-    )
+        *tensors, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, return_lse=True,
+        backend=backend, **variants,
+    )  # fmt: skip
     assert out.shape == q.shape and lse.shape == (H, Nq)
     outs, lses, rq, rk = [], [], 0, 0
     for tq, tk in zip(lens_q, lens_k, strict=True):
@@ -322,7 +324,7 @@ def test_varlen_variants_match_the_oracle_per_sequence(causal, window, softcap, 
         torch.testing.assert_close(got, want, **F64)
 
 
-@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("backend", [b for b in COMPILED if b not in VARIANT_BACKENDS["window"]])
 def test_varlen_explicit_backend_without_varlen_or_the_variant_raises(backend):
     q = torch.randn(5, 2, 8)
     cu = cu_seqlens([5], "cpu")
