@@ -18,7 +18,8 @@ TORCH_LIBRARY(fastgpt, m) {
   // q: (B, Tq, H, D); caches (B, Tmax, Hkv, D) or paged (blocks, page, Hkv, D) -> (B, Tq, H, D)
   m.def(
       "cpp_attention_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k,"
-      " Tensor? block_table, bool causal, float scale) -> Tensor");
+      " Tensor? block_table, bool causal, float scale, int[]? window=None, float softcap=0.0,"
+      " Tensor? sinks=None) -> Tensor");
   // -> dq: (B, H, Tq, D), dk, dv: (B, Hkv, Tk, D), dsinks: (H,) fp32 (fp64 for fp64), (0,)
   // without sinks
   m.def(

@@ -82,7 +82,7 @@ if kvcache_ops.cpp_has_kvcache():
     KVCACHE_KERNELS["cpp"] = kvcache_ops.kvcache_op("cpp")
 KVCACHE_DEVICES = {"cpp": ("cpu",)}  # the C++ KV-cache kernel is CPU-only
 # Backends whose KV-cache kernel takes the attention variants (window, softcap, sinks) as keywords.
-KVCACHE_VARIANT_BACKENDS = ("reference",)
+KVCACHE_VARIANT_BACKENDS = ("reference", "cpp")
 
 
 def sequence_keys(
@@ -341,9 +341,10 @@ def attention_with_kvcache(
             (a query that sees no key outputs zeros); False: every one of the sequence's keys.
         scale: multiplies q.k; defaults to 1 / sqrt(D).
         window, softcap, sinks: fastgpt.attention's variants, with the window placed on each
-            sequence's own positions (query i sits at cache_seqlens[b] + Tnew - Tq + i). Today
-            only the reference runs them (KVCACHE_VARIANT_BACKENDS): an automatic pick moves
-            there, an explicit other backend raises NotImplementedError.
+            sequence's own positions (query i sits at cache_seqlens[b] + Tnew - Tq + i). The
+            backends in KVCACHE_VARIANT_BACKENDS run them (the reference and the cpp kernel, whose
+            window skips the keys before it); an automatic pick without them moves to the
+            reference, an explicit other backend raises NotImplementedError.
         backend: as fastgpt.attention's; a backend without a KV-cache kernel (KVCACHE_KERNELS)
             runs the reference when picked automatically and raises NotImplementedError when asked
             for by name.

@@ -44,7 +44,11 @@ def _kvcache_fake(
     block_table: Tensor | None,
     causal: bool,
     scale: float,
+    window: list[int] | None = None,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
 ) -> Tensor:
+    # The variant arguments are the cpp op's (its kernel takes them); the Triton op has none.
     torch._check(q.dim() == 4 and k_cache.dim() == 4, lambda: "q and the caches must be 4-d")
     return q.new_empty(q.shape)  # (B, Tq, H, D), contiguous, q's dtype
 

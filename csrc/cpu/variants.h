@@ -6,8 +6,6 @@
 
 #include <optional>
 
-#include "flash_cpu.h"
-
 namespace fastgpt::cpu {
 
 struct Variants {
@@ -42,8 +40,9 @@ inline Variants read_variants(at::OptionalIntArrayRef window, double softcap,
   return v;
 }
 
-// Puts the window into the batch (every sequence shares it).
-inline void set_window(Batch& batch, const Variants& v) {
+// Puts the window into the batch (flash_cpu.h's Batch: every sequence shares it).
+template <typename Batch>
+void set_window(Batch& batch, const Variants& v) {
   batch.left = v.left, batch.right = v.right;
 }
 
