@@ -11,6 +11,14 @@
 // blocks past the diagonal are never computed, and only tiles that cross it are masked. The
 // row log-sum-exp is saved for the backward; a row that sees no key outputs 0 and lse = +inf.
 //
+// Variants (flash-attn's semantics): a sliding window narrows each row's keys to [key_lo, key_hi)
+// (Shape): a query block visits only the key blocks from key_start (skipping those wholly before
+// the window: O(T W) work) and masks only the tiles the window crosses. A softcap c maps the
+// scaled scores to c tanh(s / c) (the backward multiplies dS by 1 - tanh^2, tanh kept per tile).
+// Sinks add exp(sinks[h]) to each row's denominator in the final normalisation (lse includes it;
+// a row without keys outputs 0 with lse = sink); their gradient, -sum exp(sink - lse) * delta,
+// comes from the delta pass. Each costs a per-row branch when off.
+//
 // Backward: P = exp(scale * q.k - lse) is recomputed per tile, delta = rowsum(dO * O),
 //   dV += P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dQ += scale dS K,  dK += scale dS^T Q.
 // When the (sequence, kv head) pairs spread evenly enough over the threads, one task owns a
