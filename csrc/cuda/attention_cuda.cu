@@ -115,8 +115,11 @@ void run_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
 // one raises (fastgpt.attention sends variants to a backend that has them).
 void refuse_variants(at::OptionalIntArrayRef window, double softcap,
                      const std::optional<at::Tensor>& sinks) {
-  const bool windowed = window.has_value() && std::any_of(window->begin(), window->end(),
-                                                          [](int64_t w) { return w >= 0; });
+  bool windowed = false;
+  if (window.has_value()) {
+    const at::IntArrayRef w = *window;
+    windowed = std::any_of(w.begin(), w.end(), [](int64_t x) { return x >= 0; });
+  }
   const bool sunk = sinks.has_value() && sinks->defined();
   TORCH_CHECK_NOT_IMPLEMENTED(!windowed && softcap == 0.0 && !sunk,
                               "fastgpt's CUDA kernels have no window, softcap or sinks yet; use "
