@@ -3,8 +3,9 @@
 The oracle here is written independently of fastgpt.reference: a (Tq, Tk) mask built key by key
 from the window rule, keys repeated per query head, -inf for hidden keys, the sink as one more
 column of logits (-inf without sinks) and one softmax, in float64. Gradients, d(sinks) included,
-come from autograd through it. Today the variants run on the reference path (VARIANT_BACKENDS);
-an automatic pick moves there, an explicit compiled backend raises.
+come from autograd through it. The variants run where VARIANT_BACKENDS lists them (the reference
+and the C++ CPU kernel, both checked here in float64); an automatic pick moves there, an explicit
+backend without them raises.
 """
 
 import itertools
