@@ -32,9 +32,21 @@ BACKEND_DTYPES = {  # the dtypes each backend takes
 # softcap=c and sinks=(H,) tensor of its forward op, with their gradients. An automatic pick
 # moves to a backend that has every variant of a call; an explicit one without raises.
 VARIANT_BACKENDS: dict[str, tuple[str, ...]] = {
-    "window": ("reference", "triton"),  # sliding window (left, right), flash-attn's window_size
-    "softcap": ("reference", "triton"),  # scores c * tanh(s / c), Gemma 2's attention logit softcap
-    "sinks": ("reference", "triton"),  # a learnable (H,) logit in each row's softmax denominator
+    "window": (
+        "reference",
+        "triton",
+        "cpp",
+    ),  # sliding window (left, right), flash-attn's window_size
+    "softcap": (
+        "reference",
+        "triton",
+        "cpp",
+    ),  # scores c * tanh(s / c), Gemma 2's attention logit softcap
+    "sinks": (
+        "reference",
+        "triton",
+        "cpp",
+    ),  # a learnable (H,) logit in each row's softmax denominator
 }
 
 logger = logging.getLogger("fastgpt")

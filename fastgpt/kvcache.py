@@ -82,7 +82,7 @@ if kvcache_ops.cpp_has_kvcache():
     KVCACHE_KERNELS["cpp"] = kvcache_ops.kvcache_op("cpp")
 KVCACHE_DEVICES = {"cpp": ("cpu",)}  # the C++ KV-cache kernel is CPU-only
 # Backends whose KV-cache kernel takes the attention variants (window, softcap, sinks) as keywords.
-KVCACHE_VARIANT_BACKENDS = ("reference", "triton")
+KVCACHE_VARIANT_BACKENDS = ("reference", "triton", "cpp")
 
 
 def sequence_keys(

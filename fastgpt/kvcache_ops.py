@@ -52,6 +52,7 @@ def _kvcache_fake(
     *variants,
     **named_variants,
 ) -> Tensor:
+    # *variants: both ops' trailing window, softcap and sinks (positional or by name).
     torch._check(q.dim() == 4 and k_cache.dim() == 4, lambda: "q and the caches must be 4-d")
     return q.new_empty(q.shape)  # (B, Tq, H, D), contiguous, q's dtype
 

@@ -7,9 +7,9 @@ Each compiled backend exposes two ops in the ``fastgpt`` namespace:
         -> (dq, dk, dv) or (dq, dk, dv, dsinks)
 
 variants are keyword arguments with defaults (window=None, softcap=0.0, sinks=None) for a backend
-whose kernels have them (fastgpt.attention.VARIANT_BACKENDS); the Triton backward always returns
-dsinks ((H,) fp32, empty without sinks). The autograd glue passes the variants on only when set,
-so an op without them keeps working.
+whose kernels have them (fastgpt.attention.VARIANT_BACKENDS); their backward always returns
+dsinks ((H,) in lse's dtype: fp32, fp64 for fp64 inputs; empty without sinks). The autograd glue
+passes the variants on only when set, so an op without them keeps working.
 
 The Triton ops are defined here as custom ops around the host functions in fastgpt.kernels; the
 C++ ops are defined by the extension (csrc/) and only get their fake implementations and autograd
@@ -82,14 +82,15 @@ def _forward_fake(q, k, v, causal, scale, window=None, softcap=0.0, sinks=None):
 def _backward_fake(
     grad_out, q, k, v, out, lse, causal, scale, window=None, softcap=0.0, sinks=None
 ):
-    # dq like q, dk and dv like k: contiguous, in the input dtype; dsinks (H,) fp32 or empty.
+    # dq like q, dk and dv like k: contiguous, in the input dtype; dsinks (H,) or empty, in lse's
+    # dtype (fp32, fp64 for fp64 inputs).
     n_sinks = 0 if sinks is None else sinks.shape[0]
-    dsinks = q.new_empty((n_sinks,), dtype=torch.float32)
+    dsinks = q.new_empty((n_sinks,), dtype=accumulate_dtype(q.dtype))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
 
 
 def _three_grads_fake(grad_out, q, k, v, out, lse, causal, scale, *variants, **named):
-    # A backward op without dsinks (the C++ op until it has the variants): (dq, dk, dv).
+    # A backward op without dsinks: (dq, dk, dv).
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 

@@ -66,7 +66,9 @@ def reference_attention_varlen_backward(
     )  # fresh contiguous tensors in the inputs' dtypes
 
 
-def _forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
+def _forward_fake(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, *variants
+):
     total_q, H, D = q.shape
     out = q.new_empty((total_q, H, D))  # (total_q, H, D), contiguous
     lse = q.new_empty((H, total_q), dtype=accumulate_dtype(q.dtype))  # (H, total_q)
@@ -90,8 +92,9 @@ def _backward_dsinks_fake(
     grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale,
     window=None, softcap=0.0, sinks=None,
 ):  # fmt: skip
-    # As _backward_fake, and dsinks (H,) fp32, empty without sinks.
-    dsinks = q.new_empty((0 if sinks is None else sinks.shape[0],), dtype=torch.float32)
+    # As _backward_fake, and dsinks (H,) in lse's dtype (fp64 for fp64 inputs), empty without sinks.
+    n_sinks = 0 if sinks is None else sinks.shape[0]
+    dsinks = q.new_empty((n_sinks,), dtype=accumulate_dtype(q.dtype))
     return *_backward_fake(grad_out, q, k, v), dsinks
 
 

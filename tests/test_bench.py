@@ -315,3 +315,15 @@ def test_cpu_decode_benchmark_smoke(tmp_path, monkeypatch):
     assert all(len(r["times_ms"]) == 2 and r["gbps"] > 0 for r in raw["records"])
     assert all(len(r["lengths"]) == r["batch"] for r in raw["records"])
     assert "| 3 |" in path.with_suffix(".md").read_text()
+
+
+@pytest.mark.skipif("cpp" not in fastgpt.available_backends("cpu"), reason="no C++ extension")
+def test_cpu_window_benchmark_smoke(capsys):
+    """bench/cpu/window.py at tiny sizes: a line per mode, attention and length, and per token."""
+    window = _load_script("cpu/window")
+    argv = ["--lengths", "64,128", "--windows", "16", "--rounds", "1"]
+    assert window.main(argv) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    timed = [r for r in rows if r and r[0] in ("forward", "fwd+bwd")]
+    assert len(timed) == 2 * 2 * 2  # (forward, fwd+bwd) x (full causal, window 16) x (64, 128)
+    assert all(float(r[-2]) > 0 and float(r[-1]) > 0 for r in timed)

@@ -317,13 +317,21 @@ def test_random_lengths_match_float64_oracle(backend, seed, layout):
 @pytest.mark.parametrize(
     "window,softcap,sinks", [((3, 0), 0.0, False), ((-1, -1), 5.0, True), ((2, 1), 2.0, True)]
 )
-def test_variants_match_the_oracle_per_sequence(layout, causal, window, softcap, sinks):
+@pytest.mark.parametrize(
+    "backend",  # in float64 (Triton's KV-cache variants: tests/test_variants.py, in fp32)
+    [
+        b
+        for b in kvcache.KVCACHE_VARIANT_BACKENDS
+        if b in fastgpt.available_backends("cpu") and b != "triton"
+    ],
+)
+def test_variants_match_the_oracle_per_sequence(layout, causal, window, softcap, sinks, backend):
     """window / softcap / sinks on each sequence's own positions, against the independent
-    variant oracle run on that sequence's logical keys."""
+    variant oracle run on that sequence's logical keys, in float64."""
     page = LAYOUTS[layout]
     case = Case(page, lengths_before(page, 3), 3, 3, 4, 2, torch.float64)
     s = torch.randn(4, dtype=torch.float64) if sinks else None
-    out = case.run(causal=causal, window=window, softcap=softcap, sinks=s)  # (B, Tq, H, D)
+    out = case.run(causal=causal, window=window, softcap=softcap, sinks=s, backend=backend)
     for b, end in enumerate(case.ends):
         q, k, v = (
             t.transpose(0, 1)[None] for t in (case.q[b], case.k_all[b, :end], case.v_all[b, :end])
@@ -337,7 +345,7 @@ def test_variants_on_a_backend_without_them(debug_log):
     case = Case(None, [0, 7, 9, 3], 1, 1, 4, 2, torch.float64)
     case.run(window=(4, 0))
     picked = kvcache.select_kvcache_backend(case.q.device)[0]
-    if picked != "reference":
+    if picked not in kvcache.KVCACHE_VARIANT_BACKENDS:
         assert any("has no window KV-cache kernel yet" in line for line in debug_log()), debug_log()
     for name in fastgpt.available_backends("cpu"):
         if name in kvcache.KVCACHE_KERNELS and name not in kvcache.KVCACHE_VARIANT_BACKENDS:

@@ -4,7 +4,8 @@ The oracle here is written independently of fastgpt.reference: a (Tq, Tk) mask b
 from the window rule, keys repeated per query head, -inf for hidden keys, the sink as one more
 column of logits (-inf without sinks) and one softmax, in float64. Gradients, d(sinks) included,
 come from autograd through it. The variants run where VARIANT_BACKENDS lists them (the reference
-and the Triton kernels, interpreted here without a GPU); an automatic pick moves there, an explicit
+and the Triton kernels, interpreted here without a GPU, and the C++ CPU kernel, checked in
+float64); an automatic pick moves there, an explicit
 backend without them raises.
 """
 
@@ -27,10 +28,15 @@ from fastgpt.reference import (
     reference_attention_varlen_backward,
     reference_sinks_grad,
 )
-from fastgpt.varlen import VARLEN_BACKENDS
 
 COMPILED = [b for b in fastgpt.available_backends("cpu") if b != "reference"]
 TRITON = "triton" in fastgpt.available_backends("cpu")
+# The backends with every variant that run on the CPU in float64 (the reference, the C++ kernel).
+FP64_VARIANT_BACKENDS = [
+    b
+    for b in fastgpt.available_backends("cpu")
+    if b != "triton" and all(b in VARIANT_BACKENDS[v] for v in VARIANT_BACKENDS)
+]
 
 
 def leaves(B, H, Hkv, Tq, Tk, D, sinks, seed=0):
@@ -62,15 +68,17 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("backend", FP64_VARIANT_BACKENDS)
 @pytest.mark.parametrize("window,causal,softcap,sinks,lengths,heads", CASES)
 def test_variants_match_the_oracle_outputs_lse_and_grads(
-    window, causal, softcap, sinks, lengths, heads
+    window, causal, softcap, sinks, lengths, heads, backend
 ):
     (Tq, Tk), (H, Hkv) = lengths, heads
     q, k, v, do, s = leaves(2, H, Hkv, Tq, Tk, 8, sinks, seed=Tq * 7 + Tk)
     out, lse = attention(
-        q, k, v, causal=causal, window=window, softcap=softcap, sinks=s, return_lse=True
-    )
+        q, k, v, causal=causal, window=window, softcap=softcap, sinks=s, return_lse=True,
+        backend=backend,
+    )  # fmt: skip
     want_out, want_lse = oracle(q, k, v, causal, window, softcap, s)
     torch.testing.assert_close(out, want_out, **F64)
     torch.testing.assert_close(lse, want_lse.detach(), **F64)
@@ -110,12 +118,15 @@ def test_rows_that_see_no_key_output_zero_with_lse_inf_or_the_sink():
     torch.testing.assert_close(lse[0, :, :3], s.detach()[:, None].expand(2, 3), **F64)
 
 
+@pytest.mark.parametrize("backend", FP64_VARIANT_BACKENDS)
 @pytest.mark.parametrize("window,softcap", [((4, 0), 0.0), ((-1, -1), 2.0), ((2, 3), 1.0)])
-def test_gradcheck_in_float64_sinks_included(window, softcap):
+def test_gradcheck_in_float64_sinks_included(window, softcap, backend):
     q, k, v, _, s = leaves(1, 2, 1, 5, 7, 3, True, seed=11)
 
     def f(q, k, v, s):
-        return attention(q, k, v, causal=True, window=window, softcap=softcap, sinks=s)
+        return attention(
+            q, k, v, causal=True, window=window, softcap=softcap, sinks=s, backend=backend
+        )
 
     assert torch.autograd.gradcheck(f, (q, k, v, s))
 
@@ -180,8 +191,11 @@ def test_a_plain_call_runs_as_before_and_variants_log_their_backend(debug_log):
         assert debug_log()[-1] == picked
     attention(q, k, v, window=(2, 0), sinks=s)
     message = debug_log()[-1]
-    assert "window, sinks -> reference" in message, message
-    if COMPILED:  # the automatic pick was a compiled backend: the log says why it moved
+    auto = picked.split(" -> ")[1].split(" ")[0]  # the plain call's automatic pick
+    if auto in VARIANT_BACKENDS["window"]:  # it has the variants: it stays
+        assert f"window, sinks -> {auto} " in message, message
+    else:  # the log says why it moved
+        assert "window, sinks -> reference" in message, message
         assert "has no window, sinks kernels yet" in message, message
 
 
@@ -191,10 +205,13 @@ def test_fastgpt_backend_env_is_an_automatic_pick_that_moves(monkeypatch, debug_
     for backend in COMPILED:
         monkeypatch.setenv("FASTGPT_BACKEND", backend)
         out = attention(q.float(), k.float(), v.float(), sinks=s.float())
-        moved = f"-> reference ({backend} (FASTGPT_BACKEND) has no sinks kernels yet)"
-        stays = f"-> {backend} (FASTGPT_BACKEND)"
-        has = backend in VARIANT_BACKENDS["sinks"]
-        assert debug_log()[-1].endswith(stays if has else moved)
+        if backend in VARIANT_BACKENDS["sinks"]:  # it has them: it stays
+            assert debug_log()[-1].endswith(f"-> {backend} (FASTGPT_BACKEND)")
+        else:  # to the first CPU backend in the automatic order that has them
+            assert debug_log()[-1].endswith(
+                f"-> {FP64_VARIANT_BACKENDS[0]} ({backend} (FASTGPT_BACKEND) has no sinks "
+                "kernels yet)"
+            )
         torch.testing.assert_close(
             out.double(), oracle(q, k, v, True, sinks=s)[0], atol=1e-5, rtol=1e-5
         )
@@ -225,14 +242,12 @@ def test_no_keys_with_sinks_gives_zero_rows_with_lse_the_sink():
 
 @pytest.mark.parametrize(
     "backend,variant",
-    [
-        (b, v)
-        for b in COMPILED
-        for v in ["window", "softcap", "sinks"]
-        if b not in VARIANT_BACKENDS[v]
-    ],
+    [(b, v) for b in COMPILED for v in ["window", "softcap", "sinks"]],
 )
-def test_an_explicit_backend_without_the_variant_raises(backend, variant):
+def test_an_explicit_backend_without_the_variant_raises(backend, variant, monkeypatch):
+    """Every backend has every variant today: one without it (a future variant, a kernel built
+    without it) is simulated through the capability table."""
+    monkeypatch.setitem(VARIANT_BACKENDS, variant, ("reference",))
     q, k, v, _, s = leaves(1, 2, 2, 5, 5, 8, True)
     args = {"window": dict(window=(2, 0)), "softcap": dict(softcap=2.0), "sinks": dict(sinks=s)}
     assert backend not in VARIANT_BACKENDS[variant]
@@ -463,7 +478,8 @@ def test_triton_kvcache_variants_within_the_rule(paged, causal, window, softcap,
 @pytest.mark.parametrize(
     "window,softcap,sinks", [((3, 0), 0.0, False), ((2, 1), 1.5, True), ((-1, -1), 0.0, True)]
 )
-def test_varlen_variants_match_the_oracle_per_sequence(causal, window, softcap, sinks):
+@pytest.mark.parametrize("backend", FP64_VARIANT_BACKENDS)
+def test_varlen_variants_match_the_oracle_per_sequence(causal, window, softcap, sinks, backend):
     lens_q, lens_k = [5, 0, 17, 1], [7, 3, 17, 1]
     H, Hkv, D = 4, 2, 8
     Nq, Nk = sum(lens_q), sum(lens_k)
@@ -476,8 +492,9 @@ def test_varlen_variants_match_the_oracle_per_sequence(causal, window, softcap, 
     cu_q, cu_k = cu_seqlens(lens_q, "cpu"), cu_seqlens(lens_k, "cpu")
     variants = dict(window=window, softcap=softcap, sinks=s)
     out, lse = fastgpt.attention_varlen(
-        *tensors, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, return_lse=True, **variants
-    )
+        *tensors, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, return_lse=True,
+        backend=backend, **variants,
+    )  # fmt: skip
     assert out.shape == q.shape and lse.shape == (H, Nq)
     outs, lses, rq, rk = [], [], 0, 0
     for tq, tk in zip(lens_q, lens_k, strict=True):
@@ -496,11 +513,10 @@ def test_varlen_variants_match_the_oracle_per_sequence(causal, window, softcap, 
         torch.testing.assert_close(got, want, **F64)
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [b for b in COMPILED if b not in VARLEN_BACKENDS or b not in VARIANT_BACKENDS["window"]],
-)
-def test_varlen_explicit_backend_without_varlen_or_the_variant_raises(backend):
+@pytest.mark.parametrize("backend", COMPILED)
+def test_varlen_explicit_backend_without_varlen_or_the_variant_raises(backend, monkeypatch):
+    """Every backend has the window today: one without it is simulated through the table."""
+    monkeypatch.setitem(VARIANT_BACKENDS, "window", ("reference",))
     q = torch.randn(5, 2, 8)
     cu = cu_seqlens([5], "cpu")
     with pytest.raises(NotImplementedError):

@@ -11,6 +11,14 @@
 // blocks past the diagonal are never computed, and only tiles that cross it are masked. The
 // row log-sum-exp is saved for the backward; a row that sees no key outputs 0 and lse = +inf.
 //
+// Variants (flash-attn's semantics): a sliding window narrows each row's keys to [key_lo, key_hi)
+// (Shape): a query block visits only the key blocks from key_start (skipping those wholly before
+// the window: O(T W) work) and masks only the tiles the window crosses. A softcap c maps the
+// scaled scores to c tanh(s / c) (the backward multiplies dS by 1 - tanh^2, tanh kept per tile).
+// Sinks add exp(sinks[h]) to each row's denominator in the final normalisation (lse includes it;
+// a row without keys outputs 0 with lse = sink); their gradient, -sum exp(sink - lse) * delta,
+// comes from the delta pass. Each costs a per-row branch when off.
+//
 // Backward: P = exp(scale * q.k - lse) is recomputed per tile, delta = rowsum(dO * O),
 //   dV += P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dQ += scale dS K,  dK += scale dS^T Q.
 // When the (sequence, kv head) pairs spread evenly enough over the threads, one task owns a
@@ -75,27 +83,45 @@ struct Rows {
   P row(int64_t b, int64_t h, int64_t t) const { return p + b * sb + h * sh + t * st; }
 };
 
-// One sequence of the batch.
+// One sequence of the batch. Query i sees the keys [key_lo(i), key_hi(i)): bottom-right causal
+// (j <= i + Tk - Tq) and flash-attn's sliding window (i + Tk - Tq - left <= j <= i + Tk - Tq +
+// right, -1 unbounded); both bounds grow with i.
 struct Shape {
   int64_t H, Hkv, D;
   bool causal;
   int64_t b, q0, k0;  // batch entry, first query row and first key row in it
   int64_t Tq, Tk;     // query and key lengths
+  int64_t left = -1, right = -1;  // window (-1: unbounded)
   int64_t group() const { return H / Hkv; }
-  // Number of keys query row i sees (keys 0 .. n-1), bottom-right causal.
-  int64_t visible(int64_t i) const {
-    return causal ? std::clamp<int64_t>(i + (Tk - Tq) + 1, 0, Tk) : Tk;
+  // One past the last key query row i sees.
+  int64_t key_hi(int64_t i) const {
+    int64_t hi = causal ? i + (Tk - Tq) + 1 : Tk;
+    if (right >= 0) hi = std::min(hi, i + (Tk - Tq) + right + 1);
+    return std::clamp<int64_t>(hi, 0, Tk);
   }
-  // First query row that sees key j.
+  // The first key query row i sees.
+  int64_t key_lo(int64_t i) const {
+    return left >= 0 ? std::clamp<int64_t>(i + (Tk - Tq) - left, 0, Tk) : 0;
+  }
+  // First query row that sees key j (or a later one).
   int64_t first_query(int64_t j) const {
-    return causal ? std::clamp<int64_t>(j - (Tk - Tq), 0, Tq) : 0;
+    int64_t i = 0;
+    if (causal) i = j - (Tk - Tq);
+    if (right >= 0) i = std::max(i, j - (Tk - Tq) - right);
+    return std::clamp<int64_t>(i, 0, Tq);
   }
+  // One past the last query row that sees key j (or an earlier one).
+  int64_t query_end(int64_t j) const {
+    return left >= 0 ? std::clamp<int64_t>(j - (Tk - Tq) + left + 1, 0, Tq) : Tq;
+  }
+  // Aligned start (a multiple of BK) of the key blocks the query rows [i0, i0 + rows) need.
+  int64_t key_start(int64_t i0) const { return key_lo(i0) / BK * BK; }
   // Score entries one head computes, tiles clipped as the kernel clips them: the work measure.
   int64_t work() const {
     int64_t n = 0;
     for (int64_t i0 = 0; i0 < Tq; i0 += BQ) {
       const int64_t rows = std::min(BQ, Tq - i0);
-      n += rows * visible(i0 + rows - 1);
+      n += rows * std::max<int64_t>(key_hi(i0 + rows - 1) - key_start(i0), 0);
     }
     return n;
   }
@@ -108,9 +134,11 @@ struct Batch {
   int64_t Tq = 0, Tk = 0;         // dense: every sequence's lengths
   const int32_t* cu_q = nullptr;  // packed: query rows of sequence b are cu_q[b] ..
   const int32_t* cu_k = nullptr;  // packed: key rows of sequence b are cu_k[b] ..
+  int64_t left = -1, right = -1;  // sliding window (Shape), -1: unbounded
   Shape seq(int64_t b) const {
-    if (cu_q == nullptr) return {H, Hkv, D, causal, b, 0, 0, Tq, Tk};
-    return {H, Hkv, D, causal, b, cu_q[b], cu_k[b], cu_q[b + 1] - cu_q[b], cu_k[b + 1] - cu_k[b]};
+    if (cu_q == nullptr) return {H, Hkv, D, causal, b, 0, 0, Tq, Tk, left, right};
+    return {H,      Hkv,    D, causal, b, cu_q[b], cu_k[b], cu_q[b + 1] - cu_q[b],
+            cu_k[b + 1] - cu_k[b], left,    right};
   }
   // Sequence indices, heaviest first; ties keep the batch order (a dense batch: 0 .. B-1).
   std::vector<int64_t> heaviest_first() const {
@@ -205,25 +233,59 @@ template <typename T>
 struct ForwardIO {
   Rows<const T*> q, k, v;
   Rows<T*> out, lse;
+  T softcap = T(0);          // > 0: scores become softcap * tanh(s / softcap)
+  const T* sinks = nullptr;  // (H,) or nullptr: exp(sinks[h]) joins each row's denominator
 };
 
-// One (sequence, head, query block): online softmax over the visible key blocks. Scratch:
-// S (BQ, BK), acc (BQ, D), m (BQ), l (BQ).
+// Row r's keys in a tile of keys [j0, j0 + cols): the columns [lo, hi) (lo == hi: none).
+struct Cols {
+  int64_t lo, hi;
+};
+inline Cols tile_cols(const Shape& s, int64_t i, int64_t j0, int64_t cols) {
+  const int64_t hi = std::clamp<int64_t>(s.key_hi(i) - j0, 0, cols);
+  return {std::min(std::clamp<int64_t>(s.key_lo(i) - j0, 0, cols), hi), hi};
+}
+
+// out and lse of the rows from the online softmax's m, l and acc; a sink adds exp(sink) to each
+// denominator (a row without keys then outputs 0 with lse = sink).
+template <typename T>
+void forward_finish(const Shape& s, const ForwardIO<T>& io, int64_t h, int64_t i0, int64_t rows,
+                    const T* acc, const T* m, const T* l) {
+  const int64_t D = s.D;
+  T* lse_r = io.lse.row(s.b, h, s.q0 + i0);  // (rows,)
+  for (int64_t r = 0; r < rows; ++r) {
+    T* orow = io.out.row(s.b, h, s.q0 + i0 + r);
+    T inv = T(0), lse = std::numeric_limits<T>::infinity();  // no visible key: 0, +inf
+    if (io.sinks != nullptr) {  // sum = l e^m + e^sink = e^top (l e^(m - top) + e^(sink - top))
+      const T sink = io.sinks[h], top = l[r] == T(0) ? sink : std::max(m[r], sink);
+      const T kept = l[r] == T(0) ? T(0) : std::exp(m[r] - top);
+      const T denom = l[r] * kept + std::exp(sink - top);
+      inv = kept / denom;
+      lse = top + std::log(denom);
+    } else if (l[r] != T(0)) {
+      inv = T(1) / l[r];
+      lse = m[r] + std::log(l[r]);
+    }
+    for (int64_t d = 0; d < D; ++d) orow[d] = acc[r * D + d] * inv;
+    lse_r[r] = lse;
+  }
+}
+
+// One (sequence, head, query block): online softmax over the key blocks its rows see (a window
+// skips the blocks wholly outside it). Scratch: S (BQ, BK), acc (BQ, D), m (BQ), l (BQ).
 template <typename T>
 void forward_block(const Shape& s, T scale, const ForwardIO<T>& io, const T* kpack, int64_t h,
                    int64_t i0, T* S, T* acc, T* m, T* l) {
   const int64_t D = s.D, rows = std::min(BQ, s.Tq - i0);
   const int64_t hk = h / s.group();
-  const int64_t kend = s.visible(i0 + rows - 1);  // keys needed by the block's last row
-  T* o = io.out.row(s.b, h, s.q0 + i0);            // (rows, D), rows io.out.st apart
-  T* lse_r = io.lse.row(s.b, h, s.q0 + i0);        // (rows,)
+  const int64_t kend = s.key_hi(i0 + rows - 1);  // keys needed by the block's last row
 
   std::fill(m, m + rows, -std::numeric_limits<T>::infinity());
   std::fill(l, l + rows, T(0));
   std::fill(acc, acc + rows * D, T(0));
   const T* qp = io.q.row(s.b, h, s.q0 + i0);
   const int64_t qs = io.q.st, vs = io.v.st;
-  for (int64_t j0 = 0; j0 < kend; j0 += BK) {
+  for (int64_t j0 = s.key_start(i0); j0 < kend; j0 += BK) {
     const int64_t cols = std::min(BK, kend - j0);
     const T* vp = io.v.row(s.b, hk, s.k0 + j0);
     if (kpack) {  // S (rows, cols)
@@ -234,10 +296,12 @@ void forward_block(const Shape& s, T scale, const ForwardIO<T>& io, const T* kpa
     }
     for (int64_t r = 0; r < rows; ++r) {
       T* srow = S + r * BK;
-      const int64_t n = std::clamp<int64_t>(s.visible(i0 + r) - j0, 0, cols);
+      const Cols c = tile_cols(s, i0 + r, j0, cols);
+      const int64_t n = c.hi - c.lo;
       if (n > 0) {
-        const T m_new = std::max(m[r], row_max(srow, n));
-        const T sum = exp_shift_sum(srow, n, m_new);  // srow = p
+        if (io.softcap > T(0)) softcap_row(srow + c.lo, n, io.softcap);
+        const T m_new = std::max(m[r], row_max(srow + c.lo, n));
+        const T sum = exp_shift_sum(srow + c.lo, n, m_new);  // srow = p
         if (m_new != m[r]) {
           const T alpha = std::exp(m[r] - m_new);  // 0 on the row's first visible block
           l[r] *= alpha;
@@ -246,7 +310,8 @@ void forward_block(const Shape& s, T scale, const ForwardIO<T>& io, const T* kpa
         }
         l[r] += sum;
       }
-      std::fill(srow + n, srow + cols, T(0));  // masked keys get p = 0
+      std::fill(srow, srow + c.lo, T(0));  // masked keys get p = 0
+      std::fill(srow + c.hi, srow + cols, T(0));
     }
     if (kpack) {  // acc += P V
       tile_gemm<T>(rows, D, cols, T(1), {S, BK, 1}, rows_of(vp, vs), acc, D, true);
@@ -254,17 +319,7 @@ void forward_block(const Shape& s, T scale, const ForwardIO<T>& io, const T* kpa
       gemm_nn<T>(rows, D, cols, T(1), S, BK, vp, vs, T(1), acc, D);
     }
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    T* orow = o + r * io.out.st;
-    if (l[r] == T(0)) {  // no visible key: output 0, lse = +inf
-      std::fill(orow, orow + D, T(0));
-      lse_r[r] = std::numeric_limits<T>::infinity();
-    } else {
-      const T inv = T(1) / l[r];
-      for (int64_t d = 0; d < D; ++d) orow[d] = acc[r * D + d] * inv;
-      lse_r[r] = m[r] + std::log(l[r]);
-    }
-  }
+  forward_finish<T>(s, io, h, i0, rows, acc, m, l);
 }
 
 // out and lse of every row of the batch.
@@ -295,14 +350,17 @@ struct Grads {
   Rows<const T*> q, k, v, dout, out, lse;
   Rows<T*> delta;       // rowsum(dO * O), lse's layout
   Rows<T*> dq, dk, dv;  // zeroed, accumulated into
+  T softcap = T(0);          // as ForwardIO's
+  const T* sinks = nullptr;  // (H,) or nullptr
+  T* dsinks = nullptr;       // (B, H): sequence b's part of d sinks[h], with sinks
 };
 
-// Packed panels of K and V from key j0 of the tile (Packed), nullptr for BLAS; two (BQ, BK)
-// scratch tiles.
+// Packed panels of K and V from key j0 of the tile (Packed), nullptr for BLAS; three (BQ, BK)
+// scratch tiles (tanh(s / softcap) in the third, with softcap).
 template <typename T>
 struct TileWork {
   const T *kpack, *vpack;
-  T *S, *dP;
+  T *S, *dP, *tc;
 };
 
 // The rows one tile reads and writes: q and dO (rows), k and v (cols), dK and dV (cols).
@@ -310,17 +368,32 @@ template <typename T>
 struct TileRows {
   const T *q, *dout, *k, *v, *lse, *delta;
   T *dq, *dk, *dv;
+  int64_t i0, j0;  // the tile's first query and key in the sequence
 };
+
+// dP (rows, cols) becomes dS = P * (dP - delta), times d(softcap)/ds = 1 - tanh^2 with softcap
+// (tc holds the tanh on each row's columns [lo, hi); P is 0 outside them).
+template <typename T>
+void tile_dS(const Shape& s, const Grads<T>& g, const TileRows<T>& x, int64_t rows, int64_t cols,
+             const T* S, T* dP, const T* tc) {
+  for (int64_t r = 0; r < rows; ++r) softmax_grad_row(dP + r * BK, S + r * BK, cols, x.delta[r]);
+  if (g.softcap <= T(0)) return;
+  for (int64_t r = 0; r < rows; ++r) {
+    const Cols c = tile_cols(s, x.i0 + r, x.j0, cols);
+    softcap_grad_row(dP + r * BK + c.lo, tc + r * BK + c.lo, c.hi - c.lo);
+  }
+}
 
 // backward_tile's products through BLAS, from S = P onwards (head dims that are not whole panels).
 template <typename T>
 void backward_tile_blas(const Shape& s, T scale, const Grads<T>& g, const TileRows<T>& x,
-                        int64_t rows, int64_t cols, bool want_dkdv, bool want_dq, T* S, T* dP) {
+                        int64_t rows, int64_t cols, bool want_dkdv, bool want_dq, T* S, T* dP,
+                        const T* tc) {
   const int64_t D = s.D;
   if (want_dkdv)
     gemm_tn<T>(cols, D, rows, T(1), S, BK, x.dout, g.dout.st, T(1), x.dv, g.dv.st);  // dV += P^T dO
   gemm_nt<T>(rows, cols, D, T(1), x.dout, g.dout.st, x.v, g.v.st, T(0), dP, BK);     // dP = dO V^T
-  for (int64_t r = 0; r < rows; ++r) softmax_grad_row(dP + r * BK, S + r * BK, cols, x.delta[r]);
+  tile_dS<T>(s, g, x, rows, cols, S, dP, tc);
   if (want_dq) gemm_nn<T>(rows, D, cols, scale, dP, BK, x.k, g.k.st, T(1), x.dq, g.dq.st);
   if (want_dkdv) gemm_tn<T>(cols, D, rows, scale, dP, BK, x.q, g.q.st, T(1), x.dk, g.dk.st);
 }
@@ -333,7 +406,8 @@ void backward_tile(const Shape& s, T scale, const Grads<T>& g, int64_t h, int64_
   const int64_t D = s.D, hk = h / s.group(), i = s.q0 + i0, j = s.k0 + j0, b = s.b;
   const TileRows<T> x{g.q.row(b, h, i),  g.dout.row(b, h, i), g.k.row(b, hk, j),
                       g.v.row(b, hk, j), g.lse.row(b, h, i),  g.delta.row(b, h, i),
-                      g.dq.row(b, h, i), g.dk.row(b, hk, j),  g.dv.row(b, hk, j)};
+                      g.dq.row(b, h, i), g.dk.row(b, hk, j),  g.dv.row(b, hk, j),
+                      i0,                j0};
   T *S = w.S, *dP = w.dP;
   if (w.kpack) {  // S (rows, cols)
     tile_gemm<T>(rows, cols, D, scale, {x.q, g.q.st, 1}, panels(w.kpack, D), S, BK, false);
@@ -342,12 +416,14 @@ void backward_tile(const Shape& s, T scale, const Grads<T>& g, int64_t h, int64_
   }
   for (int64_t r = 0; r < rows; ++r) {
     T* srow = S + r * BK;
-    const int64_t n = std::clamp<int64_t>(s.visible(i0 + r) - j0, 0, cols);
-    exp_shift(srow, n, x.lse[r]);  // P = exp(S - lse)
-    std::fill(srow + n, srow + cols, T(0));
+    const Cols c = tile_cols(s, i0 + r, j0, cols);
+    if (g.softcap > T(0)) softcap_row(srow + c.lo, c.hi - c.lo, g.softcap, w.tc + r * BK + c.lo);
+    exp_shift(srow + c.lo, c.hi - c.lo, x.lse[r]);  // P = exp(S - lse)
+    std::fill(srow, srow + c.lo, T(0));
+    std::fill(srow + c.hi, srow + cols, T(0));
   }
   if (!w.kpack) {
-    backward_tile_blas<T>(s, scale, g, x, rows, cols, want_dkdv, want_dq, S, dP);
+    backward_tile_blas<T>(s, scale, g, x, rows, cols, want_dkdv, want_dq, S, dP, w.tc);
     return;
   }
   // dV += P^T dO, dP = dO V^T, dS = P * (dP - delta), dQ += scale dS K, dK += scale dS^T Q
@@ -355,16 +431,22 @@ void backward_tile(const Shape& s, T scale, const Grads<T>& g, int64_t h, int64_
   if (want_dkdv)
     tile_gemm<T>(cols, D, rows, T(1), Pt, rows_of(x.dout, g.dout.st), x.dv, g.dv.st, true);
   tile_gemm<T>(rows, cols, D, T(1), {x.dout, g.dout.st, 1}, panels(w.vpack, D), dP, BK, false);
-  for (int64_t r = 0; r < rows; ++r) softmax_grad_row(dP + r * BK, S + r * BK, cols, x.delta[r]);
+  tile_dS<T>(s, g, x, rows, cols, S, dP, w.tc);
   if (want_dq) tile_gemm<T>(rows, D, cols, scale, dS, rows_of(x.k, g.k.st), x.dq, g.dq.st, true);
   if (want_dkdv) tile_gemm<T>(cols, D, rows, scale, dSt, rows_of(x.q, g.q.st), x.dk, g.dk.st, true);
 }
 
-// delta[i] = sum_d dO[i, d] * O[i, d] over the query rows of head h of sequence s
+// delta[i] = sum_d dO[i, d] * O[i, d] over the query rows of head h of sequence s; with sinks,
+// this sequence's part of d sinks[h] = -sum_i exp(sinks[h] - lse[i]) * delta[i].
 template <typename T>
 void head_delta(const Shape& s, const Grads<T>& g, int64_t h) {
-  for (int64_t i = s.q0; i < s.q0 + s.Tq; ++i)
-    *g.delta.row(s.b, h, i) = dot_row(g.dout.row(s.b, h, i), g.out.row(s.b, h, i), s.D);
+  T dsink = T(0);
+  for (int64_t i = s.q0; i < s.q0 + s.Tq; ++i) {
+    const T delta = dot_row(g.dout.row(s.b, h, i), g.out.row(s.b, h, i), s.D);
+    *g.delta.row(s.b, h, i) = delta;
+    if (g.sinks != nullptr) dsink -= std::exp(g.sinks[h] - *g.lse.row(s.b, h, i)) * delta;
+  }
+  if (g.dsinks != nullptr) g.dsinks[s.b * s.H + h] = dsink;
 }
 
 // A backward thread's scratch: two (BQ, BK) tiles and its packed K and V.
@@ -372,11 +454,11 @@ template <typename T>
 struct BackwardState {
   std::vector<T> buf;
   Packed<T> kpack, vpack;
-  static BackwardState make() { return {std::vector<T>(2 * BQ * BK), {}, {}}; }
+  static BackwardState make() { return {std::vector<T>(3 * BQ * BK), {}, {}}; }
   // Panels from key j0 of a head packed whole (nullptr for BLAS) and the scratch tiles.
   TileWork<T> work(const T* kp, const T* vp, int64_t j0, int64_t D) {
     return {kp ? kp + j0 * D : nullptr, vp ? vp + j0 * D : nullptr, buf.data(),
-            buf.data() + BQ * BK};
+            buf.data() + BQ * BK, buf.data() + 2 * BQ * BK};
   }
 };
 
@@ -396,9 +478,11 @@ void backward_fused(const Batch& batch, const std::vector<int64_t>& order, T sca
     for (int64_t h = g0; h < g1; ++h) {
       for (int64_t j0 = 0; j0 < s.Tk; j0 += BK) {
         const TileWork<T> w = st.work(kp, vp, j0, s.D);
-        for (int64_t i0 = s.first_query(j0) / BQ * BQ; i0 < s.Tq; i0 += BQ) {
-          const int64_t rows = std::min(BQ, s.Tq - i0), kend = s.visible(i0 + rows - 1);
-          if (j0 >= kend) continue;  // only when no row of the block sees a key
+        const int64_t qend = s.query_end(std::min(j0 + BK, s.Tk) - 1);
+        for (int64_t i0 = s.first_query(j0) / BQ * BQ; i0 < qend; i0 += BQ) {
+          const int64_t rows = std::min(BQ, s.Tq - i0), kend = s.key_hi(i0 + rows - 1);
+          // only when no row of the block sees a key of the block
+          if (j0 >= kend || s.key_start(i0) > j0) continue;
           backward_tile<T>(s, scale, g, h, i0, rows, j0, std::min(BK, kend - j0), true, true, w);
         }
       }
@@ -420,11 +504,11 @@ void backward_split(const Batch& batch, const std::vector<int64_t>& order, T sca
     const Block& task = kv_tasks[t];
     const Shape s = batch.seq(task.b);
     const int64_t hk = task.h, j0 = task.start, cols = std::min(BK, s.Tk - j0);
-    const int64_t qstart = s.first_query(j0) / BQ * BQ;
+    const int64_t qstart = s.first_query(j0) / BQ * BQ, qend = s.query_end(j0 + cols - 1);
     const TileWork<T> w = st.work(st.kpack.rows(s, g.k, hk, j0, cols),
                                   st.vpack.rows(s, g.v, hk, j0, cols), 0, s.D);
     for (int64_t h = hk * s.group(); h < (hk + 1) * s.group(); ++h) {
-      for (int64_t i0 = qstart; i0 < s.Tq; i0 += BQ)
+      for (int64_t i0 = qstart; i0 < qend; i0 += BQ)
         backward_tile<T>(s, scale, g, h, i0, std::min(BQ, s.Tq - i0), j0, cols, true, false, w);
     }
   });
@@ -433,9 +517,9 @@ void backward_split(const Batch& batch, const std::vector<int64_t>& order, T sca
     const Block& task = q_tasks[t];
     const Shape s = batch.seq(task.b);
     const int64_t h = task.h, i0 = task.start, hk = h / s.group();
-    const int64_t rows = std::min(BQ, s.Tq - i0), kend = s.visible(i0 + rows - 1);
+    const int64_t rows = std::min(BQ, s.Tq - i0), kend = s.key_hi(i0 + rows - 1);
     const T *kp = st.kpack.head(s, g.k, hk), *vp = st.vpack.head(s, g.v, hk);
-    for (int64_t j0 = 0; j0 < kend; j0 += BK)
+    for (int64_t j0 = s.key_start(i0); j0 < kend; j0 += BK)
       backward_tile<T>(s, scale, g, h, i0, rows, j0, std::min(BK, kend - j0), false, true,
                        st.work(kp, vp, j0, s.D));
   });

@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "row_ops.h"
+#include "variants.h"
 
 namespace fastgpt::cpu {
 namespace {
@@ -51,7 +52,19 @@ struct Problem {
   int64_t page_size;  // rows per page; a dense cache is one page of Tmax rows per sequence
   int64_t blocks_per_seq;
   bool paged, causal;
+  int64_t left = -1, right = -1;  // window (flash-attn's, -1: unbounded)
+  double softcap = 0.0;           // > 0: scores become softcap * tanh(s / softcap)
   int64_t group() const { return H / Hkv; }
+  // Keys [key_lo, key_hi) that query i of a sequence of seqlen keys sees (bottom-right).
+  int64_t key_hi(int64_t seqlen, int64_t i) const {
+    const int64_t d = seqlen - Tq + i;
+    int64_t hi = causal ? d + 1 : seqlen;
+    if (right >= 0) hi = std::min(hi, d + right + 1);
+    return hi;
+  }
+  int64_t key_lo(int64_t seqlen, int64_t i) const {
+    return left >= 0 ? std::max<int64_t>(seqlen - Tq + i - left, 0) : 0;
+  }
   int64_t rows() const { return group() * Tq; }  // query rows per kv head: r = i * G + g
 };
 
@@ -116,18 +129,21 @@ const T* run_rows(const In* first, int64_t stride, int64_t n, int64_t D, T* buf,
   }
 }
 
-// Folds scores S (rows, n) of one run into the running (acc, m, l): each row r keeps its first
-// n_r = visible keys, S becomes p = e^(S - m_new) there and 0 elsewhere.
+// Folds scores S (rows, n) of one run into the running (acc, m, l): each row r keeps its visible
+// keys [a, b) (softcapped), S becomes p = e^(S - m_new) there and 0 elsewhere.
 template <typename T>
 void online_softmax(const Problem& s, int64_t seqlen, int64_t j0, int64_t n, T* S, T* acc, T* m,
                     T* l) {
   for (int64_t r = 0; r < s.rows(); ++r) {
     T* srow = S + r * kRun;
-    const int64_t limit = s.causal ? seqlen - s.Tq + 1 + r / s.group() : seqlen;
-    const int64_t nr = std::clamp<int64_t>(limit - j0, 0, n);
+    const int64_t i = r / s.group();
+    const int64_t a = std::clamp<int64_t>(s.key_lo(seqlen, i) - j0, 0, n);
+    const int64_t b = std::max(a, std::clamp<int64_t>(s.key_hi(seqlen, i) - j0, 0, n));
+    const int64_t nr = b - a;
     if (nr > 0) {
-      const T m_new = std::max(m[r], row_max(srow, nr));
-      const T sum = exp_shift_sum(srow, nr, m_new);
+      if (s.softcap > 0.0) softcap_row(srow + a, nr, static_cast<T>(s.softcap));
+      const T m_new = std::max(m[r], row_max(srow + a, nr));
+      const T sum = exp_shift_sum(srow + a, nr, m_new);
       if (m_new != m[r]) {
         const T alpha = std::exp(m[r] - m_new);  // 0 on the row's first visible key
         l[r] *= alpha;
@@ -136,7 +152,8 @@ void online_softmax(const Problem& s, int64_t seqlen, int64_t j0, int64_t n, T* 
       }
       l[r] += sum;
     }
-    std::fill(srow + nr, srow + n, T(0));
+    std::fill(srow, srow + a, T(0));
+    std::fill(srow + b, srow + n, T(0));
   }
 }
 
@@ -194,8 +211,9 @@ std::vector<Task> plan(const Problem& s, const int32_t* lens) {
   const int64_t chunk = ceil_div(std::max(kMinChunk, ceil_div(total * s.Hkv, want)), kRun) * kRun;
   std::vector<Task> tasks;
   for (int64_t b = 0; b < s.B; ++b) {
+    const int64_t first = s.key_lo(lens[b], 0);  // a window skips the keys before it: O(W)
     for (int64_t hk = 0; hk < s.Hkv; ++hk) {
-      for (int64_t lo = 0; lo < lens[b]; lo += chunk)
+      for (int64_t lo = first; lo < lens[b]; lo += chunk)
         tasks.push_back({b, hk, lo, std::min<int64_t>(lo + chunk, lens[b])});
     }
   }
@@ -214,10 +232,11 @@ void claim_each(const std::vector<int64_t>& order, const Make& make, const Fn& t
   });
 }
 
-// out[b, i, h] for the rows of (b, hk) from its partials [t0, t1) (none: zeros).
+// out[b, i, h] for the rows of (b, hk) from its partials [t0, t1) (none: zeros); sinks (H,) or
+// nullptr: exp(sinks[h]) joins each denominator.
 template <typename T>
 void merge(const Problem& s, int64_t b, int64_t hk, int64_t t0, int64_t t1, const T* acc,
-           const T* m, const T* l, T* out) {
+           const T* m, const T* l, const T* sinks, T* out) {
   const int64_t D = s.D, rows = s.rows();
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r / s.group(), h = hk * s.group() + r % s.group();
@@ -225,12 +244,13 @@ void merge(const Problem& s, int64_t b, int64_t hk, int64_t t0, int64_t t1, cons
     std::fill(o, o + D, T(0));
     T mx = -std::numeric_limits<T>::infinity();
     for (int64_t t = t0; t < t1; ++t) mx = std::max(mx, m[t * rows + r]);
-    if (mx == -std::numeric_limits<T>::infinity()) continue;  // no visible key
-    T denom = T(0);
+    if (sinks == nullptr && mx == -std::numeric_limits<T>::infinity()) continue;  // no key
+    const T top = sinks == nullptr ? mx : std::max(mx, sinks[h]);
+    T denom = sinks == nullptr ? T(0) : std::exp(sinks[h] - top);
     for (int64_t t = t0; t < t1; ++t) {
       const T mt = m[t * rows + r];
       if (mt == -std::numeric_limits<T>::infinity()) continue;
-      const T wt = std::exp(mt - mx);
+      const T wt = std::exp(mt - top);
       denom += wt * l[t * rows + r];
       axpy(o, wt, acc + (t * rows + r) * D, D);
     }
@@ -241,7 +261,7 @@ void merge(const Problem& s, int64_t b, int64_t hk, int64_t t0, int64_t t1, cons
 template <typename In, typename T>
 void kvcache_kernel(const Problem& s, T scale, const at::Tensor& q, const at::Tensor& k_cache,
                     const at::Tensor& v_cache, const int32_t* lens, const int32_t* table,
-                    T* out) {
+                    const T* sinks, T* out) {
   const auto cache = [](const at::Tensor& c) {
     return Cache<In>{c.data_ptr<In>(), c.stride(0), c.stride(1), c.stride(2)};
   };
@@ -274,7 +294,7 @@ void kvcache_kernel(const Problem& s, T scale, const at::Tensor& q, const at::Te
   at::parallel_for(0, s.B * s.Hkv, 1, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u)
       merge<T>(s, u / s.Hkv, u % s.Hkv, first[u], first[u + 1], acc.data(), m.data(), l.data(),
-               out);
+               sinks, out);
   });
 }
 
@@ -334,24 +354,27 @@ at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(3) == 1 ? t :
 at::Tensor attention_kvcache_cpu(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
                                  const at::Tensor& seqlens_k,
                                  const std::optional<at::Tensor>& block_table, bool causal,
-                                 double scale) {
+                                 double scale, at::OptionalIntArrayRef window, double softcap,
+                                 const std::optional<at::Tensor>& sinks) {
   check_shapes(q_, k_, v_, seqlens_k, block_table);
+  const auto ct = q_.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const Variants var = read_variants(window, softcap, sinks, q_.size(2), q_, ct);
   const auto q = unit_last_stride(q_), k = unit_last_stride(k_), v = unit_last_stride(v_);
   const auto lens = seqlens_k.contiguous();
   const bool paged = block_table.has_value();
   const auto table = paged ? block_table->contiguous() : at::Tensor();
-  const Problem s{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), k.size(1),
-                  paged ? table.size(1) : 0, paged, causal};
+  const Problem s{q.size(0), q.size(1), q.size(2), k.size(2),   q.size(3),  k.size(1),
+                  paged ? table.size(1) : 0, paged, causal, var.left, var.right, var.softcap};
   const int32_t* lp = lens.data_ptr<int32_t>();
   const int32_t* tp = paged ? table.data_ptr<int32_t>() : nullptr;
   const int64_t capacity = paged ? s.blocks_per_seq * s.page_size : k.size(1);
   check_lengths(s, lp, tp, capacity, k.size(0));
-  const auto ct = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto out = at::empty({s.B, s.Tq, s.H, s.D}, q.options().dtype(ct));  // (B, Tq, H, D)
   if (out.numel() == 0) return out.to(q.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "kvcache", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    kvcache_kernel<scalar_t, T>(s, static_cast<T>(scale), q, k, v, lp, tp, out.data_ptr<T>());
+    kvcache_kernel<scalar_t, T>(s, static_cast<T>(scale), q, k, v, lp, tp, sinks_ptr<T>(var),
+                                out.data_ptr<T>());
   });
   return out.to(q.scalar_type());
 }

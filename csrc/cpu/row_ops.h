@@ -91,6 +91,37 @@ inline void softmax_grad_row(T* dp, const T* p, int64_t n, T delta) {
   for (; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
 }
 
+// x[0:n] = c * tanh(x / c) (the logit softcap); t[0:n] = tanh(x / c) when t is given.
+template <typename T>
+inline void softcap_row(T* x, int64_t n, T c, T* t = nullptr) {
+  using V = Vectorized<T>;
+  const V vc(c), vinv(T(1) / c);
+  int64_t j = 0;
+  for (; j + V::size() <= n; j += V::size()) {
+    const V th = (V::loadu(x + j) * vinv).tanh();
+    if (t != nullptr) th.store(t + j);
+    (th * vc).store(x + j);
+  }
+  for (; j < n; ++j) {
+    const T th = std::tanh(x[j] / c);
+    if (t != nullptr) t[j] = th;
+    x[j] = c * th;
+  }
+}
+
+// ds[0:n] *= 1 - t^2: the softcap's derivative, t = tanh(s / c)
+template <typename T>
+inline void softcap_grad_row(T* ds, const T* t, int64_t n) {
+  using V = Vectorized<T>;
+  const V one(T(1));
+  int64_t j = 0;
+  for (; j + V::size() <= n; j += V::size()) {
+    const V tv = V::loadu(t + j);
+    (V::loadu(ds + j) * (one - tv * tv)).store(ds + j);
+  }
+  for (; j < n; ++j) ds[j] *= T(1) - t[j] * t[j];
+}
+
 // sum(a[0:n] * b[0:n]) accumulated in T
 template <typename T>
 inline T dot_row(const T* a, const T* b, int64_t n) {

@@ -19,6 +19,7 @@
 
 #include "../checks.h"
 #include "flash_cpu.h"
+#include "variants.h"
 
 namespace fastgpt::cpu {
 namespace {
@@ -75,9 +76,10 @@ std::tuple<at::Tensor, at::Tensor> checked_cu(const at::Tensor& q, const at::Ten
 }
 
 Batch packed_batch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_q,
-                   const at::Tensor& cu_k, bool causal) {
+                   const at::Tensor& cu_k, bool causal, const Variants& var) {
   Batch batch{cu_q.numel() - 1, q.size(1), k.size(1), q.size(2), causal};
   batch.cu_q = cu_q.data_ptr<int32_t>(), batch.cu_k = cu_k.data_ptr<int32_t>();
+  set_window(batch, var);
   return batch;
 }
 
@@ -86,22 +88,36 @@ std::tuple<at::Tensor, at::Tensor> varlen_forward_cpu(const at::Tensor& q_, cons
                                                       const at::Tensor& cu_seqlens_q,
                                                       const at::Tensor& cu_seqlens_k,
                                                       int64_t max_seqlen_q, int64_t max_seqlen_k,
-                                                      bool causal, double scale) {
+                                                      bool causal, double scale,
+                                                      at::OptionalIntArrayRef window,
+                                                      double softcap,
+                                                      const std::optional<at::Tensor>& sinks) {
   const auto [cu_q, cu_k] = checked_cu(q_, k_, v_, cu_seqlens_q, cu_seqlens_k);
   const auto ct = compute_type(q_);
+  const Variants var = read_variants(window, softcap, sinks, q_.size(1), q_, ct);
   const auto q = packed_usable(q_, ct), k = packed_usable(k_, ct), v = packed_usable(v_, ct);
-  const Batch batch = packed_batch(q, k, cu_q, cu_k, causal);
+  const Batch batch = packed_batch(q, k, cu_q, cu_k, causal, var);
   const int64_t total_q = q.size(0);
   auto out = at::empty({total_q, batch.H, batch.D}, q.options());  // (total_q, H, D)
   auto lse = at::empty({batch.H, total_q}, q.options());           // (H, total_q)
   if (out.numel() > 0) {
     if (ct == at::kDouble) {
-      const ForwardIO<double> io{in<double>(q), in<double>(k), in<double>(v),
-                                 packed_rows<double>(out), packed_rows<double>(lse)};
+      const ForwardIO<double> io{in<double>(q),
+                                 in<double>(k),
+                                 in<double>(v),
+                                 packed_rows<double>(out),
+                                 packed_rows<double>(lse),
+                                 var.softcap,
+                                 sinks_ptr<double>(var)};
       forward_kernel<double>(batch, scale, io);
     } else {
-      const ForwardIO<float> io{in<float>(q), in<float>(k), in<float>(v),
-                                packed_rows<float>(out), packed_rows<float>(lse)};
+      const ForwardIO<float> io{in<float>(q),
+                                in<float>(k),
+                                in<float>(v),
+                                packed_rows<float>(out),
+                                packed_rows<float>(lse),
+                                static_cast<float>(var.softcap),
+                                sinks_ptr<float>(var)};
       forward_kernel<float>(batch, static_cast<float>(scale), io);
     }
   }
@@ -112,40 +128,56 @@ template <typename T>
 void run_backward(const Batch& batch, T scale, const at::Tensor& dout, const at::Tensor& q,
                   const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                   const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
-                  const at::Tensor& dv) {
+                  const at::Tensor& dv, const Variants& var, const at::Tensor& dsinks) {
   auto delta = at::empty({batch.H, q.size(0)}, q.options());  // (H, total_q)
-  const Grads<T> g{in<T>(q),   in<T>(k),   in<T>(v),
-                   in<T>(dout), in<T>(out), in<T>(lse),
-                   packed_rows<T>(delta), packed_rows<T>(dq), packed_rows<T>(dk),
-                   packed_rows<T>(dv)};
+  const Grads<T> g{in<T>(q),
+                   in<T>(k),
+                   in<T>(v),
+                   in<T>(dout),
+                   in<T>(out),
+                   in<T>(lse),
+                   packed_rows<T>(delta),
+                   packed_rows<T>(dq),
+                   packed_rows<T>(dk),
+                   packed_rows<T>(dv),
+                   static_cast<T>(var.softcap),
+                   sinks_ptr<T>(var),
+                   dsinks.defined() ? dsinks.data_ptr<T>() : nullptr};
   backward_kernel<T>(batch, scale, g);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cpu(
+// dq, dk, dv and d sinks: (H,) in the compute type, (0,) without sinks.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_backward_cpu(
     const at::Tensor& grad_out_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const at::Tensor& out_, const at::Tensor& lse_, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
-    double scale) {
+    double scale, at::OptionalIntArrayRef window, double softcap,
+    const std::optional<at::Tensor>& sinks) {
   const auto [cu_q, cu_k] = checked_cu(q_, k_, v_, cu_seqlens_q, cu_seqlens_k);
   check_varlen_backward(grad_out_, q_, out_, lse_);
   const auto ct = compute_type(q_);
+  const Variants var = read_variants(window, softcap, sinks, q_.size(1), q_, ct);
   const auto q = head_major(q_, ct), k = head_major(k_, ct), v = head_major(v_, ct);
   const auto dout = head_major(grad_out_, ct), out = head_major(out_, ct);
   const auto lse = lse_.contiguous();
-  const Batch batch = packed_batch(q, k, cu_q, cu_k, causal);
+  const Batch batch = packed_batch(q, k, cu_q, cu_k, causal, var);
+  // (B, H): each sequence's part of d sinks, summed below (deterministic, no shared writes)
+  auto dsinks_bh = var.sinks.defined() ? at::zeros({batch.B, batch.H}, q.options()) : at::Tensor();
   // Accumulated into, so zeroed.
   auto dq = new_head_major(q.size(0), batch.H, batch.D, q, true);    // (total_q, H, D)
   auto dk = new_head_major(k.size(0), batch.Hkv, batch.D, q, true);  // (total_k, Hkv, D)
   auto dv = new_head_major(k.size(0), batch.Hkv, batch.D, q, true);  // (total_k, Hkv, D)
   if (dq.numel() > 0 && dk.numel() > 0) {
     if (ct == at::kDouble) {
-      run_backward<double>(batch, scale, dout, q, k, v, out, lse, dq, dk, dv);
+      run_backward<double>(batch, scale, dout, q, k, v, out, lse, dq, dk, dv, var, dsinks_bh);
     } else {
-      run_backward<float>(batch, static_cast<float>(scale), dout, q, k, v, out, lse, dq, dk, dv);
+      run_backward<float>(batch, static_cast<float>(scale), dout, q, k, v, out, lse, dq, dk, dv,
+                          var, dsinks_bh);
     }
   }
   const auto dt = q_.scalar_type();
-  return {result(dq, dt), result(dk, dt), result(dv, dt)};
+  auto dsinks = dsinks_bh.defined() ? dsinks_bh.sum(0) : at::empty({0}, q.options());  // (H,)
+  return {result(dq, dt), result(dk, dt), result(dv, dt), dsinks};
 }
 
 }  // namespace

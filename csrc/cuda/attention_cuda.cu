@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <optional>
 #include <tuple>
 
 #include "../checks.h"
@@ -109,10 +111,30 @@ void run_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
   check_launch(attention_backward<T, A>(p, c10::cuda::getCurrentCUDAStream()), "backward");
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q_,
-                                                          const at::Tensor& k_,
-                                                          const at::Tensor& v_, bool causal,
-                                                          double scale) {
+// The CUDA kernels have no attention variants yet (the schema's trailing arguments): a call with
+// one raises (fastgpt.attention sends variants to a backend that has them).
+void refuse_variants(at::OptionalIntArrayRef window, double softcap,
+                     const std::optional<at::Tensor>& sinks) {
+  bool windowed = false;
+  if (window.has_value()) {
+    const at::IntArrayRef w = *window;
+    windowed = std::any_of(w.begin(), w.end(), [](int64_t x) { return x >= 0; });
+  }
+  const bool sunk = sinks.has_value() && sinks->defined();
+  TORCH_CHECK_NOT_IMPLEMENTED(!windowed && softcap == 0.0 && !sunk,
+                              "fastgpt's CUDA kernels have no window, softcap or sinks yet; use "
+                              "backend=\"triton\" or \"reference\" for them.");
+}
+
+// The backward's dsinks output without sinks: (0,) in lse's dtype.
+at::Tensor no_dsinks(const at::Tensor& q) {
+  return at::empty({0}, q.options().dtype(lse_type(q)));
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
+    const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, bool causal, double scale,
+    at::OptionalIntArrayRef window, double softcap, const std::optional<at::Tensor>& sinks) {
+  refuse_variants(window, softcap, sinks);
   check_qkv(q_, k_, v_);
   const c10::cuda::CUDAGuard guard(q_.device());
   const auto q = rows_usable(q_), k = rows_usable(k_), v = rows_usable(v_);
@@ -124,9 +146,11 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q_,
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const at::Tensor& grad_out_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-    const at::Tensor& out_, const at::Tensor& lse_, bool causal, double scale) {
+    const at::Tensor& out_, const at::Tensor& lse_, bool causal, double scale,
+    at::OptionalIntArrayRef window, double softcap, const std::optional<at::Tensor>& sinks) {
+  refuse_variants(window, softcap, sinks);
   check_qkv(q_, k_, v_);
   check_backward(grad_out_, q_, out_, lse_);
   const c10::cuda::CUDAGuard guard(q_.device());
@@ -135,11 +159,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   auto dq = at::empty(q.sizes(), q.options());  // (B, H, Tq, D)
   auto dk = at::empty(k.sizes(), k.options());  // (B, Hkv, Tk, D)
   auto dv = at::empty(v.sizes(), v.options());  // (B, Hkv, Tk, D)
-  if (dq.numel() == 0 || dk.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
+  if (dq.numel() == 0 || dk.numel() == 0)
+    return {dq.zero_(), dk.zero_(), dv.zero_(), no_dsinks(q)};
   auto delta = at::empty(lse.sizes(), lse.options());  // (B, H, Tq)
   DISPATCH(q.scalar_type(), run_backward, dout, q, k, v, out, lse, delta, dq, dk, dv, Seqs{},
            causal, scale);
-  return {dq, dk, dv};
+  return {dq, dk, dv, no_dsinks(q)};
 }
 
 // ------------------------------------------------------------ packed sequences (varlen)
@@ -157,7 +182,9 @@ void check_max_seqlens(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 std::tuple<at::Tensor, at::Tensor> varlen_forward_cuda(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& cu_q_,
     const at::Tensor& cu_k_, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
-    double scale) {
+    double scale, at::OptionalIntArrayRef window, double softcap,
+    const std::optional<at::Tensor>& sinks) {
+  refuse_variants(window, softcap, sinks);
   check_varlen(q_, k_, v_, cu_q_, cu_k_);
   check_max_seqlens(q_, k_, cu_q_, max_seqlen_q, max_seqlen_k);
   const c10::cuda::CUDAGuard guard(q_.device());
@@ -172,11 +199,13 @@ std::tuple<at::Tensor, at::Tensor> varlen_forward_cuda(
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_backward_cuda(
     const at::Tensor& grad_out_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const at::Tensor& out_, const at::Tensor& lse_, const at::Tensor& cu_q_,
     const at::Tensor& cu_k_, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
-    double scale) {
+    double scale, at::OptionalIntArrayRef window, double softcap,
+    const std::optional<at::Tensor>& sinks) {
+  refuse_variants(window, softcap, sinks);
   check_varlen(q_, k_, v_, cu_q_, cu_k_);
   check_varlen_backward(grad_out_, q_, out_, lse_);
   check_max_seqlens(q_, k_, cu_q_, max_seqlen_q, max_seqlen_k);
@@ -187,12 +216,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cuda(
   auto dq = at::empty(q.sizes(), q.options());  // (total_q, H, D)
   auto dk = at::empty(k.sizes(), k.options());  // (total_k, Hkv, D)
   auto dv = at::empty(v.sizes(), v.options());  // (total_k, Hkv, D)
-  if (dq.numel() == 0 || dk.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
+  if (dq.numel() == 0 || dk.numel() == 0)
+    return {dq.zero_(), dk.zero_(), dv.zero_(), no_dsinks(q)};
   auto delta = at::empty(lse.sizes(), lse.options());  // (H, total_q)
   const Seqs seqs{&cu_q, &cu_k, max_seqlen_q, max_seqlen_k};
   DISPATCH(q.scalar_type(), run_backward, dout, q, k, v, out, lse, delta, dq, dk, dv, seqs,
            causal, scale);
-  return {dq, dk, dv};
+  return {dq, dk, dv, no_dsinks(q)};
 }
 
 }  // namespace
