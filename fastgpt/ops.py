@@ -94,16 +94,36 @@ def _three_grads_fake(grad_out, q, k, v, out, lse, causal, scale, *variants, **n
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale = inputs[:5]
-    # The variants by name (window, softcap, sinks: the forward's inputs after scale, in its
-    # schema's order); only those in use go on to the backward op.
-    variants = dict(zip(ctx.variant_names, inputs[5:], strict=True))
+def variant_names(op_name: str, plain: int) -> list[str]:
+    """The names of an op's inputs after its `plain` leading ones (window, softcap, sinks in its
+    schema's order; [] for an op without the variants)."""
+    schema = getattr(torch.ops.fastgpt, op_name).default._schema
+    return [a.name for a in schema.arguments][plain:]
+
+
+def keep_variants(ctx, names: list[str], inputs: tuple, plain: int) -> Tensor | None:
+    """Store on ctx the variants in use (ctx.variants, sinks aside: they go on to the backward
+    op), where sinks sits among the inputs (ctx.sinks_input) and their count; return sinks."""
+    variants = dict(zip(names, inputs[plain:], strict=True))
     sinks = variants.pop("sinks", None)
     ctx.variants = {name: value for name, value in variants.items() if value not in (None, 0.0)}
-    out, lse = output
-    ctx.sinks_input = ctx.variant_names.index("sinks") + 5 if sinks is not None else None
+    ctx.sinks_input = names.index("sinks") + plain if sinks is not None else None
     ctx.n_inputs = len(inputs)
+    return sinks
+
+
+def input_grads(ctx, grads: tuple, sinks: list[Tensor]) -> tuple:
+    """The forward op's input gradients from its backward op's (dq, dk, dv[, dsinks])."""
+    result = [*grads[:3]] + [None] * (ctx.n_inputs - 3)  # (dq, dk, dv, None for the rest)
+    if ctx.sinks_input is not None:  # its gradient: the backward op's 4th output
+        result[ctx.sinks_input] = grads[3].to(sinks[0].dtype)
+    return tuple(result)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale = inputs[:5]
+    sinks = keep_variants(ctx, ctx.variant_names, inputs, 5)
+    out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, *([sinks] if sinks is not None else []))
     ctx.causal, ctx.scale = causal, scale
     ctx.mark_non_differentiable(lse)
@@ -121,17 +141,13 @@ def _register(backend: str) -> None:
         q, k, v, out, lse, *sinks = ctx.saved_tensors
         variants = dict(ctx.variants, **({"sinks": sinks[0]} if sinks else {}))
         grads = backward_op(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale, **variants)
-        result = [*grads[:3]] + [None] * (ctx.n_inputs - 3)  # (dq, dk, dv, None for the rest)
-        if ctx.sinks_input is not None:  # its gradient: the backward op's 4th output
-            result[ctx.sinks_input] = grads[3].to(sinks[0].dtype)
-        return tuple(result)
+        return input_grads(ctx, grads, sinks)
 
     def setup_context(ctx, inputs, output):
-        ctx.variant_names = variant_names
+        ctx.variant_names = names
         _setup_context(ctx, inputs, output)
 
-    schema = getattr(torch.ops.fastgpt, f"{backend}_attention_forward").default._schema
-    variant_names = [a.name for a in schema.arguments][5:]
+    names = variant_names(f"{backend}_attention_forward", 5)
     with_dsinks = len(backward_op.default._schema.returns) == 4
     fake_backward = _backward_fake if with_dsinks else _three_grads_fake
     torch.library.register_fake(forward)(_forward_fake)

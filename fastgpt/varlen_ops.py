@@ -24,7 +24,13 @@ import torch
 from torch import Tensor
 
 from fastgpt import _extension, reference
-from fastgpt.ops import kernel_variants, refuse_double_backward
+from fastgpt.ops import (
+    input_grads,
+    keep_variants,
+    kernel_variants,
+    refuse_double_backward,
+    variant_names,
+)
 from fastgpt.reference import accumulate_dtype
 
 
@@ -98,15 +104,9 @@ def _backward_dsinks_fake(
     return *_backward_fake(grad_out, q, k, v), dsinks
 
 
-_VARIANT_ARGS = ("window", "softcap", "sinks")  # the ops' inputs after scale
-
-
 def _setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale = inputs[:9]
-    variants = dict(zip(_VARIANT_ARGS, inputs[9:], strict=False))
-    sinks = variants.pop("sinks", None)
-    ctx.variants = {name: value for name, value in variants.items() if value not in (None, 0.0)}
-    ctx.has_sinks, ctx.n_inputs = sinks is not None, len(inputs)
+    sinks = keep_variants(ctx, ctx.variant_names, inputs, 9)
     out, lse = output
     saved = [q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *([sinks] if sinks is not None else [])]
     ctx.save_for_backward(*saved)
@@ -127,17 +127,19 @@ def register_varlen(backend: str) -> None:
             grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.max_seqlens, ctx.causal, ctx.scale,
             **variants,
         )  # fmt: skip
-        result = [*grads[:3]] + [None] * (ctx.n_inputs - 3)
-        if ctx.has_sinks:  # sinks is the op's last input; its gradient the op's 4th output
-            result[-1] = grads[3].to(sinks[0].dtype)
-        return tuple(result)
+        return input_grads(ctx, grads, sinks)
 
+    def setup_context(ctx, inputs, output):
+        ctx.variant_names = names
+        _setup_context(ctx, inputs, output)
+
+    names = variant_names(f"{backend}_attention_varlen_forward", 9)
     with_variants = len(backward_op.default._schema.returns) == 4
     forward_fake = _forward_variants_fake if with_variants else _forward_fake
     backward_fake = _backward_dsinks_fake if with_variants else _backward_fake
     torch.library.register_fake(forward)(forward_fake)
     torch.library.register_fake(f"fastgpt::{backend}_attention_varlen_backward")(backward_fake)
-    torch.library.register_autograd(forward, backward, setup_context=_setup_context)
+    torch.library.register_autograd(forward, backward, setup_context=setup_context)
     refuse_double_backward(
         f"fastgpt::{backend}_attention_varlen_backward",
         "fastgpt.attention_varlen has no double backward (second-order gradients through "
