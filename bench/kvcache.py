@@ -188,8 +188,9 @@ def _flash_attn(paged: bool) -> Setup:
     return setup
 
 
-def kvcache_providers(device: torch.device) -> dict[str, Setup]:
-    """Every provider of the case that can run here, fastgpt's first."""
+def kvcache_providers(device: torch.device, interpreted: bool = False) -> dict[str, Setup]:
+    """Every provider of the case that can run here, fastgpt's first. On CPU, Triton runs
+    interpreted: a check of its numbers, not a peer to time, so only with interpreted=True."""
     import importlib.util
 
     import fastgpt
@@ -197,8 +198,8 @@ def kvcache_providers(device: torch.device) -> dict[str, Setup]:
 
     backends = fastgpt.available_backends(device)
     found: dict[str, Setup] = {}
-    # On CPU, Triton runs interpreted: a check of its numbers (tests), not a peer to time.
-    for name in ("triton",) if device.type == "cuda" else ("cpp",):
+    ours = ("triton",) if device.type == "cuda" else ("cpp", "triton") if interpreted else ("cpp",)
+    for name in ours:
         runs = name in backends and name in KVCACHE_KERNELS
         if runs and device.type in KVCACHE_DEVICES.get(name, (device.type,)):
             found[f"fastgpt-{name}"] = _api(name, paged=False)

@@ -202,6 +202,26 @@ def test_kvcache_case_keeps_to_its_own_budget(tmp_path):
     assert results["skipped"] == ["kvcache B=1", "kvcache B=3"]
 
 
+@pytest.mark.skipif(
+    "triton" not in fastgpt.available_backends("cpu"), reason="Triton cannot run on CPU here"
+)
+def test_kvcache_triton_providers_under_the_interpreter():
+    """The GPU providers of fastgpt's own (API dense and paged, the bare op with max_seqlen_k)
+    on a tiny ragged batch: each agrees with the reference (interpreted Triton, not timed)."""
+    device = torch.device("cpu")
+    providers = bench_kvcache.kvcache_providers(device, interpreted=True)
+    names = ["fastgpt-triton", "fastgpt-triton-paged", "fastgpt-triton-op"]
+    assert set(names) <= set(providers)
+    assert not set(names) & set(bench_kvcache.kvcache_providers(device))  # never timed on CPU
+    step = bench_kvcache.make_ragged(2, [37, 260], 4, 2, 16, torch.float32, device)
+    check = bench_kvcache.reference_out(step)
+    for name in names:
+        out = providers[name](step)()  # (B, 1, H, D)
+        assert out.shape == (2, 1, 4, 16)
+        err = float((out.float() - check).norm() / check.norm())
+        assert err < 1e-5, (name, err)
+
+
 def test_kvcache_paged_layout_holds_the_dense_keys():
     from fastgpt.kvcache import sequence_keys
 
