@@ -8,6 +8,7 @@ Layout (this folder is the package; the scripts, results/ and notes sit beside i
     cli.py        the command line and the run's results dict (main, parse_args)
     suite.py      the run loops: kernel shapes and decode lengths, speed-ups
     varlen.py     the packed-sequences case: attention_varlen vs padded SDPA / cpp, document masks
+    kvcache.py    the ragged KV-cache decode case: attention_with_kvcache vs padded SDPA, flex
     providers.py  what is timed: fastgpt's backends and their peers, (q, k, v, causal) -> out
     timing.py     timing, memory, one measurement, CPU peak memory
     machine.py    machine description, git commit, results folder and files, datasheet peaks

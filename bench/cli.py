@@ -16,7 +16,11 @@ counted as flash-attn does: 4 * B * H * Tq * Tk * D for the forward, halved when
 the backward, x3.5 for forward + backward. Decode (Tq = 1 against a KV cache) is reported in GB/s
 (q, k, v read once, out written once) beside the device's measured copy bandwidth. The varlen case
 (fastgpt.bench.varlen) packs sequences of mixed lengths: fastgpt.attention_varlen beside padded
-dense SDPA (and padded cpp on CPU, FlexAttention's document mask on CUDA).
+dense SDPA (and padded cpp on CPU, FlexAttention's document mask on CUDA). The KV-cache case
+(fastgpt.bench.kvcache) decodes one token per sequence for batches of 1..64 sequences of ragged
+cache lengths (1k..32k, bf16, H=32, Hkv=8, D=128 on a GPU): attention_with_kvcache (Triton dense,
+paged 256 and the bare op; cpp on CPU) beside SDPA over the padded cache, FlexAttention with a
+length BlockMask and flash-attn's flash_attn_with_kvcache, in ms, tokens/s, GB/s and % of copy.
 
 Results: <out>/<machine>-<date>.json (machine, versions, git commit, every number; rewritten after
 each configuration, so an interrupted run keeps what it measured) and PNG plots beside it; <out>
@@ -30,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from fastgpt.bench.kvcache import run_kvcache
 from fastgpt.bench.machine import (
     default_results_dir,
     jsonable,
@@ -65,6 +70,10 @@ PROFILES = {
         decode_head_dim=128,
         varlen_lengths=[128, 4096],  # uniform 128..4096, 16k tokens a batch
         varlen_tokens=16384,
+        kvcache_batches=[1 << i for i in range(7)],  # 1 .. 64
+        kvcache_lengths=[1024, 32768],
+        kvcache_heads=[32, 8],  # GQA 4; at B = 64 the dense bf16 caches hold ~8 GiB
+        kvcache_head_dim=128,
         warmup_ms=25,
         rep_ms=100,
     ),
@@ -78,6 +87,10 @@ PROFILES = {
         decode_head_dim=64,
         varlen_lengths=[64, 1024],
         varlen_tokens=4096,
+        kvcache_batches=[1, 4, 16],
+        kvcache_lengths=[512, 8192],
+        kvcache_heads=[8, 2],
+        kvcache_head_dim=64,
         warmup_ms=25,
         rep_ms=100,
     ),
@@ -91,6 +104,10 @@ PROFILES = {
         decode_head_dim=16,
         varlen_lengths=[3, 20],
         varlen_tokens=64,
+        kvcache_batches=[1, 3],
+        kvcache_lengths=[3, 40],
+        kvcache_heads=[4, 2],
+        kvcache_head_dim=16,
         warmup_ms=1,
         rep_ms=5,
     ),
@@ -123,6 +140,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--varlen-tokens", type=int, default=None, help="tokens a varlen batch")
     ap.add_argument(
         "--varlen-providers", type=_names, default=None, help="default: all that run here"
+    )
+    ap.add_argument("--no-kvcache", action="store_true", help="skip the ragged KV-cache case")
+    ap.add_argument("--kvcache-batches", type=_ints, default=None, help="default 1,2,...,64")
+    ap.add_argument(
+        "--kvcache-lengths", type=_ints, default=None, help="LO,HI: cache lengths drawn uniformly"
+    )
+    ap.add_argument("--kvcache-heads", type=_ints, default=None, help="H,HKV (default 32,8)")
+    ap.add_argument("--kvcache-head-dim", type=int, default=None, help="default 128")
+    ap.add_argument(
+        "--kvcache-providers", type=_names, default=None, help="default: all that run here"
+    )
+    ap.add_argument(
+        "--kvcache-budget-s",
+        type=float,
+        default=float("inf"),
+        help="the KV-cache case starts no new batch size after this long (its own share)",
     )
     ap.add_argument("--warmup-ms", type=float, default=None, help="do_bench warm-up (default 25)")
     ap.add_argument("--rep-ms", type=float, default=None, help="do_bench repetition (default 100)")
@@ -160,6 +193,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     if len(args.varlen_lengths) != 2 or not 0 < args.varlen_lengths[0] <= args.varlen_lengths[1]:
         ap.error(f"--varlen-lengths needs LO,HI with 0 < LO <= HI, got {args.varlen_lengths}")
+    lo_hi, heads = args.kvcache_lengths, args.kvcache_heads
+    if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
+        ap.error(f"--kvcache-lengths needs LO,HI with 0 < LO <= HI, got {lo_hi}")
+    if len(heads) != 2 or min(heads) <= 0 or heads[0] % heads[1]:
+        ap.error(f"--kvcache-heads needs H,HKV with HKV dividing H, got {heads}")
     for d in args.head_dims + [args.decode_head_dim]:
         if d <= 0 or args.hidden % d:
             ap.error(f"hidden size {args.hidden} is not a multiple of head dim {d}")
@@ -191,6 +229,8 @@ def _new_results(args: argparse.Namespace, provs: dict) -> dict:
         "kernel": [],
         "decode": [],
         "varlen": [],
+        "kvcache": [],
+        "kvcache_lengths": {},
         "speedups": [],
         "skipped": [],
         "complete": False,
@@ -219,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     # Decode first: it is quick, and the run may stop on budget before the last kernel shapes.
     if not args.no_decode:
         run_decode(run)
+    if not args.no_kvcache:
+        run_kvcache(run)
     if not args.no_varlen:
         run_varlen(run)
     if not args.no_kernel:

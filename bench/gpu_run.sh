@@ -9,11 +9,11 @@
 # The whole script ends inside GPU_RUN_SECONDS (default 570 s, under a 10-minute limit): each step
 # gets a share of what is left, the benchmarks stop starting new shapes on their budget and write
 # their results file after every shape, so a step cut short still leaves what it measured.
-# Under $OUT (at most 6 files, none deeper than $OUT):
+# Under $OUT (at most 7 files, none deeper than $OUT):
 #     run.log                        set-up, machine, benchmark output, final tables
 #     pytest.log                     the full test suite, compiled on the GPU
-#     <gpu>-<date>.json              kernel + decode benchmark (fastgpt bench)
-#     <gpu>-<date>-kernels.png, <gpu>-<date>-decode.png
+#     <gpu>-<date>.json              kernel + decode + KV-cache + varlen benchmark (fastgpt bench)
+#     <gpu>-<date>-kernels.png, <gpu>-<date>-decode.png, <gpu>-<date>-kvcache.png
 #     <gpu>-<date>-train.json        training benchmark (bench/train.py)
 # Copy the .json and .png files into bench/results/ and commit them with the commit they name.
 
@@ -59,12 +59,16 @@ timeout -s INT "$T_TEST" python3 -m pytest -q -p no:cacheprovider --durations=15
     >"$OUT/pytest.log" 2>&1
 say "pytest exit code $? : $(grep -E '(passed|failed|error)' "$OUT/pytest.log" | tail -1)"
 
-# 3. Kernel + decode benchmark (decode first, then bf16 causal D=128, D=64, non-causal, fp16).
+# 3. Kernel + decode benchmark (decode first, then the ragged KV-cache case, the varlen case, then
+#    bf16 causal D=128, D=64, non-causal, fp16). The KV-cache case gets a third of the budget
+#    (its own --kvcache-budget-s), batch sizes in the order that tells most when cut short: 64
+#    (bandwidth), 1 (latency), then between.
 #    TRITON_PRINT_AUTOTUNING: run.log records which Triton config won for each autotune key, to
 #    compare with the compile_check table in bench/NOTES_triton.md.
 T_BENCH=$(($(left) - 75))
-say "kernel benchmark (budget $((T_BENCH - 40)) s, hard stop $T_BENCH s)"
+say "kernel benchmark (budget $((T_BENCH - 40)) s, KV-cache case $(((T_BENCH - 40) / 3)) s, hard stop $T_BENCH s)"
 TRITON_PRINT_AUTOTUNING=1 timeout "$T_BENCH" python3 -m fastgpt.bench --out "$OUT" --budget-s $((T_BENCH - 40)) \
+    --kvcache-budget-s $(((T_BENCH - 40) / 3)) --kvcache-batches 64,1,8,16,4,32,2 \
     --warmup-ms 10 --rep-ms 50 --full-table 2>&1 | tee -a "$LOG"
 
 # 4. Training benchmark: gpt2 preset, every backend and torch SDPA (GPT's attention_fn).

@@ -106,17 +106,50 @@ def varlen_table(results: dict) -> str | None:
     return f"{title}\n\n{markdown_table(rows)}"
 
 
+def kvcache_table(results: dict) -> str | None:
+    """The ragged KV-cache case: per batch size, each provider's tokens/s and GB/s (% of copy)."""
+    recs = results.get("kvcache", [])
+    cell = {(r["provider"], r["batch"]): r for r in recs if r["ms"] is not None}
+    if not cell:
+        return None
+    names = list(dict.fromkeys(name for name, _ in cell))
+    copy = results["copy_gbps"]
+    rows = [["B", "keys", *names]]
+    for batch in sorted({b for _, b in cell}):
+        r0 = next(r for r in recs if r["batch"] == batch)
+        row = [str(batch), f"{r0['total_keys']} (max {r0['max_len']})"]
+        for n in names:
+            r = cell.get((n, batch))
+            pct = f" ({100 * r['gbps'] / copy:.0f}%)" if r and copy else ""
+            row.append(
+                f"{format_number(r['tokens_per_s'])} tok/s, {format_number(r['gbps'])} GB/s{pct}"
+                if r
+                else "-"
+            )
+        rows.append(row)
+    r = recs[0]
+    title = (
+        f"KV-cache decode (Tq=1), ragged cache lengths {r['lo']}..{r['hi']}, {r['dtype']}, "
+        f"H={r['heads']}, Hkv={r['kv_heads']}, D={r['d']}: tokens/s, GB/s of the valid K/V + q/out "
+        f"(% of copy bandwidth {copy:.0f} GB/s)"
+    )
+    return f"{title}\n\n{markdown_table(rows)}"
+
+
 def accuracy_warnings(results: dict, limit: float = 2e-2) -> list[str]:
     """Forward outputs further than `limit` (relative) from the fp32 reference."""
 
     def where(r: dict) -> str:
+        if "total_keys" in r:  # the KV-cache case
+            return f"{r['provider']} kvcache {r['dtype']} B={r['batch']}"
         if "tq" not in r:  # the varlen case
             return f"{r['provider']} varlen {r['dtype']} D={r['d']}"
         return f"{r['provider']} {r['dtype']} D={r['d']} T={r['tq']} causal={r['causal']}"
 
     return [
         f"WARNING: {where(r)}: relative error {r['rel_err']:.2e} against the reference"
-        for r in results["kernel"] + results["decode"] + results.get("varlen", [])
+        for r in [*results["kernel"], *results["decode"], *results.get("varlen", [])]
+        + results.get("kvcache", [])
         if r.get("rel_err") is not None and not r["rel_err"] < limit  # NaN is caught too
     ]
 
@@ -137,6 +170,7 @@ def summary(results: dict, full: bool) -> str:
                 parts += filter(None, tables)
     parts.append(decode_table(results) or "")
     parts.append(varlen_table(results) or "")
+    parts.append(kvcache_table(results) or "")
     return "\n\n".join(p for p in parts if p)
 
 
@@ -197,4 +231,33 @@ def plot(results: dict, path: Path) -> list[Path]:
         written.append(path.with_name(path.stem + "-decode.png"))
         fig.savefig(written[-1], dpi=80)
         plt.close(fig)
+    written += plot_kvcache(results, path)
     return written
+
+
+def plot_kvcache(results: dict, path: Path) -> list[Path]:
+    """The KV-cache case: GB/s vs batch size per provider, the copy bandwidth dashed."""
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in results.get("kvcache", []) if r["ms"] is not None]
+    if not recs:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r["provider"] for r in recs):
+        pts = sorted((r["batch"], r["gbps"]) for r in recs if r["provider"] == name)
+        ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+    if results["copy_gbps"]:
+        ax.axhline(results["copy_gbps"], color="k", ls="--", lw=1, label="copy bandwidth")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(bottom=0)
+    r = recs[0]
+    title = f"ragged KV-cache decode ({r['lo']}..{r['hi']} keys), {results['machine']['name']}"
+    ax.set(xlabel="batch (sequences)", ylabel="GB/s (valid K/V + q/out)", title=title)
+    ax.title.set_fontsize(8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = path.with_name(path.stem + "-kvcache.png")
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return [out]

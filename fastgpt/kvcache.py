@@ -83,6 +83,8 @@ if kvcache_ops.cpp_has_kvcache():
 KVCACHE_DEVICES = {"cpp": ("cpu",)}  # the C++ KV-cache kernel is CPU-only
 # Backends whose KV-cache kernel takes the attention variants (window, softcap, sinks) as keywords.
 KVCACHE_VARIANT_BACKENDS = ("reference", "triton", "cpp")
+# Backends whose KV-cache kernel takes the max_seqlen_k hint (its splits sized from it).
+KVCACHE_HINT_BACKENDS = ("triton",)
 
 
 def sequence_keys(
@@ -128,6 +130,16 @@ def check_page_size(page_size: int) -> None:
             f"A page size of {page_size} is not supported: the KV-cache kernels take page sizes "
             f"that are positive multiples of {PAGE_SIZE_MULTIPLE}."
         )
+
+
+def check_max_seqlen_k(max_seqlen_k: object) -> None:
+    """TypeError / ValueError unless max_seqlen_k is None or an int >= 0."""
+    if max_seqlen_k is None:
+        return
+    if not isinstance(max_seqlen_k, int) or isinstance(max_seqlen_k, bool):
+        raise TypeError(f"max_seqlen_k must be an int or None, got {type(max_seqlen_k).__name__}.")
+    if max_seqlen_k < 0:
+        raise ValueError(f"max_seqlen_k must be >= 0, got {max_seqlen_k}.")
 
 
 def _layout_text(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> str:
@@ -219,11 +231,10 @@ def _seqlens_tensor(q: Tensor, cache_seqlens: int | Tensor) -> Tensor:
     return cache_seqlens
 
 
-def _check_lengths(
-    k_cache: Tensor, seqlens: Tensor, t_new: int, block_table: Tensor | None
-) -> None:
+def _check_lengths(k_cache: Tensor, seqlens: Tensor, t_new: int, block_table: Tensor | None) -> int:
     """Every sequence's keys fit its cache row (or its pages); every used block id exists.
-    Reads the lengths (and the block table) on the host: a sync on CUDA."""
+    Reads the lengths (and the block table) on the host: a sync on CUDA. -> the longest
+    sequence's keys after the append."""
     lengths = seqlens.tolist()
     if any(n < 0 for n in lengths):
         raise ValueError(f"cache_seqlens must be >= 0, got {lengths}.")
@@ -234,7 +245,7 @@ def _check_lengths(
                 f"Sequence lengths past the cache: cache_seqlens {lengths} plus {t_new} new keys "
                 f"need {longest} slots, k_cache {tuple(k_cache.shape)} has {k_cache.shape[1]}."
             )
-        return
+        return longest
     page, num_blocks = k_cache.shape[1], k_cache.shape[0]
     if longest > block_table.shape[1] * page:
         raise ValueError(
@@ -251,6 +262,7 @@ def _check_lengths(
             f"block_table row {b} names blocks {block_table[b, : int(needed[b])].tolist()} "
             f"outside the cache's {num_blocks} blocks (k_cache {tuple(k_cache.shape)})."
         )
+    return longest
 
 
 def validate_kvcache(
@@ -263,10 +275,12 @@ def validate_kvcache(
     block_table: Tensor | None,
     backend: str,
     scale: object,
-) -> Tensor:
+    max_seqlen_k: int | None = None,
+) -> tuple[Tensor, int | None]:
     """Raise TypeError/ValueError with one sentence naming the problem and the shapes; return
-    cache_seqlens as an int32 (B,) tensor. The values (lengths, block ids) are read outside
-    torch.compile only."""
+    cache_seqlens as an int32 (B,) tensor and the max_seqlen_k hint for the kernel: the caller's,
+    else the longest length after the append. The values (lengths, block ids) are read outside
+    torch.compile only: there the hint is the caller's (None: the kernel covers the capacity)."""
     _check_tensors(q, k_cache, v_cache, backend, scale)
     if k_cache.shape != v_cache.shape:
         raise ValueError(
@@ -281,9 +295,16 @@ def validate_kvcache(
     _check_block_table(q, k_cache, block_table)
     t_new = _check_new_kv(q, k_cache, k, v)
     seqlens = _seqlens_tensor(q, cache_seqlens)
-    if not torch.compiler.is_compiling():
-        _check_lengths(k_cache, seqlens, t_new, block_table)
-    return seqlens
+    check_max_seqlen_k(max_seqlen_k)
+    if torch.compiler.is_compiling():
+        return seqlens, max_seqlen_k
+    longest = _check_lengths(k_cache, seqlens, t_new, block_table)
+    if max_seqlen_k is not None and max_seqlen_k < longest:
+        raise ValueError(
+            f"max_seqlen_k={max_seqlen_k} is below the longest sequence: cache_seqlens plus "
+            f"{t_new} new keys reach {longest} keys."
+        )
+    return seqlens, longest if max_seqlen_k is None else max_seqlen_k
 
 
 def append_to_cache(
@@ -323,6 +344,7 @@ def attention_with_kvcache(
     softcap: float = 0.0,
     sinks: Tensor | None = None,
     backend: str | None = None,
+    max_seqlen_k: int | None = None,
 ) -> Tensor:
     """Attention of new queries against a KV cache, after appending new keys/values in place.
 
@@ -347,6 +369,12 @@ def attention_with_kvcache(
         backend: as fastgpt.attention's; a backend without a KV-cache kernel (KVCACHE_KERNELS)
             runs the reference when picked automatically and raises NotImplementedError when asked
             for by name.
+        max_seqlen_k: an upper bound of cache_seqlens[b] + Tnew (flash-attn's varlen hint). The
+            Triton kernel sizes its key splits from it instead of the cache's capacity. By
+            default the longest length, which the checks read anyway (a host sync on CUDA); under
+            torch.compile the checks do not run, so pass it there for caches much longer than
+            their sequences. Checked against the lengths outside torch.compile (ValueError when
+            below the longest); trusted inside.
 
     Returns:
         (B, Tq, H, D) in q's dtype. Forward only: no autograd graph is recorded.
@@ -363,7 +391,11 @@ def attention_with_kvcache(
                 f"that do: {', '.join(KVCACHE_VARIANT_BACKENDS)}); pass backend=None."
             )
         name, why = "reference", f"{name} ({why}) has no {used} KV-cache kernel yet"
-    seqlens = validate_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, name, scale)
+    seqlens, hint = validate_kvcache(
+        q, k_cache, v_cache, k, v, cache_seqlens, block_table, name, scale, max_seqlen_k
+    )
+    if name in KVCACHE_HINT_BACKENDS and hint is not None:
+        variants["max_seqlen_k"] = hint
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     paged = "dense" if block_table is None else f"paged {k_cache.shape[1]}"
     debug(

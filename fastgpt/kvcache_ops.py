@@ -1,8 +1,12 @@
 """torch.library ops of the compiled KV-cache kernels, so torch.compile traces them as one node.
 
-    fastgpt::triton_attention_kvcache(q, k_cache, v_cache, seqlens_k, block_table, causal, scale)
-    fastgpt::cpp_attention_kvcache(...)   (same arguments; defined by the C++ extension)
+    fastgpt::triton_attention_kvcache(q, k_cache, v_cache, seqlens_k, block_table, causal, scale,
+                                      window, softcap, sinks, max_seqlen_k)
+    fastgpt::cpp_attention_kvcache(...)   (the same but max_seqlen_k; defined by the extension)
         -> out
+
+max_seqlen_k (Triton only): an upper bound of seqlens_k the splits are sized from (None: the
+cache's capacity); the lengths never leave the device.
 
 q, out: (B, Tq, H, D); k_cache, v_cache: (B, Tmax, Hkv, D), or paged (num_blocks, page_size, Hkv,
 D) with block_table (B, max_blocks) int32; seqlens_k (B,) int32 keys per sequence (new keys already
@@ -29,11 +33,15 @@ def triton_attention_kvcache(
     window: list[int] | None = None,
     softcap: float = 0.0,
     sinks: Tensor | None = None,
+    max_seqlen_k: int | None = None,
 ) -> Tensor:
     from fastgpt.kernels.kvcache import kvcache_attention
 
     variants = kernel_variants(window, softcap, sinks)
-    return kvcache_attention(q, k_cache, v_cache, seqlens_k, block_table, causal, scale, **variants)
+    return kvcache_attention(
+        q, k_cache, v_cache, seqlens_k, block_table, causal, scale, max_seqlen_k=max_seqlen_k,
+        **variants,
+    )  # fmt: skip
 
 
 def cpp_has_kvcache() -> bool:

@@ -46,6 +46,9 @@ from .configs import (
 from .decode import decode_combine_kernel, decode_split_kernel
 from .flash_bwd import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
 from .flash_fwd import LOG2E, attn_fwd_kernel
+from .launch import block_d as _block_d
+from .launch import dot_precision as _dot_precision
+from .launch import sm_count as _sm_count
 
 if INTERPRET:
     patch_scalar_index()
@@ -81,16 +84,6 @@ _DECODE_MIN_CHUNK = 16 if INTERPRET else 512  # keys per split, at least
 
 def _bucket(n: int) -> int:
     return min(triton.next_power_of_2(max(n, 1)), 1 << 16)
-
-
-def _block_d(d: int) -> int:
-    """Head dim padded to a power of two (at least 16, the smallest tl.dot tile)."""
-    return max(16, triton.next_power_of_2(d))
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get true fp32 products (as torch's default matmul), not TF32.
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def variant_args(
@@ -373,12 +366,6 @@ def dkdv_splits(B: int, Hkv: int, group: int, Tk: int, device: torch.device) -> 
         return 1
     want = triton.cdiv(sms, programs)
     return max(d for d in range(1, group + 1) if group % d == 0 and d <= want)
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a few splits, enough to exercise the merge
 
 
 # --- packed variable-length sequences (IS_VARLEN) ------------------------------------------------

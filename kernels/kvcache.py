@@ -9,10 +9,13 @@ int32: the valid keys of each sequence, new keys already appended (0 allowed: th
 Causal is aligned bottom-right per sequence: query i sees keys j <= i + seqlens_k[b] - Tq.
 Returns out (B, Tq, H, D) in q's dtype, contiguous. Forward only.
 
-The lengths stay on the device (no host sync): splits are sized from the cache's capacity, and
-a split past its sequence's end finishes at once with an empty partial (decode.py). So the values
-are trusted, as everything reaching a kernel here: lengths within the cache and the block ids a
-sequence uses valid are the calling API's checks (check_kvcache_inputs covers shapes and dtypes).
+The lengths stay on the device (no host sync): splits are sized from the cache's capacity, or
+from max_seqlen_k when the caller knows an upper bound of seqlens_k (flash-attn's varlen hint;
+fastgpt.attention_with_kvcache passes the longest length its checks already read), and a split
+past its sequence's end finishes at once with an empty partial (decode.py). So the values are
+trusted, as everything reaching a kernel here: lengths within the cache (and within
+max_seqlen_k) and the block ids a sequence uses valid are the calling API's checks
+(check_kvcache_inputs covers shapes and dtypes).
 Any page size works: a tile within one page reads one table entry, else one per key.
 """
 
@@ -23,11 +26,13 @@ import triton
 from torch import Tensor
 
 from fastgpt.attention import last_dim_contiguous
+from fastgpt.kvcache import check_max_seqlen_k
 
 from .attention import variant_args
 from .configs import INTERPRET, KVCACHE_CONFIGS, prune_kvcache
 from .decode import decode_combine_kernel, kvcache_split_kernel
 from .flash_fwd import LOG2E
+from .launch import block_d, dot_precision, sm_count
 
 _kvcache = triton.autotune(
     KVCACHE_CONFIGS,
@@ -53,7 +58,7 @@ def kvcache_attention(
     **variants,
 ) -> Tensor:
     """Attention of q (B, Tq, H, D) over each sequence's cached keys. Returns (B, Tq, H, D).
-    variants: window, softcap, sinks keywords (kvcache_attention_with_lse)."""
+    variants: window, softcap, sinks and the max_seqlen_k hint (kvcache_attention_with_lse)."""
     return kvcache_attention_with_lse(
         q, k_cache, v_cache, seqlens_k, block_table, causal, scale, **variants
     )[0]
@@ -69,6 +74,7 @@ def kvcache_attention_with_lse(
     scale: float,
     num_splits: int | None = None,
     *,
+    max_seqlen_k: int | None = None,
     window: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
     sinks: Tensor | None = None,
@@ -80,8 +86,12 @@ def kvcache_attention_with_lse(
 
     num_splits: key-axis splits per sequence, default enough programs to fill the GPU about four
     times over (at most KVCACHE_MAX_SPLITS, at least _MIN_CHUNK keys each).
+    max_seqlen_k: an upper bound of seqlens_k (trusted: keys past it are not read); the splits
+    then cover max_seqlen_k keys instead of the cache's capacity, so a cache much longer than
+    its sequences still gets every program working. None: the capacity.
     """
     check_kvcache_inputs(q, k_cache, v_cache, seqlens_k, block_table)
+    check_max_seqlen_k(max_seqlen_k)
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"the Triton kvcache kernel takes fp16, bf16 or fp32, got {q.dtype}.")
     q, k_cache, v_cache = (last_dim_contiguous(t) for t in (q, k_cache, v_cache))
@@ -97,11 +107,12 @@ def kvcache_attention_with_lse(
     del extra["softcap"]
     out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Tq, H), dtype=torch.float32, device=q.device)
-    if out.numel() == 0 or capacity == 0:  # no query, or no key anywhere
+    span = capacity if max_seqlen_k is None else min(capacity, max_seqlen_k)  # keys to cover
+    if out.numel() == 0 or span == 0:  # no query, or no key anywhere
         lse = lse.fill_(math.inf) if sinks is None else lse.copy_(sinks32.expand_as(lse))
         return out.zero_(), lse.permute(0, 2, 1)
 
-    splits, chunk = _splits(B * Hkv, capacity, q.device, num_splits)
+    splits, chunk = _splits(B * Hkv, span, q.device, num_splits)
     acc = torch.empty((B, Tq, H, splits, D), dtype=torch.float32, device=q.device)
     m = torch.empty((B, Tq, H, splits), dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
@@ -117,26 +128,27 @@ def kvcache_attention_with_lse(
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
         table.shape[-1] if paged else 0,
         H, Hkv, group, Tq, abs(scale) * LOG2E.value, chunk, group * Tq,
-        HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=bool(causal) and Tq > 1, SCALE_NEG=scale < 0,
-        PAGED=paged, PAGE_SIZE=page_size, DOT_PRECISION=_dot_precision(q.dtype), **extra,
+        HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=bool(causal) and Tq > 1, SCALE_NEG=scale < 0,
+        PAGED=paged, PAGE_SIZE=page_size, DOT_PRECISION=dot_precision(q.dtype), **extra,
     )  # fmt: skip
     decode_combine_kernel[(H, B * Tq)](
         acc, m, l, out, lse, out.stride(1), out.stride(2),
         H, splits, abs(scale) * LOG2E.value, abs(scale),
-        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_S=triton.next_power_of_2(splits), Sinks=sinks32,
+        HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_S=triton.next_power_of_2(splits), Sinks=sinks32,
     )  # fmt: skip
     return out, lse.permute(0, 2, 1)
 
 
-def _splits(programs: int, capacity: int, device: torch.device, num_splits: int | None):
-    """(splits, chunk): chunk keys per split, a multiple of _CHUNK_ALIGN; every split but the
-    last of a full-length sequence holds chunk keys."""
+def _splits(programs: int, span: int, device: torch.device, num_splits: int | None):
+    """(splits, chunk): chunk keys per split, a multiple of _CHUNK_ALIGN, splits * chunk >= span
+    (the keys a sequence may hold); every split but the last of a sequence of span keys holds
+    chunk keys."""
     if num_splits is None:
-        num_splits = triton.cdiv(4 * _sm_count(device), programs)
+        num_splits = triton.cdiv(4 * sm_count(device), programs)
     num_splits = min(max(num_splits, 1), KVCACHE_MAX_SPLITS)
-    chunk = max(triton.cdiv(capacity, num_splits), _MIN_CHUNK)
+    chunk = max(triton.cdiv(span, num_splits), _MIN_CHUNK)
     chunk = triton.cdiv(chunk, _CHUNK_ALIGN) * _CHUNK_ALIGN
-    return triton.cdiv(capacity, chunk), chunk
+    return triton.cdiv(span, chunk), chunk
 
 
 def check_kvcache_inputs(
@@ -187,19 +199,3 @@ def check_kvcache_inputs(
 def _describe(k_cache: Tensor, block_table: Tensor | None, paged_ok: bool) -> str:
     t = k_cache if paged_ok else block_table
     return f"{tuple(t.shape)} {t.dtype}"
-
-
-def _block_d(d: int) -> int:
-    """Head dim padded to a power of two (at least 16, the smallest tl.dot tile)."""
-    return max(16, triton.next_power_of_2(d))
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get true fp32 products (as torch's default matmul), not TF32.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a few splits, enough to exercise the merge

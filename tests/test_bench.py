@@ -12,6 +12,7 @@ import torch
 
 import fastgpt
 from fastgpt import bench
+from fastgpt.bench import kvcache as bench_kvcache
 from fastgpt.bench import machine
 from fastgpt.bench import varlen as bench_varlen
 
@@ -161,6 +162,78 @@ def test_varlen_case_has_a_record_per_provider_and_mode(tiny_run):
         if r["mode"] == "fwd":
             assert r["rel_err"] < 1e-5, r  # fp32 against the fp32 reference, real tokens only
     assert "varlen: " in bench.summary(results, full=False)
+
+
+def test_kvcache_case_has_a_record_per_provider_and_batch(tiny_run):
+    """The ragged KV-cache case of the tiny run (CPU: cpp dense and paged, padded SDPA, eager
+    FlexAttention): a record per provider and batch, each rate following from its time."""
+    path, results = tiny_run
+    H, Hkv, D, elem = 4, 2, 16, 4  # the tiny profile, fp32
+    assert set(results["kvcache_lengths"]) == {"1", "3"}
+    records = {(r["provider"], r["batch"]): r for r in results["kvcache"]}
+    assert len(records) == len(results["kvcache"])  # one record each
+    names = {name for name, _ in records}
+    assert {"sdpa-padded", "flex"} <= names
+    if "cpp" in results["machine"]["fastgpt_backends"]:
+        assert {"fastgpt-cpp", "fastgpt-cpp-paged"} <= names
+    assert set(records) == {(n, b) for n in names for b in (1, 3)}
+    for (_, batch), r in records.items():
+        lengths = results["kvcache_lengths"][str(batch)]
+        assert lengths == bench_kvcache.ragged_lengths(batch, 3, 40)  # seeded by B
+        assert len(lengths) == batch and all(3 <= n <= 40 for n in lengths)
+        assert r["total_keys"] == sum(lengths) and r["max_len"] == max(lengths)
+        assert r["step_bytes"] == (2 * sum(lengths) * Hkv * D + 2 * batch * H * D) * elem
+        assert r["error"] is None and r["ms"] > 0, r
+        seconds = r["ms"] * 1e-3
+        assert r["tokens_per_s"] == pytest.approx(batch / seconds)
+        assert r["gbps"] == pytest.approx(r["step_bytes"] / seconds / 1e9)
+        assert r["copy_fraction"] == pytest.approx(r["gbps"] / results["copy_gbps"])
+        assert r["rel_err"] < 1e-5, r  # fp32 against the fp32 reference on the valid keys
+    assert "KV-cache decode (Tq=1)" in bench.summary(results, full=False)
+    assert path.with_name(path.stem + "-kvcache.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_kvcache_case_keeps_to_its_own_budget(tmp_path):
+    argv = ["--tiny", "--out", str(tmp_path), "--no-kernel", "--no-decode", "--no-varlen"]
+    assert bench.main([*argv, "--kvcache-budget-s", "0", "--no-plot"]) == 0
+    (path,) = tmp_path.glob("*.json")
+    results = json.loads(path.read_text())
+    assert results["kvcache"] == [] and not results["complete"]
+    assert results["skipped"] == ["kvcache B=1", "kvcache B=3"]
+
+
+@pytest.mark.skipif(
+    "triton" not in fastgpt.available_backends("cpu"), reason="Triton cannot run on CPU here"
+)
+def test_kvcache_triton_providers_under_the_interpreter():
+    """The GPU providers of fastgpt's own (API dense and paged, the bare op with max_seqlen_k)
+    on a tiny ragged batch: each agrees with the reference (interpreted Triton, not timed)."""
+    device = torch.device("cpu")
+    providers = bench_kvcache.kvcache_providers(device, interpreted=True)
+    names = ["fastgpt-triton", "fastgpt-triton-paged", "fastgpt-triton-op"]
+    assert set(names) <= set(providers)
+    assert not set(names) & set(bench_kvcache.kvcache_providers(device))  # never timed on CPU
+    step = bench_kvcache.make_ragged(2, [37, 260], 4, 2, 16, torch.float32, device)
+    check = bench_kvcache.reference_out(step)
+    for name in names:
+        out = providers[name](step)()  # (B, 1, H, D)
+        assert out.shape == (2, 1, 4, 16)
+        err = float((out.float() - check).norm() / check.norm())
+        assert err < 1e-5, (name, err)
+
+
+def test_kvcache_paged_layout_holds_the_dense_keys():
+    from fastgpt.kvcache import sequence_keys
+
+    lengths = [300, 5, 513]  # two, one and three pages of 256
+    step = bench_kvcache.make_ragged(3, lengths, 4, 2, 8, torch.float32, torch.device("cpu"))
+    k_pages, v_pages, table = step.paged
+    assert step.k.shape[1] == 768 and table.shape == (3, 3) and k_pages.shape[0] == 2 + 1 + 3
+    used = table[0, :2].tolist() + table[1, :1].tolist() + table[2].tolist()
+    assert sorted(used) == list(range(6))  # every page once
+    for b, n in enumerate(lengths):
+        k, v = sequence_keys(k_pages, v_pages, b, n, table)  # (n, Hkv, D)
+        assert torch.equal(k, step.k[b, :n]) and torch.equal(v, step.v[b, :n])
 
 
 def test_length_mix_is_uniform_and_fills_the_batch():

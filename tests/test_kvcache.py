@@ -168,6 +168,28 @@ def test_a_registered_kernel_gets_the_lengths_after_the_append(monkeypatch):
     assert seen["table"] is case.block_table
 
 
+def test_the_triton_kernel_gets_the_max_seqlen_k_hint(monkeypatch):
+    """The Triton kernel is told the longest length after the append (read by the checks anyway),
+    or the caller's looser bound; a kernel without the hint (cpp) is called without it."""
+    seen = []
+
+    def kernel(q, k_cache, v_cache, seqlens_k, block_table, causal, scale, **hint):
+        seen.append(hint)
+        return torch.zeros_like(q)
+
+    monkeypatch.setitem(kvcache.KVCACHE_KERNELS, "triton", kernel)
+    monkeypatch.setitem(kvcache.KVCACHE_KERNELS, "cpp", kernel)
+    backends = fastgpt.available_backends("cpu")
+    for backend in [b for b in ("triton", "cpp") if b in backends]:
+        seen.clear()
+        Case(16, [0, 4, 17, 29], 2, 2, 4, 2, torch.float32).run(backend=backend)
+        Case(16, [0, 4, 17, 29], 2, 2, 4, 2, torch.float32).run(backend=backend, max_seqlen_k=32)
+        want = [{"max_seqlen_k": 31}, {"max_seqlen_k": 32}] if backend == "triton" else [{}, {}]
+        assert seen == want, backend
+    if not {"triton", "cpp"} & set(backends):
+        pytest.skip("no compiled KV-cache kernel runs here")
+
+
 def test_backend_without_a_kvcache_kernel(debug_log, monkeypatch):
     """A backend missing from KVCACHE_KERNELS (e.g. cpp on CUDA tensors): the automatic pick
     moves to the reference, an explicit request raises."""
@@ -271,6 +293,14 @@ ERRORS = {
     "window": (error_case(window=(4,)), ValueError, "window must be None or a pair"),
     "sinks": (
         error_case(sinks=torch.zeros(3)), ValueError, r"sinks must have shape \(H,\) = \(4,\)",
+    ),
+    "max_seqlen_k below a length": (
+        error_case(max_seqlen_k=20), ValueError,
+        r"max_seqlen_k=20 is below the longest sequence: .* 1 new keys reach 21 keys",
+    ),
+    "max_seqlen_k negative": (error_case(max_seqlen_k=-1), ValueError, "must be >= 0, got -1"),
+    "max_seqlen_k type": (
+        error_case(max_seqlen_k=21.0), TypeError, "max_seqlen_k must be an int or None, got float",
     ),
 }  # fmt: skip
 

@@ -216,6 +216,48 @@ def test_triton_splits_and_lse(num_splits):
     assert (lse.cpu()[finite].double() - ref_lse[finite]).abs().max() < 1e-5
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="no Triton here")
+@pytest.mark.parametrize("layout", ["dense", "page16"])
+@pytest.mark.parametrize("hint", ["exact", "loose"])
+def test_triton_max_seqlen_k_sizes_the_splits(layout, hint):
+    # A cache of 256 slots holding at most 37 keys. Interpreted (4 "SMs", 16-key tiles): split by
+    # the capacity, 2 splits of 128 keys leave one program per sequence with work; split by the
+    # hint, 2 chunks of 32 keys, both working on the longest sequence. (Compiled, chunks of 512
+    # keys at least: one split either way.) The numbers do not change.
+    from fastgpt.kernels import kvcache as kk
+
+    page = 16 if layout == "page16" else None
+    case = Case(4, 1, 4, 2, 16, [37, 0, 9, 20], page, 256, torch.float32, DEVICE, seed=4)
+    max_seqlen_k = 37 if hint == "exact" else 48
+    busy = kk._splits(4 * 2, max_seqlen_k, DEVICE, None)
+    by_capacity = kk._splits(4 * 2, 256, DEVICE, None)
+    assert busy[0] * busy[1] >= max_seqlen_k and busy[1] <= by_capacity[1]
+    if INTERPRETED:
+        assert busy == (2, 32) and by_capacity == (2, 128)
+    out = kk.kvcache_attention(
+        case.q, case.k_cache, case.v_cache, case.seqlens, case.block_table, True, 0.25,
+        max_seqlen_k=max_seqlen_k,
+    )  # fmt: skip
+    assert_close_2x(out, case, True, 0.25, f"{layout} max_seqlen_k={max_seqlen_k}")
+    # With lse and variants too; a hint of 0 (every sequence empty) returns zeros and +inf.
+    out_lse, lse = kk.kvcache_attention_with_lse(
+        case.q, case.k_cache, case.v_cache, case.seqlens, case.block_table, True, 0.25,
+        max_seqlen_k=max_seqlen_k, window=(12, -1),
+    )  # fmt: skip
+    want_window = kk.kvcache_attention_with_lse(
+        case.q, case.k_cache, case.v_cache, case.seqlens, case.block_table, True, 0.25,
+        window=(12, -1),
+    )  # fmt: skip
+    torch.testing.assert_close(out_lse, want_window[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, want_window[1], atol=1e-6, rtol=1e-5)
+    empty = Case(2, 1, 4, 2, 16, [0, 0], page, 64, torch.float32, DEVICE)
+    out0, lse0 = kk.kvcache_attention_with_lse(
+        empty.q, empty.k_cache, empty.v_cache, empty.seqlens, empty.block_table, True, 0.25,
+        max_seqlen_k=0,
+    )  # fmt: skip
+    assert (out0 == 0).all() and torch.isinf(lse0).all()
+
+
 @pytest.mark.parametrize("backend", ["triton", "cpp"])
 def test_bad_inputs_raise_one_sentence(backend):
     skip_unsupported(backend, torch.float32)
