@@ -5,7 +5,9 @@ instantiated here for each dtype and compiled with nvcc for sm_80 (A100) and sm_
 host-only program checks that each kernel's shared memory at head dim 256 fits an A100 block
 (163 KiB), so a kernel that could not launch fails here rather than on a user's GPU. Then
 tests/cpp_cuda_emulator.cpp runs the kernels on the CPU, one thread per block, against float64
-attention (outputs, lse and gradients), dense and packed (varlen, against the varlen oracle).
+attention (outputs, lse and gradients), dense and packed (varlen, against the varlen oracle), and
+with the attention variants (window, softcap, sinks and the sinks' gradient) against the
+independent float64 oracle of tests/variant_oracle.py.
 Races need a real GPU: tests/test_cpp_extension.py runs
 the same checks through the extension when one is present.
 """
@@ -18,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from oracle import check_against_float64
+from oracle import assert_within_bounds, check_against_float64, random_tensors, rounding_floor
+from test_variants import variant_floors
+from variant_oracle import oracle
 from varlen_oracle import check_varlen_against_float64, cu_seqlens, random_varlen, varlen_oracle
 
 from fastgpt.reference import reference_attention_with_lse
@@ -140,31 +144,47 @@ EMULATED_CASES = {
 
 
 CODES = {torch.float64: "d", torch.float32: "f", torch.float16: "h", torch.bfloat16: "b"}
+NO_VARIANTS = {"window": (-1, -1), "softcap": 0.0, "sinks": None}
 
 
-def run_emulator(emulator, folder: Path, q, k, v, grad_out, causal: bool, scale: float):
-    """out, lse, dq, dk, dv of the emulated CUDA kernels (lse in fp32, fp64 for fp64 inputs)."""
+def call_emulator(emulator, folder: Path, q, k, v, grad_out, sizes, causal, scale, variants, cu):
+    """Runs the emulator on q, k, v, grad_out (dense or packed; cu: int32 cu_seqlens_q then
+    cu_seqlens_k, or None) with sizes (B, H, Hkv, Tq, Tk, D) and the variants (NO_VARIANTS' keys).
+    Returns out, lse (fp32, fp64 for fp64 inputs; dense (B, H, Tq), packed (H, total_q)), dq, dk,
+    dv, and with sinks dsinks (H,) in lse's dtype."""
+    sinks = variants["sinks"]
+    tensors = [q, k, v, grad_out] + ([] if sinks is None else [sinks.detach().double()])
     (folder / "in.bin").write_bytes(
-        b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in (q, k, v, grad_out))
+        b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in tensors)
     )
-    (B, H, Tq, D), (Hkv, Tk) = q.shape, k.shape[1:3]
-    args = [CODES[q.dtype], *(str(x) for x in (B, H, Hkv, Tq, Tk, D, int(causal))), repr(scale)]
-    subprocess.run(
-        [str(emulator), *args, str(folder / "in.bin"), str(folder / "out.bin")],
-        check=True,
-        timeout=120,
-    )
+    left, right = variants["window"]
+    args = [CODES[q.dtype], *(str(x) for x in (*sizes, int(causal))), repr(scale)]
+    args += [str(left), str(right), repr(float(variants["softcap"])), str(int(sinks is not None))]
+    files = [folder / "in.bin", folder / "out.bin"]
+    if cu is not None:
+        (folder / "cu.bin").write_bytes(cu.numpy().tobytes())
+        files.append(folder / "cu.bin")
+    subprocess.run([str(emulator), *args, *map(str, files)], check=True, timeout=120)
     raw = torch.from_numpy(np.fromfile(folder / "out.bin", dtype=np.uint8))
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    shapes = [(q.shape, q.dtype), (q.shape[:3], lse_dtype), (q.shape, q.dtype)]
-    shapes += [(k.shape, q.dtype), (k.shape, q.dtype)]
-    tensors, offset = [], 0
+    H = sizes[1]
+    lse_shape = q.shape[:3] if cu is None else (H, q.shape[0])
+    shapes = [(q.shape, q.dtype), (lse_shape, lse_dtype), (q.shape, q.dtype)]
+    shapes += [(k.shape, q.dtype), (k.shape, q.dtype)] + [((H,), lse_dtype)] * (sinks is not None)
+    out, offset = [], 0
     for shape, dtype in shapes:
         nbytes = torch.Size(shape).numel() * torch.finfo(dtype).bits // 8
-        tensors.append(raw[offset : offset + nbytes].clone().view(dtype).reshape(shape))
+        out.append(raw[offset : offset + nbytes].clone().view(dtype).reshape(shape))
         offset += nbytes
     assert offset == raw.numel(), "the emulator wrote an unexpected number of bytes"
-    return tensors
+    return out
+
+
+def run_emulator(emulator, folder: Path, q, k, v, grad_out, causal, scale, variants=NO_VARIANTS):
+    """out, lse (B, H, Tq), dq, dk, dv [, dsinks] of the emulated CUDA kernels, dense."""
+    (B, H, Tq, D), (Hkv, Tk) = q.shape, k.shape[1:3]
+    sizes = (B, H, Hkv, Tq, Tk, D)
+    return call_emulator(emulator, folder, q, k, v, grad_out, sizes, causal, scale, variants, None)
 
 
 @pytest.mark.parametrize("dtype", list(CODES), ids=str)
@@ -216,29 +236,14 @@ def test_kernels_emulated_on_cpu_match_float64(emulator, tmp_path, dtype, case, 
         torch.testing.assert_close(got, ref, atol=1e-12, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def run_emulator_varlen(emulator, folder: Path, q, k, v, grad_out, lens_q, lens_k, causal, scale):
-    """out, lse (H, total_q), dq, dk, dv of the emulated kernels on packed sequences."""
-    (folder / "in.bin").write_bytes(
-        b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in (q, k, v, grad_out))
-    )
+def run_emulator_varlen(
+    emulator, folder: Path, q, k, v, grad_out, lens_q, lens_k, causal, scale, variants=NO_VARIANTS
+):
+    """out, lse (H, total_q), dq, dk, dv [, dsinks] of the emulated kernels on packed sequences."""
     cu = torch.cat([cu_seqlens(lens_q, "cpu"), cu_seqlens(lens_k, "cpu")])
-    (folder / "cu.bin").write_bytes(cu.numpy().tobytes())
     (_, H, D), Hkv = q.shape, k.shape[1]
-    sizes = (len(lens_q), H, Hkv, max(lens_q), max(lens_k), D, int(causal))
-    args = [CODES[q.dtype], *(str(x) for x in sizes), repr(scale)]
-    files = [str(folder / name) for name in ("in.bin", "out.bin", "cu.bin")]
-    subprocess.run([str(emulator), *args, *files], check=True, timeout=120)
-    raw = torch.from_numpy(np.fromfile(folder / "out.bin", dtype=np.uint8))
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    shapes = [(q.shape, q.dtype), ((H, q.shape[0]), lse_dtype), (q.shape, q.dtype)]
-    shapes += [(k.shape, q.dtype), (k.shape, q.dtype)]
-    tensors, offset = [], 0
-    for shape, dtype in shapes:
-        nbytes = torch.Size(shape).numel() * torch.finfo(dtype).bits // 8
-        tensors.append(raw[offset : offset + nbytes].clone().view(dtype).reshape(shape))
-        offset += nbytes
-    assert offset == raw.numel(), "the emulator wrote an unexpected number of bytes"
-    return tensors
+    sizes = (len(lens_q), H, Hkv, max(lens_q), max(lens_k), D)
+    return call_emulator(emulator, folder, q, k, v, grad_out, sizes, causal, scale, variants, cu)
 
 
 # (query lengths, key lengths, H, Hkv, D): empty sequences, one token, ragged tiles, Tq != Tk.
@@ -292,3 +297,120 @@ def test_varlen_kernels_emulated_on_cpu_match_float64(emulator, tmp_path, dtype,
         strict=True,
     ):
         torch.testing.assert_close(got, ref, atol=1e-12, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# --- The attention variants (window, softcap, sinks) ----------------------------------------------
+
+# (B, H, Hkv, Tq, Tk, D), causal, window, softcap, sinks. Tiles are 16 x 16 (8 x 8 for float64):
+# windows narrower than the sequence skip whole key blocks in the forward and dQ and whole query
+# blocks in dK/dV; rows that see no key (with and without a sink); GQA, MQA, odd sizes.
+EMULATED_VARIANTS = {
+    "causal_window_skips_blocks_mqa": ((1, 2, 1, 70, 70, 16), True, (20, 0), 0.0, True),
+    "left_right_softcap_gqa_Tq_gt_Tk": ((2, 4, 2, 53, 37, 24), False, (13, 9), 1.5, False),
+    "causal_left_right_Tq_lt_Tk": ((2, 2, 2, 37, 61, 8), True, (7, 5), 2.0, True),
+    "right_only_sinks": ((1, 4, 2, 45, 70, 8), False, (-1, 3), 0.0, True),
+    "causal_softcap_sinks": ((1, 2, 1, 33, 33, 40), True, (-1, -1), 1.0, True),
+    "one_key_each_and_sink_only_rows": ((1, 2, 1, 20, 9, 16), False, (0, 0), 0.0, True),
+    "softcap_odd_heads": ((1, 3, 1, 19, 29, 12), False, (-1, -1), 2.5, False),
+    "window_rows_without_keys": ((1, 2, 2, 40, 25, 16), True, (4, -1), 0.0, False),
+    "D256": ((1, 2, 1, 20, 20, 256), True, (5, 0), 1.5, True),
+}
+
+
+def sink_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The sinks' dtype in the kernels: fp32, fp64 for fp64 inputs (the lse's dtype)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def emulated_op(run, check_lse, grad_out):
+    """The emulator as an autograd op (q, k, v, sinks or None) -> out: run(q, k, v, grad_out,
+    variants-sinks) gives out, lse, dq, dk, dv [, dsinks]; check_lse(q, k, v, sinks, lse) checks
+    lse against the float64 oracle."""
+
+    class Emulated(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, sinks):
+            out, lse, *ctx.grads = run(q, k, v, grad_out.to(q.dtype), sinks)
+            check_lse(q, k, v, sinks, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, g):
+            assert torch.equal(g, grad_out.to(g.dtype)), "emulated with another grad_out"
+            return (*ctx.grads, None) if len(ctx.grads) == 3 else tuple(ctx.grads)
+
+    return Emulated.apply
+
+
+def assert_lse(lse, ref_lse, dtype) -> None:
+    """lse (fp32, fp64 for fp64) against the float64 oracle's: +inf in the same rows."""
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "rows without keys"
+    finite = torch.isfinite(ref_lse)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], atol=tol, rtol=0)
+
+
+def check_variant_rule(kernel, plain, tensors, sinks, dtype, floors_of, what) -> None:
+    """kernel(q, k, v, sinks) -> out against plain (the oracle) in float64: fp64 within 1e-12;
+    otherwise out, dq, dk, dv within tests/oracle.py's rule (2x plain's error in dtype plus
+    floors_of(q, k, v, do, sinks) -> (fq, fk, fv, fsinks)) and dsinks likewise."""
+    q, k, v, do = tensors
+
+    def run(fn, dt, sinks_dt):
+        leaves = [t.to(dt).requires_grad_() for t in (q, k, v)]
+        sk = None if sinks is None else sinks.detach().to(sinks_dt).requires_grad_()
+        out = fn(*leaves, sk)
+        grads = torch.autograd.grad(out, leaves + ([sk] if sk is not None else []), do.to(dt))
+        return out.detach(), [g.detach() for g in grads]
+
+    got_out, got = run(kernel, dtype, sink_dtype(dtype))
+    exact_out, exact = run(plain, torch.float64, torch.float64)
+    if dtype == torch.float64:
+        names = ["out", "dq", "dk", "dv", "dsinks"]
+        for name, g, w in zip(names, [got_out, *got], [exact_out, *exact], strict=False):
+            torch.testing.assert_close(g, w, atol=1e-12, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+        return
+    plain_out, plain_grads = run(plain, dtype, dtype)
+    *floors, fs = floors_of(q, k, v, do, sinks)
+    assert_within_bounds(
+        what, dtype, [got_out, *got[:3]], [plain_out, *plain_grads[:3]],
+        [exact_out, *exact[:3]], [torch.zeros_like(exact_out), *floors],
+    )  # fmt: skip
+    if sinks is not None:
+        assert got[3].dtype == torch.float32 and got[3].shape == sinks.shape
+        err = (got[3].double() - exact[3]).abs()
+        plain_err = (plain_grads[3].double() - exact[3]).abs().max().item()
+        bound = 2 * plain_err + rounding_floor(exact[3], dtype) + fs
+        assert (err <= bound).all(), f"{what} dsinks: error {err.tolist()} over {bound.tolist()}"
+
+
+@pytest.mark.parametrize("dtype", list(CODES), ids=str)
+@pytest.mark.parametrize("case", list(EMULATED_VARIANTS))
+def test_variant_kernels_emulated_on_cpu_match_the_oracle(emulator, tmp_path, dtype, case):
+    (B, H, Hkv, Tq, Tk, D), causal, window, softcap, with_sinks = EMULATED_VARIANTS[case]
+    q, k, v, do, sinks = random_tensors(
+        (B, H, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D), (B, H, Tq, D), (H,),
+        dtype=torch.float64, device="cpu", seed=Tq * 100 + Tk,
+    )  # fmt: skip
+    sinks = sinks if with_sinks else None
+    scale = D**-0.5
+    variants = dict(window=window, softcap=softcap)
+
+    def run(q, k, v, grad_out, s):
+        args = (q, k, v, grad_out, causal, scale, {**variants, "sinks": s})
+        return run_emulator(emulator, tmp_path, *args)
+
+    def check_lse(q, k, v, s, lse):
+        s64 = None if s is None else s.double()
+        ref = oracle(q.double(), k.double(), v.double(), causal, sinks=s64, **variants)[1]
+        assert_lse(lse, ref, dtype)
+
+    def plain(q, k, v, s):
+        return oracle(q, k, v, causal, window, softcap, s, scale)[0]
+
+    def floors_of(q, k, v, do, s):
+        return variant_floors(q, k, v, do, causal, window, softcap, s, dtype)
+
+    kernel = emulated_op(run, check_lse, do)
+    what = f"emulated {case} {dtype}"
+    check_variant_rule(kernel, plain, (q, k, v, do), sinks, dtype, floors_of, what)
