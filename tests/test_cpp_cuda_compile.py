@@ -414,3 +414,80 @@ def test_variant_kernels_emulated_on_cpu_match_the_oracle(emulator, tmp_path, dt
     kernel = emulated_op(run, check_lse, do)
     what = f"emulated {case} {dtype}"
     check_variant_rule(kernel, plain, (q, k, v, do), sinks, dtype, floors_of, what)
+
+
+def per_sequence(lens_q, lens_k):
+    """(rows, cols) slices of each packed sequence's queries and keys."""
+    row = col = 0
+    for tq, tk in zip(lens_q, lens_k, strict=True):
+        yield slice(row, row + tq), slice(col, col + tk)
+        row, col = row + tq, col + tk
+
+
+def varlen_variant_oracle(q, k, v, lens_q, lens_k, causal, window, softcap, sinks, scale=None):
+    """tests/variant_oracle.py's oracle on each packed sequence: (out (total_q, H, D),
+    lse (H, total_q)); q (total_q, H, D), k, v (total_k, Hkv, D)."""
+    outs, lses = [], []
+    for rows, cols in per_sequence(lens_q, lens_k):
+        dense = [t.transpose(0, 1)[None] for t in (q[rows], k[cols], v[cols])]  # (1, heads, T, D)
+        out, lse = oracle(*dense, causal, window, softcap, sinks, scale)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+def varlen_variant_floors(q, k, v, do, lens_q, lens_k, causal, window, softcap, sinks, dtype):
+    """test_variants.variant_floors per packed sequence: (fq, fk, fv) shaped like q, k, v and
+    fsinks (H,) summed over the sequences (None without sinks)."""
+    floors, fs = [torch.zeros_like(t) for t in (q, k, v)], None
+    for rows, cols in per_sequence(lens_q, lens_k):
+        dense = [t.transpose(0, 1)[None] for t in (q[rows], k[cols], v[cols], do[rows])]
+        *seq_floors, seq_fs = variant_floors(*dense, causal, window, softcap, sinks, dtype)
+        for floor, f, where in zip(floors, seq_floors, (rows, cols, cols), strict=True):
+            floor[where] = f[0].transpose(0, 1)
+        if seq_fs is not None:
+            fs = seq_fs if fs is None else fs + seq_fs
+    return (*floors, fs)
+
+
+# (query lengths, key lengths, H, Hkv, D), causal, window, softcap, sinks: empty sequences, one
+# token, windows that skip blocks, Tq > Tk and Tq < Tk per sequence.
+EMULATED_VARLEN_VARIANTS = {
+    "ragged_gqa": (([0, 1, 17, 37, 5], [3, 1, 17, 20, 0], 4, 2, 24), True, (6, 0), 1.5, True),
+    "long_windows_mqa": (([45, 3, 70], [70, 9, 70], 2, 1, 16), False, (10, 12), 0.0, True),
+    "right_only_softcap": (([33, 20, 1], [20, 33, 40], 2, 2, 8), False, (-1, 4), 2.0, False),
+}
+
+
+@pytest.mark.parametrize("dtype", list(CODES), ids=str)
+@pytest.mark.parametrize("case", list(EMULATED_VARLEN_VARIANTS))
+def test_varlen_variant_kernels_emulated_on_cpu_match_the_oracle(emulator, tmp_path, dtype, case):
+    (lens_q, lens_k, H, Hkv, D), causal, window, softcap, with_sinks = EMULATED_VARLEN_VARIANTS[
+        case
+    ]
+    q, k, v, do = random_varlen(lens_q, lens_k, H, Hkv, D, torch.float64, device="cpu", seed=7)
+    sinks = torch.randn(H, generator=torch.Generator().manual_seed(H), dtype=torch.float64)
+    sinks = sinks if with_sinks else None
+    scale = D**-0.5
+    variants = dict(window=window, softcap=softcap)
+
+    def run(q, k, v, grad_out, s):
+        args = (lens_q, lens_k, causal, scale, {**variants, "sinks": s})
+        return run_emulator_varlen(emulator, tmp_path, q, k, v, grad_out, *args)
+
+    def check_lse(q, k, v, s, lse):
+        s64 = None if s is None else s.double()
+        qkv = (q.double(), k.double(), v.double())
+        ref = varlen_variant_oracle(*qkv, lens_q, lens_k, causal, window, softcap, s64)[1]
+        assert_lse(lse, ref, dtype)
+
+    def plain(q, k, v, s):
+        return varlen_variant_oracle(q, k, v, lens_q, lens_k, causal, window, softcap, s, scale)[0]
+
+    def floors_of(q, k, v, do, s):
+        args = (lens_q, lens_k, causal, window, softcap, s, dtype)
+        return varlen_variant_floors(q, k, v, do, *args)
+
+    kernel = emulated_op(run, check_lse, do)
+    what = f"emulated varlen {case} {dtype}"
+    check_variant_rule(kernel, plain, (q, k, v, do), sinks, dtype, floors_of, what)
