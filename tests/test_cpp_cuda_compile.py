@@ -301,9 +301,10 @@ def test_varlen_kernels_emulated_on_cpu_match_float64(emulator, tmp_path, dtype,
 
 # --- The attention variants (window, softcap, sinks) ----------------------------------------------
 
-# (B, H, Hkv, Tq, Tk, D), causal, window, softcap, sinks. Tiles are 16 x 16 (8 x 8 for float64):
-# windows narrower than the sequence skip whole key blocks in the forward and dQ and whole query
-# blocks in dK/dV; rows that see no key (with and without a sink); GQA, MQA, odd sizes.
+# (B, H, Hkv, Tq, Tk, D), causal, window, softcap, sinks (the scale of their normal draws, 0: none).
+# Tiles are 16 x 16 (8 x 8 for float64): windows narrower than the sequence skip whole key blocks
+# in the forward and dQ and whole query blocks in dK/dV; rows that see no key (with and without a
+# sink); sinks up to ~150 from the scores (exp(score - sink) overflows fp32); GQA, MQA, odd sizes.
 EMULATED_VARIANTS = {
     "causal_window_skips_blocks_mqa": ((1, 2, 1, 70, 70, 16), True, (20, 0), 0.0, True),
     "left_right_softcap_gqa_Tq_gt_Tk": ((2, 4, 2, 53, 37, 24), False, (13, 9), 1.5, False),
@@ -314,6 +315,7 @@ EMULATED_VARIANTS = {
     "softcap_odd_heads": ((1, 3, 1, 19, 29, 12), False, (-1, -1), 2.5, False),
     "window_rows_without_keys": ((1, 2, 2, 40, 25, 16), True, (4, -1), 0.0, False),
     "D256": ((1, 2, 1, 20, 20, 256), True, (5, 0), 1.5, True),
+    "sinks_far_from_the_scores": ((1, 4, 2, 17, 23, 8), True, (-1, -1), 0.0, 150.0),
 }
 
 
@@ -387,12 +389,12 @@ def check_variant_rule(kernel, plain, tensors, sinks, dtype, floors_of, what) ->
 @pytest.mark.parametrize("dtype", list(CODES), ids=str)
 @pytest.mark.parametrize("case", list(EMULATED_VARIANTS))
 def test_variant_kernels_emulated_on_cpu_match_the_oracle(emulator, tmp_path, dtype, case):
-    (B, H, Hkv, Tq, Tk, D), causal, window, softcap, with_sinks = EMULATED_VARIANTS[case]
+    (B, H, Hkv, Tq, Tk, D), causal, window, softcap, sink_scale = EMULATED_VARIANTS[case]
     q, k, v, do, sinks = random_tensors(
         (B, H, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D), (B, H, Tq, D), (H,),
         dtype=torch.float64, device="cpu", seed=Tq * 100 + Tk,
     )  # fmt: skip
-    sinks = sinks if with_sinks else None
+    sinks = sinks * sink_scale if sink_scale else None
     scale = D**-0.5
     variants = dict(window=window, softcap=softcap)
 
