@@ -20,11 +20,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from oracle import assert_within_bounds, check_against_float64, random_tensors, rounding_floor
+from oracle import (
+    F64,
+    assert_within_bounds,
+    check_against_float64,
+    random_tensors,
+    rounding_floor,
+)
 from test_variants import variant_floors
 from variant_oracle import oracle
 from varlen_oracle import check_varlen_against_float64, cu_seqlens, random_varlen, varlen_oracle
 
+import fastgpt
+from fastgpt import _extension
 from fastgpt.reference import reference_attention_with_lse
 
 KERNELS = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
@@ -493,3 +501,68 @@ def test_varlen_variant_kernels_emulated_on_cpu_match_the_oracle(emulator, tmp_p
     kernel = emulated_op(run, check_lse, do)
     what = f"emulated varlen {case} {dtype}"
     check_variant_rule(kernel, plain, (q, k, v, do), sinks, dtype, floors_of, what)
+
+
+# --- Through the extension: the same ops on CUDA tensors where a GPU and a CUDA build exist -------
+
+# The C++ CPU kernel always (it checks this test itself); the CUDA kernel where it was built.
+EXTENSION_DEVICES = ["cpu"] + (
+    ["cuda"] if torch.cuda.is_available() and _extension.cpp_supports("cuda") else []
+)
+
+
+def run_leaves(fn, device, *tensors):
+    """(out, lse, leaves): fn(*leaves) -> (out, lse) on detached copies of tensors on device."""
+    leaves = [t.detach().to(device).requires_grad_() for t in tensors]
+    return (*fn(*leaves), leaves)
+
+
+def assert_runs_match(got, want, grad_out) -> None:
+    """(out, lse, leaves) of a kernel against the oracle's (float64, on the CPU): out, lse and
+    the leaves' gradients (dq, dk, dv, dsinks) within float64 rounding."""
+    (out, lse, leaves), (want_out, want_lse, want_leaves) = got, want
+    torch.testing.assert_close(lse.cpu(), want_lse.detach(), **F64)
+    grads = torch.autograd.grad(out, leaves, grad_out.to(out.device))
+    want_grads = torch.autograd.grad(want_out, want_leaves, grad_out)
+    names = ["out", "dq", "dk", "dv", "dsinks"]
+    for name, g, w in zip(names, [out, *grads], [want_out, *want_grads], strict=True):
+        torch.testing.assert_close(
+            g.detach().cpu(), w.detach(), **F64, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+@pytest.mark.skipif(not _extension.cpp_available(), reason="fastgpt._C is not built")
+@pytest.mark.parametrize("device", EXTENSION_DEVICES)
+def test_cpp_ops_take_the_variants_on_their_device(device):
+    """fastgpt.attention / attention_varlen with backend="cpp" and every variant, float64,
+    against the oracle on the CPU: out, lse, dq, dk, dv and dsinks, dense and packed."""
+    variants = dict(causal=True, window=(9, 3), softcap=1.5)
+    q, k, v, do, s = random_tensors(
+        (2, 4, 37, 16), (2, 2, 45, 16), (2, 2, 45, 16), (2, 4, 37, 16), (4,),
+        dtype=torch.float64, device="cpu", seed=3,
+    )  # fmt: skip
+
+    def dense(q, k, v, s):
+        return fastgpt.attention(q, k, v, sinks=s, backend="cpp", return_lse=True, **variants)
+
+    def dense_oracle(q, k, v, s):
+        return oracle(q, k, v, sinks=s, **variants)
+
+    got, want = run_leaves(dense, device, q, k, v, s), run_leaves(dense_oracle, "cpu", q, k, v, s)
+    assert_runs_match(got, want, do)
+
+    lens_q, lens_k = [5, 0, 32], [20, 3, 22]  # packed: three sequences, one without queries
+    pq, pk, pv, pdo = random_varlen(lens_q, lens_k, 4, 2, 16, torch.float64, device="cpu", seed=5)
+    cu = [cu_seqlens(lens, device) for lens in (lens_q, lens_k)]
+
+    def packed(q, k, v, s):
+        sizes = (max(lens_q), max(lens_k))
+        args = dict(sinks=s, backend="cpp", return_lse=True, **variants)
+        return fastgpt.attention_varlen(q, k, v, *cu, *sizes, **args)
+
+    def packed_oracle(q, k, v, s):
+        window, softcap = variants["window"], variants["softcap"]
+        return varlen_variant_oracle(q, k, v, lens_q, lens_k, True, window, softcap, s)
+
+    got = run_leaves(packed, device, pq, pk, pv, s)
+    assert_runs_match(got, run_leaves(packed_oracle, "cpu", pq, pk, pv, s), pdo)
