@@ -566,3 +566,27 @@ def test_cpp_ops_take_the_variants_on_their_device(device):
 
     got = run_leaves(packed, device, pq, pk, pv, s)
     assert_runs_match(got, run_leaves(packed_oracle, "cpu", pq, pk, pv, s), pdo)
+
+
+@pytest.mark.skipif(not _extension.cpp_available(), reason="fastgpt._C is not built")
+@pytest.mark.parametrize("device", EXTENSION_DEVICES)
+def test_cpp_variant_ops_pass_opcheck_on_their_device(device):
+    """The four cpp ops with every variant on the device's kernels: schema, fake and real agree."""
+    q, k, v, do, s = random_tensors(
+        (2, 4, 19, 16), (2, 2, 23, 16), (2, 2, 23, 16), (2, 4, 19, 16), (4,),
+        device=device, seed=11,
+    )  # fmt: skip
+    variants = dict(window=[3, 2], softcap=1.5, sinks=s)
+    ops = torch.ops.fastgpt
+    torch.library.opcheck(ops.cpp_attention_forward, (q, k, v, True, 0.25), variants)
+    out, lse = ops.cpp_attention_forward(q, k, v, True, 0.25, **variants)
+    args = (do, q, k, v, out, lse, True, 0.25)
+    torch.library.opcheck(ops.cpp_attention_backward, args, variants)
+
+    packed = [t[0].transpose(0, 1).contiguous() for t in (q, k, v, do)]  # (T, heads, D)
+    cu_q, cu_k = cu_seqlens([7, 12], device), cu_seqlens([20, 3], device)
+    args = (*packed[:3], cu_q, cu_k, 12, 20, False, 0.25)
+    torch.library.opcheck(ops.cpp_attention_varlen_forward, args, variants)
+    out, lse = ops.cpp_attention_varlen_forward(*args, **variants)
+    args = (packed[3], *packed[:3], out, lse, cu_q, cu_k, 12, 20, False, 0.25)
+    torch.library.opcheck(ops.cpp_attention_varlen_backward, args, variants)
