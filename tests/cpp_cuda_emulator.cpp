@@ -97,8 +97,9 @@ void run(FILE* in, FILE* out, const std::vector<int32_t>& cu, int64_t B, int64_t
   for (auto* t : {&q, &k, &v, &dout}) {
     if (std::fread(t->data(), sizeof(T), t->size(), in) != t->size()) std::exit(2);
   }
-  std::vector<double> sinks64(var.sinks ? H : 0);
-  if (std::fread(sinks64.data(), sizeof(double), sinks64.size(), in) != sinks64.size()) std::exit(2);
+  std::vector<double> sinks64(var.sinks ? H : 0);  // (H,) or none
+  const size_t n_sinks = sinks64.size();
+  if (std::fread(sinks64.data(), sizeof(double), n_sinks, in) != n_sinks) std::exit(2);
   const std::vector<A> sinks(sinks64.begin(), sinks64.end());
   std::vector<T> o(q.size()), dq(q.size()), dk(k.size()), dv(k.size());
   std::vector<A> lse(nb * H * rows_q), delta(lse.size()), dsinks(sinks.size());
