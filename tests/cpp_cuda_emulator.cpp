@@ -4,11 +4,15 @@
 // CUDA headers (no GPU, no nvcc device pass). Every loop in the kernels strides over the block,
 // so with blockDim.x = 1 a single thread does all of a block's work and __syncthreads() is a
 // no-op: this checks the kernels' indexing, masking and numerics (not their races, which need
-// a GPU). Usage: cpp_cuda_emulator f|d|h|b B H Hkv Tq Tk D causal scale in.bin out.bin [cu.bin]
-// (fp32, fp64, fp16, bf16). in.bin holds q, k, v, grad_out (contiguous, the given dtype);
-// out.bin gets out, lse (fp32, fp64 for fp64), dq, dk, dv. With cu.bin (int32 cu_seqlens_q then
-// cu_seqlens_k, B + 1 each) the sequences are packed: q, grad_out, out, dq (total_q, H, D),
-// k, v, dk, dv (total_k, Hkv, D), lse (H, total_q), and Tq, Tk are the longest lengths.
+// a GPU). Usage:
+//   cpp_cuda_emulator f|d|h|b B H Hkv Tq Tk D causal scale left right softcap sinks in.bin out.bin
+//   [cu.bin]
+// (fp32, fp64, fp16, bf16; window (left, right), -1 unbounded; softcap 0: off; sinks 0|1). in.bin
+// holds q, k, v, grad_out (contiguous, the given dtype), then with sinks (H,) float64; out.bin gets
+// out, lse (fp32, fp64 for fp64), dq, dk, dv, then with sinks dsinks (H,) in lse's dtype. With
+// cu.bin (int32 cu_seqlens_q then cu_seqlens_k, B + 1 each) the sequences are packed: q,
+// grad_out, out, dq (total_q, H, D), k, v, dk, dv (total_k, Hkv, D), lse (H, total_q), and Tq, Tk
+// are the longest lengths.
 
 #include <cuda_runtime.h>
 
@@ -64,10 +68,28 @@ View<T> view(T* p, const std::vector<int64_t>& s) {
   return {p, s[0], s[1], s[2]};
 }
 
+// The attention variants of a run (Params' left, right, softcap, sinks).
+struct Variants {
+  int64_t left, right;
+  double softcap;
+  bool sinks;
+};
+
+// Runs every kernel of the forward and the backward as attention_forward / attention_backward
+// launch them.
+template <typename T, typename A>
+void launch_all(const Params<T, A>& p) {
+  constexpr int BM = Tiles<A>::BM, BN = Tiles<A>::BN;
+  grid(ceil_div(p.Tq, BM), p.H, p.B, [&] { forward_kernel<T, A, BM, BN>(p); });
+  grid(p.Tq, p.H, p.B, [&] { delta_kernel<T, A>(p); });  // one row per block here
+  if (p.sinks != nullptr) grid(1, p.H, 1, [&] { dsinks_kernel<T, A>(p); });
+  grid(ceil_div(p.Tk, BN), p.Hkv, p.B, [&] { dkdv_kernel<T, A, BM, BN>(p); });
+  grid(ceil_div(p.Tq, BM), p.H, p.B, [&] { dq_kernel<T, A, BM, BN>(p); });
+}
+
 template <typename T, typename A>
 void run(FILE* in, FILE* out, const std::vector<int32_t>& cu, int64_t B, int64_t H, int64_t Hkv,
-         int64_t Tq, int64_t Tk, int64_t D, bool causal, double scale) {
-  constexpr int BM = Tiles<A>::BM, BN = Tiles<A>::BN;
+         int64_t Tq, int64_t Tk, int64_t D, bool causal, double scale, const Variants& var) {
   const bool packed = !cu.empty();
   const int64_t rows_q = packed ? cu[B] : Tq, rows_k = packed ? cu[2 * B + 1] : Tk;
   const int64_t nb = packed ? 1 : B;  // batch entries in memory
@@ -75,8 +97,12 @@ void run(FILE* in, FILE* out, const std::vector<int32_t>& cu, int64_t B, int64_t
   for (auto* t : {&q, &k, &v, &dout}) {
     if (std::fread(t->data(), sizeof(T), t->size(), in) != t->size()) std::exit(2);
   }
+  std::vector<double> sinks64(var.sinks ? H : 0);  // (H,) or none
+  const size_t n_sinks = sinks64.size();
+  if (std::fread(sinks64.data(), sizeof(double), n_sinks, in) != n_sinks) std::exit(2);
+  const std::vector<A> sinks(sinks64.begin(), sinks64.end());
   std::vector<T> o(q.size()), dq(q.size()), dk(k.size()), dv(k.size());
-  std::vector<A> lse(nb * H * rows_q), delta(lse.size());
+  std::vector<A> lse(nb * H * rows_q), delta(lse.size()), dsinks(sinks.size());
   const auto sq = strides(packed, H, rows_q, D), sk = strides(packed, Hkv, rows_k, D);
   // lse: dense (B, H, Tq); packed (H, total_q)
   const std::vector<int64_t> sl = packed ? std::vector<int64_t>{0, rows_q, 1}
@@ -91,43 +117,45 @@ void run(FILE* in, FILE* out, const std::vector<int32_t>& cu, int64_t B, int64_t
   if (packed) p.cu_q = cu.data(), p.cu_k = cu.data() + B + 1;
   p.B = B, p.H = H, p.Hkv = Hkv, p.Tq = Tq, p.Tk = Tk, p.D = D, p.causal = causal;
   p.scale = A(scale);
-  grid(ceil_div(Tq, BM), H, B, [&] { forward_kernel<T, A, BM, BN>(p); });
-  grid(Tq, H, B, [&] { delta_kernel<T, A>(p); });  // one row per block here
-  grid(ceil_div(Tk, BN), Hkv, B, [&] { dkdv_kernel<T, A, BM, BN>(p); });
-  grid(ceil_div(Tq, BM), H, B, [&] { dq_kernel<T, A, BM, BN>(p); });
+  p.left = var.left, p.right = var.right, p.softcap = A(var.softcap);
+  p.sinks = var.sinks ? sinks.data() : nullptr, p.dsinks = var.sinks ? dsinks.data() : nullptr;
+  launch_all(p);
   std::fwrite(o.data(), sizeof(T), o.size(), out);
   std::fwrite(lse.data(), sizeof(A), lse.size(), out);
   for (auto* t : {&dq, &dk, &dv}) std::fwrite(t->data(), sizeof(T), t->size(), out);
+  std::fwrite(dsinks.data(), sizeof(A), dsinks.size(), out);
 }
 
 int main(int argc, char** argv) {
-  if (argc != 12 && argc != 13) return 1;
+  if (argc != 16 && argc != 17) return 1;
   const int64_t B = std::atol(argv[2]), H = std::atol(argv[3]), Hkv = std::atol(argv[4]);
   const int64_t Tq = std::atol(argv[5]), Tk = std::atol(argv[6]), D = std::atol(argv[7]);
   const bool causal = std::atoi(argv[8]) != 0;
   const double scale = std::atof(argv[9]);
-  FILE* in = std::fopen(argv[10], "rb");
-  FILE* out = std::fopen(argv[11], "wb");
+  const Variants var{std::atol(argv[10]), std::atol(argv[11]), std::atof(argv[12]),
+                     std::atoi(argv[13]) != 0};
+  FILE* in = std::fopen(argv[14], "rb");
+  FILE* out = std::fopen(argv[15], "wb");
   if (in == nullptr || out == nullptr) return 1;
   std::vector<int32_t> cu;  // packed: cu_seqlens_q, cu_seqlens_k
-  if (argc == 13) {
+  if (argc == 17) {
     cu.resize(2 * (B + 1));
-    FILE* f = std::fopen(argv[12], "rb");
+    FILE* f = std::fopen(argv[16], "rb");
     if (f == nullptr || std::fread(cu.data(), sizeof(int32_t), cu.size(), f) != cu.size()) return 1;
     std::fclose(f);
   }
   switch (argv[1][0]) {
     case 'd':
-      run<double, double>(in, out, cu, B, H, Hkv, Tq, Tk, D, causal, scale);
+      run<double, double>(in, out, cu, B, H, Hkv, Tq, Tk, D, causal, scale, var);
       break;
     case 'f':
-      run<float, float>(in, out, cu, B, H, Hkv, Tq, Tk, D, causal, scale);
+      run<float, float>(in, out, cu, B, H, Hkv, Tq, Tk, D, causal, scale, var);
       break;
     case 'h':
-      run<__half, float>(in, out, cu, B, H, Hkv, Tq, Tk, D, causal, scale);
+      run<__half, float>(in, out, cu, B, H, Hkv, Tq, Tk, D, causal, scale, var);
       break;
     case 'b':
-      run<__nv_bfloat16, float>(in, out, cu, B, H, Hkv, Tq, Tk, D, causal, scale);
+      run<__nv_bfloat16, float>(in, out, cu, B, H, Hkv, Tq, Tk, D, causal, scale, var);
       break;
     default:
       return 1;
