@@ -122,7 +122,9 @@ def _fp32(x: float) -> float:
     return torch.tensor(x, dtype=torch.float32).item()
 
 
-def base2_lse(lse: torch.Tensor, scale: float, softcap: float = 0.0) -> tuple:
+def base2_lse(
+    lse: torch.Tensor, scale: float, softcap: float = 0.0
+) -> tuple[torch.Tensor, float, float]:
     """What the backward kernels read to form p as one fma, exp2(q.k * qk_scale - lse2):
     (lse2 like lse in fp32, qk_scale, cap_out).
 
