@@ -111,6 +111,31 @@ def variant_args(
     return args
 
 
+def _fp32(x: float) -> float:
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
+def base2_lse(
+    lse: torch.Tensor, scale: float, softcap: float = 0.0
+) -> tuple[torch.Tensor, float, float]:
+    """What the backward kernels read to form p as one fma, exp2(q.k * qk_scale - lse2):
+    (lse2 like lse in fp32, qk_scale, cap_out).
+
+    qk_scale = fl(scale * log2 e) (signed, a Python float the launch passes as fp32) and
+    lse2 = fl(lse * r) with r = qk_scale / scale (~log2 e) in fp64, one rounding per row, so
+    q.k * qk_scale - lse2 = r * (scale * q.k - lse): fl(scale * log2 e)'s own error cancels rather
+    than scaling the score. cap_out = fl(softcap * r): the softcapped score c * t as fma(t,
+    cap_out, -lse2). A scale too small for a normal fp32 qk_scale (0 included) uses r = log2 e.
+    lse: any shape, fp32, natural log, +inf rows stay +inf.
+    """
+    scale32 = abs(_fp32(scale))
+    c2 = _fp32(scale32 * LOG2E.value)
+    normal = math.isfinite(c2) and c2 >= torch.finfo(torch.float32).tiny
+    ratio = c2 / scale32 if normal else LOG2E.value
+    lse2 = (lse.to(torch.float64) * ratio).to(torch.float32)
+    return lse2, math.copysign(c2, scale), _fp32(softcap * ratio)
+
+
 def _plain(args: dict) -> bool:
     return not args["WINDOW"] and not args["SOFTCAP"] and args["Sinks"] is None
 
@@ -283,6 +308,7 @@ def attention_backward(
         return dq.zero_(), dk.zero_(), dv.zero_(), *dsinks
     lse = lse.to(torch.float32).contiguous()
     block_d = _block_d(D)
+    lse2, qk_scale, extra["cap_out"] = base2_lse(lse, scale, extra["softcap"])
 
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     pre_block_m = 64 if INTERPRET else 128
@@ -314,9 +340,10 @@ def attention_backward(
         return (triton.cdiv(Tk, meta["BLOCK_N"]), Hkv * splits, B)
 
     _dkdv[dkdv_grid](
-        q, k, v, grad_out, lse, delta, dk_out, dv_out, None, None,
+        q, k, v, grad_out, lse2, delta, dk_out, dv_out, None, None,
         *strides, *dk_out.stride()[:3], *dv_out.stride()[:3],
-        H, Hkv, group, splits, Tq, Tk, scale, *buckets, **common, SCORES_AS_FORWARD=INTERPRET,
+        H, Hkv, group, splits, Tq, Tk, scale, qk_scale, *buckets, **common,
+        SCORES_AS_FORWARD=INTERPRET,
         USE_TMA=tma_dkdv,
     )  # fmt: skip
     if splits > 1:
@@ -328,9 +355,9 @@ def attention_backward(
 
     tma_dq = _use_descriptors(use_tma, "dq", block_d, q, k, v, grad_out, dq)
     _dq[dq_grid](
-        q, k, v, grad_out, lse, delta, dq, None, None,
+        q, k, v, grad_out, lse2, delta, dq, None, None,
         *strides, *dq.stride()[:3],
-        H, H // Hkv, Tq, Tk, scale, *buckets, **common, USE_TMA=tma_dq,
+        H, H // Hkv, Tq, Tk, scale, qk_scale, *buckets, **common, USE_TMA=tma_dq,
     )  # fmt: skip
     return dq, dk, dv, *dsinks
 
@@ -472,6 +499,7 @@ def attention_varlen_backward(
     lse = lse.to(torch.float32).contiguous()  # (H, total_q)
     block_d = _block_d(D)
     delta, partials = _varlen_delta(out, grad_out, block_d, lse, sinks32)  # (H, total_q)
+    lse2, qk_scale, extra["cap_out"] = base2_lse(lse, scale, extra["softcap"])
     if sinks is not None:
         dsinks = (partials.sum(1),)  # (H, blocks) -> (H,), a fixed-order reduction
 
@@ -487,14 +515,14 @@ def attention_varlen_backward(
     common = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal), IS_VARLEN=True, **extra)
     common["DOT_PRECISION"] = _dot_precision(q.dtype)
     strides = tuple(s for t in (q, k, v, grad_out) for s in _packed_strides(t))
-    tail = (scale, _bucket(max_seqlen_q), _bucket(max_seqlen_k))
+    tail = (scale, qk_scale, _bucket(max_seqlen_q), _bucket(max_seqlen_k))
     tma_dkdv = _use_descriptors(use_tma, "dkdv", block_d, q, k, v, grad_out, dk_out, dv_out)
 
     def dkdv_grid(meta):
         return (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), Hkv * splits, B)
 
     _dkdv[dkdv_grid](
-        q, k, v, grad_out, lse, delta, dk_out, dv_out, cu_seqlens_q, cu_seqlens_k,
+        q, k, v, grad_out, lse2, delta, dk_out, dv_out, cu_seqlens_q, cu_seqlens_k,
         *strides, *_packed_strides(dk_out), *_packed_strides(dv_out),
         H, Hkv, group, splits, total_q, total_k, *tail, **common,
         SCORES_AS_FORWARD=INTERPRET, USE_TMA=tma_dkdv,
@@ -508,7 +536,7 @@ def attention_varlen_backward(
 
     tma_dq = _use_descriptors(use_tma, "dq", block_d, q, k, v, grad_out, dq)
     _dq[dq_grid](
-        q, k, v, grad_out, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
+        q, k, v, grad_out, lse2, delta, dq, cu_seqlens_q, cu_seqlens_k,
         *strides, *_packed_strides(dq),
         H, group, total_q, total_k, *tail, **common, USE_TMA=tma_dq,
     )  # fmt: skip

@@ -1,8 +1,9 @@
 """Flash-attention backward: numerics and tiling only (launches live in attention.py).
 
-With s = scale * q . k, p = exp(s - lse) recomputed from the forward's row log-sum-exp
-(as exp2(min(fma(q.k, scale, -lse), 0) * log2(e)): the difference is taken in natural units with
-one rounding, where it is exact enough for scores ~1e3; see p_exponent):
+With s = scale * q . k, p = exp(s - lse) recomputed from the forward's row log-sum-exp as one
+FMA and exp2: p = exp2(min(fma(q.k, qk_scale, -lse2), 0)) with qk_scale = fl(scale * log2(e)) and
+lse2 = fl(lse * qk_scale / scale), a base-2 lse the host derives per row (attention.base2_lse);
+the Lse the dK/dV and dQ kernels read is that lse2 (see p_exponent):
 
     dv = p^T dO          dp = dO v^T          ds = p * (dp - delta),  delta = rowsum(dO * O)
     dk = scale * ds^T q  dq = scale * ds k
@@ -32,7 +33,6 @@ import triton
 import triton.language as tl
 
 from .flash_fwd import (
-    LOG2E,
     head_base_offset,
     load_tile,
     plain_key_range,
@@ -78,22 +78,24 @@ def bwd_preprocess_kernel(
 
 
 @triton.jit
-def p_exponent(qk, scale, lse):
-    """log2 of p = exp(scale * qk - lse), clamped at 0 (p <= 1), for raw products qk.
+def p_exponent(qk, qk_scale, lse2):
+    """log2 of p = exp(scale * qk - lse), clamped at 0 (p <= 1), for raw products qk: one fma.
 
-    scale * qk - lse is one fma: the product is not rounded on its own, so at scores ~1e3 the only
-    rounding of that size left is the forward's fp32 lse. The difference, small wherever p is not,
-    then goes to base 2. lse = +inf (a row that sees no key) gives -inf: p = 0 exactly. The clamp
-    matters at scores ~1e10, where lse's rounding exceeds 128 and exp2 would overflow.
+    qk_scale = fl(scale * log2 e) and lse2 = fl(lse * qk_scale / scale), so qk * qk_scale - lse2
+    is (qk_scale / scale) * (scale * qk - lse): the rounding of qk_scale cancels rather than
+    scaling the score, and the fma rounds the product only with the (small, where p is not)
+    difference. lse2 = +inf (a row that sees no key) gives -inf: p = 0 exactly. The clamp matters
+    at scores ~1e10, where lse's rounding exceeds 128 and exp2 would overflow.
     """
-    return tl.minimum(tl.fma(qk, scale, -lse) * LOG2E, 0.0)
+    return tl.minimum(tl.fma(qk, qk_scale, -lse2), 0.0)
 
 
 @triton.jit
-def capped_exponent(qk, scale, softcap, lse):
-    """(log2 p, t) for softcapped scores c * t, t = tanh(scale * qk / c), clamped as p_exponent."""
+def capped_exponent(qk, scale, softcap, cap_out, lse2):
+    """(log2 p, t) for softcapped scores c * t, t = tanh(scale * qk / c): one fma with cap_out =
+    fl(c * qk_scale / scale), the cap in lse2's base-2 units; clamped as p_exponent."""
     t = tanh(qk * (scale / softcap))
-    return tl.minimum((softcap * t - lse) * LOG2E, 0.0), t
+    return tl.minimum(tl.fma(t, cap_out, -lse2), 0.0), t
 
 
 @triton.jit
@@ -147,7 +149,7 @@ def dkdv_tiles(
     dk, dv, k, v,  # (BLOCK_N, BLOCK_D): fp32 accumulators, then this program's K and V tiles
     q_src, do_src, lse_ptr, delta_ptr, stride_qm, stride_dom,  # pointers at query tile `lo`,
     offs_n, offs_m, offs_d,  # or with USE_TMA descriptors of this head's Q and dO (Tq, HEAD_DIM)
-    lo, hi, Tq, HEAD_DIM, causal_shift, scale, win_left, win_right, softcap,
+    lo, hi, Tq, HEAD_DIM, causal_shift, scale, qk_scale, win_left, win_right, softcap, cap_out,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, SCORES_AS_FORWARD: tl.constexpr, USE_TMA: tl.constexpr,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -175,9 +177,9 @@ def dkdv_tiles(
         else:
             qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         if SOFTCAP:
-            x_t, t_t = capped_exponent(qk_t, scale, softcap, lse[None, :])
+            x_t, t_t = capped_exponent(qk_t, scale, softcap, cap_out, lse[None, :])
         else:
-            x_t = p_exponent(qk_t, scale, lse[None, :])
+            x_t = p_exponent(qk_t, qk_scale, lse[None, :])
         if MASKED:
             visible = rows[None, :] < Tq
             if CAUSAL:
@@ -211,13 +213,14 @@ def bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     H, H_KV, GROUP, SPLITS, Tq, Tk, scale,  # IS_VARLEN: Tq, Tk are total_q, total_k
+    qk_scale,  # fl(scale * log2 e), signed; Lse holds lse2 (base2_lse)
     TQ_BUCKET, TK_BUCKET,  # autotune keys only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SCORES_AS_FORWARD: tl.constexpr, USE_TMA: tl.constexpr = False,
     IS_VARLEN: tl.constexpr = False,
     win_left=0, win_right=0,  # WINDOW: bounds, folded with causal by the host
-    softcap=1.0,  # SOFTCAP: c (> 0)
+    softcap=1.0, cap_out=1.0,  # SOFTCAP: c (> 0) and fl(c * qk_scale / scale)
     WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):  # fmt: skip
     # USE_TMA: K/V/Q/dO loads and the dK/dV stores through tensor descriptors, as in the forward.
@@ -297,22 +300,22 @@ def bwd_dkdv_kernel(
         delta_ptr = Delta + stats_offset(bh, total_q, q_start, IS_VARLEN)
         dk, dv, q_src, do_src = dkdv_tiles(
             dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qm, stride_dom,
-            offs_n, offs_m, offs_d, m_lo, m_full, Tq, HEAD_DIM, causal_shift, scale,
-            win_left, win_right, softcap,
+            offs_n, offs_m, offs_d, m_lo, m_full, Tq, HEAD_DIM, causal_shift, scale, qk_scale,
+            win_left, win_right, softcap, cap_out,
             True, CAUSAL, BLOCK_M, BLOCK_D, DOT_PRECISION, SCORES_AS_FORWARD, USE_TMA, WINDOW,
             SOFTCAP,
         )  # fmt: skip
         dk, dv, q_src, do_src = dkdv_tiles(
             dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qm, stride_dom,
-            offs_n, offs_m, offs_d, m_full, m_tail, Tq, HEAD_DIM, causal_shift, scale,
-            win_left, win_right, softcap,
+            offs_n, offs_m, offs_d, m_full, m_tail, Tq, HEAD_DIM, causal_shift, scale, qk_scale,
+            win_left, win_right, softcap, cap_out,
             False, CAUSAL, BLOCK_M, BLOCK_D, DOT_PRECISION, SCORES_AS_FORWARD, USE_TMA, WINDOW,
             SOFTCAP,
         )  # fmt: skip
         dk, dv, q_src, do_src = dkdv_tiles(
             dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, stride_qm, stride_dom,
-            offs_n, offs_m, offs_d, m_tail, m_stop, Tq, HEAD_DIM, causal_shift, scale,
-            win_left, win_right, softcap,
+            offs_n, offs_m, offs_d, m_tail, m_stop, Tq, HEAD_DIM, causal_shift, scale, qk_scale,
+            win_left, win_right, softcap, cap_out,
             True, CAUSAL, BLOCK_M, BLOCK_D, DOT_PRECISION, SCORES_AS_FORWARD, USE_TMA, WINDOW,
             SOFTCAP,
         )  # fmt: skip
@@ -330,7 +333,7 @@ def dq_tiles(
     dq, q, do, lse, delta,  # (BLOCK_M, BLOCK_D) fp32 acc, q, dO tiles; (BLOCK_M,) fp32 x2
     k_src, v_src, stride_kn, stride_vn,  # (BLOCK_N, BLOCK_D) pointers at key tile `lo`, or
     offs_m, offs_n, offs_d,  # with USE_TMA tensor descriptors of K and V (Tk, HEAD_DIM)
-    lo, hi, Tk, HEAD_DIM, causal_shift, scale, win_left, win_right, softcap,
+    lo, hi, Tk, HEAD_DIM, causal_shift, scale, qk_scale, win_left, win_right, softcap, cap_out,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr,
@@ -347,9 +350,9 @@ def dq_tiles(
             v = load_tile(v_src, cols, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         if SOFTCAP:
-            x, t = capped_exponent(qk, scale, softcap, lse[:, None])
+            x, t = capped_exponent(qk, scale, softcap, cap_out, lse[:, None])
         else:
-            x = p_exponent(qk, scale, lse[:, None])
+            x = p_exponent(qk, qk_scale, lse[:, None])
         if MASKED:
             visible = cols[None, :] < Tk
             if CAUSAL:
@@ -381,12 +384,13 @@ def bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
     H, GROUP, Tq, Tk, scale,  # IS_VARLEN: Tq, Tk are total_q, total_k
+    qk_scale,  # fl(scale * log2 e), signed; Lse holds lse2 (base2_lse)
     TQ_BUCKET, TK_BUCKET,  # autotune keys only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr = False, IS_VARLEN: tl.constexpr = False,
     win_left=0, win_right=0,  # WINDOW: bounds, folded with causal by the host
-    softcap=1.0,  # SOFTCAP: c (> 0)
+    softcap=1.0, cap_out=1.0,  # SOFTCAP: c (> 0) and fl(c * qk_scale / scale)
     WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):  # fmt: skip
     # Grid: (cdiv(Tq, BLOCK_M), H, B), IS_VARLEN: Tq = max_seqlen_q (query_program, as forward).
@@ -443,19 +447,22 @@ def bwd_dq_kernel(
             v_src += n_lo.to(tl.int64) * stride_vn
         dq, k_src, v_src = dq_tiles(
             dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-            n_lo, n_start, Tk, HEAD_DIM, causal_shift, scale, win_left, win_right, softcap,
+            n_lo, n_start, Tk, HEAD_DIM, causal_shift, scale, qk_scale, win_left, win_right,
+            softcap, cap_out,
             True, CAUSAL, BLOCK_N, BLOCK_D, DOT_PRECISION, USE_TMA, WINDOW, SOFTCAP,
         )  # fmt: skip
     else:
         n_start = 0
     dq, k_src, v_src = dq_tiles(
         dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-        n_start, n_full, Tk, HEAD_DIM, causal_shift, scale, win_left, win_right, softcap,
+        n_start, n_full, Tk, HEAD_DIM, causal_shift, scale, qk_scale, win_left, win_right,
+        softcap, cap_out,
         False, CAUSAL, BLOCK_N, BLOCK_D, DOT_PRECISION, USE_TMA, WINDOW, SOFTCAP,
     )  # fmt: skip
     dq, k_src, v_src = dq_tiles(
         dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-        n_full, n_end, Tk, HEAD_DIM, causal_shift, scale, win_left, win_right, softcap,
+        n_full, n_end, Tk, HEAD_DIM, causal_shift, scale, qk_scale, win_left, win_right,
+        softcap, cap_out,
         True, CAUSAL, BLOCK_N, BLOCK_D, DOT_PRECISION, USE_TMA, WINDOW, SOFTCAP,
     )  # fmt: skip
 

@@ -354,3 +354,31 @@ def test_backward_descriptor_path_matches_pointer_path_and_float64(tq, tk, split
     ptr = ka.attention_backward(*args, use_tma=False)
     for a, b in zip(got, ptr, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("scale", [0.125, -0.3, 0.0, 1e-40, 1e10], ids=str)
+def test_base2_lse_turns_p_into_one_fma_of_the_raw_product(scale):
+    """The backward's p = exp2(q.k * qk_scale - lse2) is exp(scale * q.k - lse): qk_scale is
+    fl(scale log2 e) with scale's sign, lse2 is lse times qk_scale / scale rounded once per row
+    (log2 e where qk_scale is not a normal fp32), +inf rows stay +inf, the cap scales alike."""
+    lse = torch.tensor([[789.25, -3.5, float("inf"), 0.0]])
+    lse2, qk_scale, cap_out = ka.base2_lse(lse, scale, softcap=30.0)
+    assert lse2.dtype == torch.float32 and lse2.shape == lse.shape
+    log2e = 1.4426950408889634
+    c2 = torch.tensor(abs(scale) * log2e, dtype=torch.float32).item()
+    assert qk_scale == (c2 if scale >= 0 else -c2)
+    normal = c2 >= torch.finfo(torch.float32).tiny
+    ratio = c2 / torch.tensor(abs(scale), dtype=torch.float32).item() if normal else log2e
+    assert torch.equal(lse2, (lse.double() * ratio).float())  # one rounding, in fp64
+    assert lse2[0, 2] == float("inf")
+    assert abs(ratio - log2e) <= 1e-7 * log2e  # the base is 2 up to fl(scale log2 e)'s rounding
+    assert cap_out == torch.tensor(30.0 * ratio, dtype=torch.float32).item()
+    # The exponent it gives, in fp64: q.k * qk_scale - lse2 = ratio * (scale * q.k - lse).
+    qk = torch.tensor([6000.0, -1.0, 0.5], dtype=torch.float64)
+    s = scale * qk
+    top = lse2[0, 0]
+    got = qk * qk_scale - top.double()
+    want = ratio * (s - lse[0, 0].double())
+    half_ulp = (torch.nextafter(top, torch.tensor(float("inf"))) - top).item() / 2
+    fp64_error = 4 * 2.0**-52 * ((qk * qk_scale).abs() + top.abs().item())
+    assert ((got - want).abs() <= half_ulp + fp64_error).all(), (got - want).abs().max()
