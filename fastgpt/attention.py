@@ -11,6 +11,7 @@ import logging
 import math
 import numbers
 import os
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -142,6 +143,30 @@ def select_backend(device: torch.device, requested: str | None = None) -> tuple[
     if reason is not None:
         raise ValueError(f"Attention backend {requested!r} ({why}) cannot run here: {reason}.")
     return requested, why
+
+
+def backend_or_reference(
+    picked: tuple[str, str],
+    requested: str | None,
+    has_kernel: Callable[[str], bool],
+    refusal: str,
+    missing: str,
+) -> tuple[str, str]:
+    """(backend, reason) for a layout some backends have no kernel for (varlen, KV cache).
+
+    picked: select_backend's (name, reason), kept when has_kernel(name); else, for an automatic
+    pick, the reference with the reason "<name> (<reason>) has no <missing> yet"; for an explicit
+    request, NotImplementedError "The <name> backend has no <refusal>; pass backend=None or
+    backend='reference'."
+    """
+    name, why = picked
+    if has_kernel(name):
+        return name, why
+    if requested not in (None, "auto"):
+        raise NotImplementedError(
+            f"The {name} backend has no {refusal}; pass backend=None or backend='reference'."
+        )
+    return "reference", f"{name} ({why}) has no {missing} yet"
 
 
 def window_restricts(window: object, causal: bool) -> bool:

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from fastgpt import kvcache_ops
 from fastgpt.attention import (
+    backend_or_reference,
     debug,
     select_backend,
     validate,
@@ -101,15 +102,13 @@ def sequence_keys(
 def select_kvcache_backend(device: torch.device, requested: str | None = None) -> tuple[str, str]:
     """(backend name, reason): select_backend's pick when it has a KV-cache kernel; for an
     automatic pick without one, the reference; for an explicit request, NotImplementedError."""
-    name, why = select_backend(device, requested)
-    if name in KVCACHE_KERNELS and device.type in KVCACHE_DEVICES.get(name, (device.type,)):
-        return name, why
-    if requested not in (None, "auto"):
-        raise NotImplementedError(
-            f"The {name} backend has no KV-cache attention kernel yet (today: "
-            f"{', '.join(KVCACHE_KERNELS)}); pass backend=None or backend='reference'."
-        )
-    return "reference", f"{name} ({why}) has no KV-cache kernel yet"
+
+    def has_kernel(name: str) -> bool:
+        return name in KVCACHE_KERNELS and device.type in KVCACHE_DEVICES.get(name, (device.type,))
+
+    refusal = f"KV-cache attention kernel yet (today: {', '.join(KVCACHE_KERNELS)})"
+    picked = select_backend(device, requested)
+    return backend_or_reference(picked, requested, has_kernel, refusal, "KV-cache kernel")
 
 
 def kvcache_variants(

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from fastgpt import varlen_ops
 from fastgpt.attention import (
+    backend_or_reference,
     debug,
     last_dim_contiguous,
     select_backend,
@@ -48,15 +49,13 @@ VARLEN_BACKENDS = ("reference", "triton", "cpp")
 def select_varlen_backend(device: torch.device, requested: str | None = None) -> tuple[str, str]:
     """(backend name, reason) for a varlen call: select_backend's pick when it has varlen kernels;
     for an automatic pick without them, the reference; for an explicit request, an error."""
-    name, why = select_backend(device, requested)
-    if name in VARLEN_BACKENDS:
-        return name, why
-    if requested not in (None, "auto"):
-        raise NotImplementedError(
-            f"The {name} backend has no variable-length attention kernels yet (they are pending; "
-            f"today: {', '.join(VARLEN_BACKENDS)}); pass backend=None or backend='reference'."
-        )
-    return "reference", f"{name} ({why}) has no varlen kernels yet"
+    refusal = (
+        "variable-length attention kernels yet (they are pending; today: "
+        f"{', '.join(VARLEN_BACKENDS)})"
+    )
+    picked = select_backend(device, requested)
+    has_kernel = VARLEN_BACKENDS.__contains__
+    return backend_or_reference(picked, requested, has_kernel, refusal, "varlen kernels")
 
 
 def cu_seqlens_from_lengths(
