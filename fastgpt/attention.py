@@ -271,13 +271,29 @@ def validate_variants(
         raise error(message)
 
 
+def non_tensor_problem(entry: str, **named: object) -> str | None:
+    """The sentence "<entry> expects tensors, got <type> for <name>." for the first of named
+    that is not a tensor, or None when all are."""
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            return f"{entry} expects tensors, got {type(t).__name__} for {name}."
+    return None
+
+
+def require_tensors(entry: str, **named: object) -> None:
+    """TypeError with non_tensor_problem's sentence unless every one of named is a tensor."""
+    problem = non_tensor_problem(entry, **named)
+    if problem is not None:
+        raise TypeError(problem)
+
+
 def _problem(
     q: Tensor, k: Tensor, v: Tensor, backend: str, scale: object
 ) -> tuple[type[Exception], str] | None:
     """(exception type, one sentence naming the problem and the shapes), or None: the rules."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            return TypeError, f"attention expects tensors, got {type(t).__name__} for {name}."
+    not_tensors = non_tensor_problem("attention", q=q, k=k, v=v)
+    if not_tensors is not None:
+        return TypeError, not_tensors
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return ValueError, (
@@ -412,8 +428,7 @@ def attention_with_lse(
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """attention(..., return_lse=True): (out (B, H, Tq, D), lse (B, H, Tq)); see attention."""
-    if not isinstance(q, Tensor):
-        raise TypeError(f"attention expects tensors, got {type(q).__name__} for q.")
+    require_tensors("attention", q=q)
     name, why = select_backend(q.device, backend)
     variants = []
     if window is not None or softcap != 0.0 or sinks is not None:

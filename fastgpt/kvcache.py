@@ -34,6 +34,7 @@ from fastgpt import kvcache_ops
 from fastgpt.attention import (
     backend_or_reference,
     debug,
+    require_tensors,
     select_backend,
     validate,
     validate_variants,
@@ -147,11 +148,7 @@ def _layout_text(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> str:
 
 def _check_tensors(q: Tensor, k_cache: Tensor, v_cache: Tensor, backend: str, scale) -> None:
     """fastgpt.attention's rules (dtypes, devices, head dims, GQA, scale) on the caches."""
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, Tensor):
-            raise TypeError(
-                f"attention_with_kvcache expects tensors, got {type(t).__name__} for {name}."
-            )
+    require_tensors("attention_with_kvcache", q=q, k_cache=k_cache, v_cache=v_cache)
     layout = _layout_text(q, k_cache, v_cache)
     if not q.dim() == k_cache.dim() == v_cache.dim() == 4:
         raise ValueError(
@@ -378,8 +375,7 @@ def attention_with_kvcache(
     Returns:
         (B, Tq, H, D) in q's dtype. Forward only: no autograd graph is recorded.
     """
-    if not isinstance(q, Tensor):
-        raise TypeError(f"attention_with_kvcache expects tensors, got {type(q).__name__} for q.")
+    require_tensors("attention_with_kvcache", q=q)
     name, why = select_kvcache_backend(q.device, backend)
     variants = kvcache_variants(q, window, softcap, sinks, causal)
     if variants and name not in KVCACHE_VARIANT_BACKENDS:

@@ -32,6 +32,7 @@ from fastgpt.attention import (
     backend_or_reference,
     debug,
     last_dim_contiguous,
+    require_tensors,
     select_backend,
     validate,
     validate_variants,
@@ -70,9 +71,7 @@ def cu_seqlens_from_lengths(
 
 def _check_layout(q: Tensor, k: Tensor, v: Tensor) -> None:
     """The packed (total, heads, D) ranks, before the dense rules run on (1, heads, total, D)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"attention_varlen expects tensors, got {type(t).__name__} for {name}.")
+    require_tensors("attention_varlen", q=q, k=k, v=v)
     if not q.dim() == k.dim() == v.dim() == 3:
         raise ValueError(
             "attention_varlen expects 3-d q (total_q, H, D) and k, v (total_k, Hkv, D), got "
@@ -169,8 +168,7 @@ def attention_varlen_with_lse(
     lse is float32 (float64 for float64 inputs), +inf for a query that sees no key (sinks[h] with
     sinks), and not differentiable (flash-attn's softmax_lse of its varlen functions).
     """
-    if not isinstance(q, Tensor):
-        raise TypeError(f"attention_varlen expects tensors, got {type(q).__name__} for q.")
+    require_tensors("attention_varlen", q=q)
     name, why = select_varlen_backend(q.device, backend)
     variants = []
     if window is not None or softcap != 0.0 or sinks is not None:
