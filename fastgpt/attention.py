@@ -357,6 +357,17 @@ def validate(q: Tensor, k: Tensor, v: Tensor, backend: str, scale: object) -> No
         raise error(message)
 
 
+def validate_views(
+    views: tuple[Tensor, Tensor, Tensor], backend: str, scale: object, layout: Callable[[], str]
+) -> None:
+    """validate() on dense (B, H, T, D) views q, k, v of another layout (packed, KV cache): its
+    sentence with layout()'s description of the caller's own shapes added, "... (<layout>)."."""
+    problem = _problem(*views, backend, scale)
+    if problem is not None:
+        error, message = problem
+        raise error(f"{message.rstrip('.')} ({layout()}).")
+
+
 def last_dim_contiguous(t: Tensor) -> Tensor:
     """t itself when the kernels can read it (unit stride along the last dim, or a last dim of
     size 1, where that stride is never used); else a contiguous copy. Kernels take every other

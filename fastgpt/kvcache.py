@@ -36,8 +36,8 @@ from fastgpt.attention import (
     debug,
     require_tensors,
     select_backend,
-    validate,
     validate_variants,
+    validate_views,
     variants_in_use,
 )
 from fastgpt.reference import reference_attention
@@ -158,10 +158,7 @@ def _check_tensors(q: Tensor, k_cache: Tensor, v_cache: Tensor, backend: str, sc
     # The dense rules on (1, heads, T, D) views of one query row and the flattened cache.
     n = min(1, q.shape[0], k_cache.shape[0])
     views = (q[:n].transpose(1, 2), k_cache[:n].transpose(1, 2), v_cache[:n].transpose(1, 2))
-    try:
-        validate(*views, backend, scale)
-    except (TypeError, ValueError) as error:  # the same sentence, naming the cache layout too
-        raise type(error)(f"{str(error).rstrip('.')} (KV-cache layout: {layout}).") from None
+    validate_views(views, backend, scale, lambda: f"KV-cache layout: {layout}")
 
 
 def _check_block_table(q: Tensor, k_cache: Tensor, block_table: Tensor | None) -> None:

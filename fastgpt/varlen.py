@@ -34,8 +34,8 @@ from fastgpt.attention import (
     last_dim_contiguous,
     require_tensors,
     select_backend,
-    validate,
     validate_variants,
+    validate_views,
     variant_backend,
     variant_kwargs,
     variants_in_use,
@@ -134,11 +134,9 @@ def validate_varlen(
     reading them would break the graph)."""
     _check_layout(q, k, v)
     # The dense rules (dtypes, devices, head dims, GQA, scale) on (1, heads, total, D) views.
-    try:
-        validate(*(t.transpose(0, 1)[None] for t in (q, k, v)), backend, scale)
-    except (TypeError, ValueError) as error:  # the same sentence, naming the packed shapes too
-        packed = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-        raise type(error)(f"{str(error).rstrip('.')} (packed: {packed}).") from None
+    views = tuple(t.transpose(0, 1)[None] for t in (q, k, v))
+    packed = lambda: f"packed: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    validate_views(views, backend, scale, packed)
     _check_cu_seqlens_shapes(q, k, cu_seqlens_q, cu_seqlens_k)
     if torch.compiler.is_compiling():
         return
