@@ -35,7 +35,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastgpt.bench.machine import write_json
-from fastgpt.bench.timing import DTYPES, error_text, peak_mib, time_ms
+from fastgpt.bench.timing import (
+    DTYPES,
+    error_text,
+    peak_mib,
+    recording_failure,
+    relative_error,
+    time_ms,
+)
 
 PAGE = 256  # positions per page of the paged providers (flash-attn's paged minimum)
 
@@ -230,18 +237,13 @@ def reference_out(r: Ragged) -> Tensor:
 def measure_kvcache(name: str, setup: Setup, r: Ragged, device, timing, check: Tensor) -> dict:
     """Time one provider on one batch; the record carries the error instead when it cannot run."""
     record = {"provider": name, "ms": None, "peak_mib": None, "error": None}
-    try:
+    with recording_failure(record, device):
         fn = setup(r)
         with torch.no_grad():
             out = fn().float()  # (B, 1, H, D); also the first (compiling) call
-            record["rel_err"] = float((out - check).norm() / check.norm().clamp_min(1e-30))
+            record["rel_err"] = relative_error(out, check)
             record["peak_mib"] = peak_mib(fn, device)  # also the untimed warm-up
             record["ms"] = time_ms(fn, device, *timing)
-    except Exception as exc:  # any provider may fail on any configuration: record why, go on
-        record["error"] = error_text(exc)
-    finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     return record
 
 

@@ -6,13 +6,14 @@ counted as flash-attn does (attention_flops). CPU peak memory is the rise of a f
 resident set over one call (peak_rss_rise_mib).
 """
 
+import contextlib
 import json
 import re
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -131,6 +132,25 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
 
 
+@contextlib.contextmanager
+def recording_failure(record: dict, device: torch.device) -> Iterator[None]:
+    """Run one measurement: an exception lands in record["error"] (error_text's line) instead of
+    ending the run, since any provider may fail on any configuration; CUDA's cached memory is
+    released afterwards, failed or not."""
+    try:
+        yield
+    except Exception as exc:
+        record["error"] = error_text(exc)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def relative_error(out: Tensor, ref: Tensor) -> float:
+    """||out - ref|| / ||ref|| (ref of norm 0 counted as 1e-30), as a float."""
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
 def _relative_error(p: Provider, out: Tensor, q: Tensor, k: Tensor, v: Tensor, causal: bool):
     """||out - ref|| / ||ref|| on the first batch element, against fastgpt's reference in fp32."""
     from fastgpt.reference import reference_attention
@@ -139,8 +159,7 @@ def _relative_error(p: Provider, out: Tensor, q: Tensor, k: Tensor, v: Tensor, c
         return (t if p.layout == "bhtd" else t.transpose(1, 2))[:1].detach().float()
 
     ref = reference_attention(bhtd(q), bhtd(k), bhtd(v), causal)
-    diff = (bhtd(out) - ref).norm() / ref.norm().clamp_min(1e-30)
-    return float(diff)
+    return relative_error(bhtd(out), ref)
 
 
 def measure(

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import fastgpt
 from fastgpt import bench
+from fastgpt.bench.timing import recording_failure
 from fastgpt.model import GPT, preset_config
 
 ATTENTIONS = ("triton", "cpp", "reference", "sdpa")
@@ -154,15 +155,10 @@ def main(argv: list[str] | None = None) -> int:
             results["skipped"].append(attention)
             continue
         record = {"attention": attention, "error": None}
-        try:
+        with recording_failure(record, device):  # a backend may fail (e.g. out of memory)
             record.update(train_steps(attention, args, batches, device))
             record["mfu"] = record["flops_per_token"] * record["tokens_per_s"] / (peak * 1e12)
             results["flops_per_token"] = record["flops_per_token"]
-        except Exception as exc:  # a backend may fail (e.g. out of memory): record, go on
-            record["error"] = bench.error_text(exc)
-        finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
         results["runs"].append(record)
         print(
             f"  {attention}: {record.get('tokens_per_s', 0):.0f} tokens/s {record['error'] or ''}"

@@ -28,7 +28,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastgpt.bench.machine import write_json
-from fastgpt.bench.timing import DTYPES, FLOP_FACTOR, error_text, peak_mib, time_ms
+from fastgpt.bench.timing import (
+    DTYPES,
+    FLOP_FACTOR,
+    peak_mib,
+    recording_failure,
+    relative_error,
+    time_ms,
+)
 
 VARLEN_MODES = ("fwd", "fwd_bwd")
 # Per profile: (lowest, highest) sequence length and tokens per batch.
@@ -160,12 +167,12 @@ def measure_varlen(
 ) -> dict:
     """Time one provider in one mode; the record carries the error instead when it cannot run."""
     record = {"provider": name, "mode": mode, "ms": None, "peak_mib": None, "error": None}
-    try:
+    with recording_failure(record, device):
         leaves, forward, to_packed = setup(packed)
         if check is not None:
             with torch.no_grad():
                 out = to_packed(forward()).float()  # (total, H, D)
-            record["rel_err"] = float((out - check).norm() / check.norm().clamp_min(1e-30))
+            record["rel_err"] = relative_error(out, check)
         fn, grads = forward, None
         if mode == "fwd_bwd":
             grads = [t.requires_grad_() for t in leaves]
@@ -176,11 +183,6 @@ def measure_varlen(
 
         record["peak_mib"] = peak_mib(fn, device)  # also the untimed warm-up
         record["ms"] = time_ms(fn, device, *timing, grads)
-    except Exception as exc:  # any provider may fail on any configuration: record why, go on
-        record["error"] = error_text(exc)
-    finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     return record
 
 

@@ -11,6 +11,7 @@ import logging
 import math
 import numbers
 import os
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -144,6 +145,30 @@ def select_backend(device: torch.device, requested: str | None = None) -> tuple[
     return requested, why
 
 
+def backend_or_reference(
+    picked: tuple[str, str],
+    requested: str | None,
+    has_kernel: Callable[[str], bool],
+    refusal: str,
+    missing: str,
+) -> tuple[str, str]:
+    """(backend, reason) for a layout some backends have no kernel for (varlen, KV cache).
+
+    picked: select_backend's (name, reason), kept when has_kernel(name); else, for an automatic
+    pick, the reference with the reason "<name> (<reason>) has no <missing> yet"; for an explicit
+    request, NotImplementedError "The <name> backend has no <refusal>; pass backend=None or
+    backend='reference'."
+    """
+    name, why = picked
+    if has_kernel(name):
+        return name, why
+    if requested not in (None, "auto"):
+        raise NotImplementedError(
+            f"The {name} backend has no {refusal}; pass backend=None or backend='reference'."
+        )
+    return "reference", f"{name} ({why}) has no {missing} yet"
+
+
 def window_restricts(window: object, causal: bool) -> bool:
     """Whether window hides a key that causal alone does not: None, (-1, -1), and with causal any
     (-1, right) are no window at all (the call stays a plain one)."""
@@ -246,13 +271,29 @@ def validate_variants(
         raise error(message)
 
 
+def non_tensor_problem(entry: str, **named: object) -> str | None:
+    """The sentence "<entry> expects tensors, got <type> for <name>." for the first of named
+    that is not a tensor, or None when all are."""
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            return f"{entry} expects tensors, got {type(t).__name__} for {name}."
+    return None
+
+
+def require_tensors(entry: str, **named: object) -> None:
+    """TypeError with non_tensor_problem's sentence unless every one of named is a tensor."""
+    problem = non_tensor_problem(entry, **named)
+    if problem is not None:
+        raise TypeError(problem)
+
+
 def _problem(
     q: Tensor, k: Tensor, v: Tensor, backend: str, scale: object
 ) -> tuple[type[Exception], str] | None:
     """(exception type, one sentence naming the problem and the shapes), or None: the rules."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            return TypeError, f"attention expects tensors, got {type(t).__name__} for {name}."
+    not_tensors = non_tensor_problem("attention", q=q, k=k, v=v)
+    if not_tensors is not None:
+        return TypeError, not_tensors
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return ValueError, (
@@ -314,6 +355,17 @@ def validate(q: Tensor, k: Tensor, v: Tensor, backend: str, scale: object) -> No
     if problem is not None:
         error, message = problem
         raise error(message)
+
+
+def validate_views(
+    views: tuple[Tensor, Tensor, Tensor], backend: str, scale: object, layout: Callable[[], str]
+) -> None:
+    """validate() on dense (B, H, T, D) views q, k, v of another layout (packed, KV cache): its
+    sentence with layout()'s description of the caller's own shapes added, "... (<layout>)."."""
+    problem = _problem(*views, backend, scale)
+    if problem is not None:
+        error, message = problem
+        raise error(f"{message.rstrip('.')} ({layout()}).")
 
 
 def last_dim_contiguous(t: Tensor) -> Tensor:
@@ -387,8 +439,7 @@ def attention_with_lse(
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """attention(..., return_lse=True): (out (B, H, Tq, D), lse (B, H, Tq)); see attention."""
-    if not isinstance(q, Tensor):
-        raise TypeError(f"attention expects tensors, got {type(q).__name__} for q.")
+    require_tensors("attention", q=q)
     name, why = select_backend(q.device, backend)
     variants = []
     if window is not None or softcap != 0.0 or sinks is not None:

@@ -156,6 +156,14 @@ def _check_flash_layout(q: Tensor, k: Tensor, v: Tensor) -> None:
         )
 
 
+def refuse_options(entry: str, options: dict[str, bool]) -> None:
+    """NotImplementedError "fastgpt.<entry> does not support <names>." naming every option (a
+    key) this call uses (its value True); nothing when it uses none."""
+    unsupported = [name for name, used in options.items() if used]
+    if unsupported:
+        raise NotImplementedError(f"fastgpt.{entry} does not support {', '.join(unsupported)}.")
+
+
 def flash_unsupported(
     entry: str,
     dropout_p: float,
@@ -163,15 +171,14 @@ def flash_unsupported(
     block_table: Tensor | None = None,
 ) -> None:
     """Raise NotImplementedError naming the flash-attn options of this call fastgpt lacks."""
-    unsupported = []
-    if dropout_p > 0.0:
-        unsupported.append(f"dropout_p={dropout_p}")
-    if alibi_slopes is not None:
-        unsupported.append("alibi_slopes")
-    if block_table is not None:
-        unsupported.append("block_table (paged KV)")
-    if unsupported:
-        raise NotImplementedError(f"fastgpt.{entry} does not support {', '.join(unsupported)}.")
+    refuse_options(
+        entry,
+        {
+            f"dropout_p={dropout_p}": dropout_p > 0.0,
+            "alibi_slopes": alibi_slopes is not None,
+            "block_table (paged KV)": block_table is not None,
+        },
+    )
 
 
 def flash_variants(window_size: tuple[int, int], softcap: float) -> dict[str, object]:
@@ -400,19 +407,15 @@ def flash_attn_with_kvcache(
     NotImplementedError; window_size and softcap run (on the reference until the KV-cache kernels
     have them).
     """
+    rotary = rotary_cos is not None or rotary_sin is not None
     options = {
-        "rotary embeddings (rotary_cos, rotary_sin)": rotary_cos is not None
-        or rotary_sin is not None,
+        "rotary embeddings (rotary_cos, rotary_sin)": rotary,
         "cache_batch_idx": cache_batch_idx is not None,
         "cache_leftpad": cache_leftpad is not None,
         "alibi_slopes": alibi_slopes is not None,
         "return_softmax_lse=True": return_softmax_lse,
     }
-    unsupported = [name for name, used in options.items() if used]
-    if unsupported:
-        raise NotImplementedError(
-            f"fastgpt.flash_attn_with_kvcache does not support {', '.join(unsupported)}."
-        )
+    refuse_options("flash_attn_with_kvcache", options)
     if cache_seqlens is None:  # flash-attn: every sequence fills its whole cache row (or pages)
         if k is not None or v is not None:
             raise ValueError(

@@ -32,10 +32,12 @@ from torch import Tensor
 
 from fastgpt import kvcache_ops
 from fastgpt.attention import (
+    backend_or_reference,
     debug,
+    require_tensors,
     select_backend,
-    validate,
     validate_variants,
+    validate_views,
     variants_in_use,
 )
 from fastgpt.reference import reference_attention
@@ -101,15 +103,13 @@ def sequence_keys(
 def select_kvcache_backend(device: torch.device, requested: str | None = None) -> tuple[str, str]:
     """(backend name, reason): select_backend's pick when it has a KV-cache kernel; for an
     automatic pick without one, the reference; for an explicit request, NotImplementedError."""
-    name, why = select_backend(device, requested)
-    if name in KVCACHE_KERNELS and device.type in KVCACHE_DEVICES.get(name, (device.type,)):
-        return name, why
-    if requested not in (None, "auto"):
-        raise NotImplementedError(
-            f"The {name} backend has no KV-cache attention kernel yet (today: "
-            f"{', '.join(KVCACHE_KERNELS)}); pass backend=None or backend='reference'."
-        )
-    return "reference", f"{name} ({why}) has no KV-cache kernel yet"
+
+    def has_kernel(name: str) -> bool:
+        return name in KVCACHE_KERNELS and device.type in KVCACHE_DEVICES.get(name, (device.type,))
+
+    refusal = f"KV-cache attention kernel yet (today: {', '.join(KVCACHE_KERNELS)})"
+    picked = select_backend(device, requested)
+    return backend_or_reference(picked, requested, has_kernel, refusal, "KV-cache kernel")
 
 
 def kvcache_variants(
@@ -148,11 +148,7 @@ def _layout_text(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> str:
 
 def _check_tensors(q: Tensor, k_cache: Tensor, v_cache: Tensor, backend: str, scale) -> None:
     """fastgpt.attention's rules (dtypes, devices, head dims, GQA, scale) on the caches."""
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, Tensor):
-            raise TypeError(
-                f"attention_with_kvcache expects tensors, got {type(t).__name__} for {name}."
-            )
+    require_tensors("attention_with_kvcache", q=q, k_cache=k_cache, v_cache=v_cache)
     layout = _layout_text(q, k_cache, v_cache)
     if not q.dim() == k_cache.dim() == v_cache.dim() == 4:
         raise ValueError(
@@ -162,10 +158,7 @@ def _check_tensors(q: Tensor, k_cache: Tensor, v_cache: Tensor, backend: str, sc
     # The dense rules on (1, heads, T, D) views of one query row and the flattened cache.
     n = min(1, q.shape[0], k_cache.shape[0])
     views = (q[:n].transpose(1, 2), k_cache[:n].transpose(1, 2), v_cache[:n].transpose(1, 2))
-    try:
-        validate(*views, backend, scale)
-    except (TypeError, ValueError) as error:  # the same sentence, naming the cache layout too
-        raise type(error)(f"{str(error).rstrip('.')} (KV-cache layout: {layout}).") from None
+    validate_views(views, backend, scale, lambda: f"KV-cache layout: {layout}")
 
 
 def _check_block_table(q: Tensor, k_cache: Tensor, block_table: Tensor | None) -> None:
@@ -379,8 +372,7 @@ def attention_with_kvcache(
     Returns:
         (B, Tq, H, D) in q's dtype. Forward only: no autograd graph is recorded.
     """
-    if not isinstance(q, Tensor):
-        raise TypeError(f"attention_with_kvcache expects tensors, got {type(q).__name__} for q.")
+    require_tensors("attention_with_kvcache", q=q)
     name, why = select_kvcache_backend(q.device, backend)
     variants = kvcache_variants(q, window, softcap, sinks, causal)
     if variants and name not in KVCACHE_VARIANT_BACKENDS:

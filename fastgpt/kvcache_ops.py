@@ -49,18 +49,9 @@ def cpp_has_kvcache() -> bool:
     return _extension.cpp_available() and hasattr(torch.ops.fastgpt, "cpp_attention_kvcache")
 
 
-def _kvcache_fake(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    seqlens_k: Tensor,
-    block_table: Tensor | None,
-    causal: bool,
-    scale: float,
-    *variants,
-    **named_variants,
-) -> Tensor:
-    # *variants: both ops' trailing window, softcap and sinks (positional or by name).
+def _kvcache_fake(q: Tensor, k_cache: Tensor, *rest, **named_rest) -> Tensor:
+    # rest: v_cache, seqlens_k, block_table, causal, scale, then both ops' trailing window,
+    # softcap, sinks (and max_seqlen_k), positional or by name.
     torch._check(q.dim() == 4 and k_cache.dim() == 4, lambda: "q and the caches must be 4-d")
     return q.new_empty(q.shape)  # (B, Tq, H, D), contiguous, q's dtype
 

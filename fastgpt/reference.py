@@ -118,6 +118,17 @@ def _with_sink_column(scores: Tensor, sinks: Tensor) -> Tensor:
     return torch.cat([scores, sink.expand(*scores.shape[:-1], 1)], dim=-1)
 
 
+def _softmax(scores: Tensor, row_sees_a_key: Tensor, sinks: Tensor | None) -> tuple[Tensor, Tensor]:
+    """scores (B, Hkv, G, Tq, Tk) -> (probs (B, Hkv, G, Tq, Tk), logits): the softmax over the
+    visible keys (and the sink's column, dropped; 0 in a row that sees no key), and the logits it
+    ran over, whose logsumexp is the lse: scores, or with sinks (B, Hkv, G, Tq, Tk + 1)."""
+    logits = scores if sinks is None else _with_sink_column(scores, sinks)
+    probs = torch.softmax(logits, dim=-1)  # (B, Hkv, G, Tq, Tk or Tk + 1)
+    if sinks is not None:
+        probs = probs[..., :-1]  # (B, Hkv, G, Tq, Tk): the sink has no value
+    return probs * row_sees_a_key[:, None], logits
+
+
 def _sequences(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor) -> Iterator[tuple[slice, slice]]:
     """(rows of q, rows of k) of each packed sequence; reads cu_seqlens on the host."""
     starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
@@ -156,14 +167,10 @@ def reference_attention_with_lse(
         q, k, causal, scale, dtype, window, softcap
     )  # (B, Hkv, G, Tq, Tk), (Tq,)
     vg = v.to(dtype).unsqueeze(2)  # (B, Hkv, 1, Tk, D)
-    if sinks is None:
-        probs = torch.softmax(scores, dim=-1) * row_sees_a_key[:, None]  # (B, Hkv, G, Tq, Tk)
-        lse = torch.logsumexp(scores, dim=-1)  # (B, Hkv, G, Tq)
+    probs, logits = _softmax(scores, row_sees_a_key, sinks)  # (B, Hkv, G, Tq, Tk), ...
+    lse = torch.logsumexp(logits, dim=-1)  # (B, Hkv, G, Tq): the sink's term included
+    if sinks is None:  # a row that sees no key: +inf (with sinks, the sink's logit)
         lse = lse.masked_fill(~row_sees_a_key, float("inf"))
-    else:
-        logits = _with_sink_column(scores, sinks)  # (B, Hkv, G, Tq, Tk + 1)
-        probs = torch.softmax(logits, dim=-1)[..., :-1] * row_sees_a_key[:, None]  # (.., Tq, Tk)
-        lse = torch.logsumexp(logits, dim=-1)  # (B, Hkv, G, Tq): the sink's term included
     out = probs @ vg  # (B, Hkv, G, Tq, D)
     return out.flatten(1, 2).to(q.dtype), lse.flatten(1, 2)
 
@@ -219,14 +226,6 @@ def reference_attention_varlen(
     return torch.cat(outs, dim=0), torch.cat(lses, dim=1)  # (total_q, H, D), (H, total_q)
 
 
-def _probabilities(scores: Tensor, row_sees_a_key: Tensor, sinks: Tensor | None) -> Tensor:
-    """softmax over the visible keys (and the sink's column, dropped): (B, Hkv, G, Tq, Tk)."""
-    if sinks is None:
-        return torch.softmax(scores, dim=-1) * row_sees_a_key[:, None]
-    logits = _with_sink_column(scores, sinks)  # (B, Hkv, G, Tq, Tk + 1)
-    return torch.softmax(logits, dim=-1)[..., :-1] * row_sees_a_key[:, None]
-
-
 def reference_attention_backward(
     grad_out: Tensor,
     q: Tensor,
@@ -257,7 +256,7 @@ def reference_attention_backward(
     dog = grad_out.to(dtype).unflatten(1, qg.shape[1:3])  # (B, Hkv, G, Tq, D)
     kg = k.to(dtype).unsqueeze(2)  # (B, Hkv, 1, Tk, D)
     vg = v.to(dtype).unsqueeze(2)  # (B, Hkv, 1, Tk, D)
-    probs = _probabilities(scores, row_sees_a_key, sinks)  # (B, Hkv, G, Tq, Tk)
+    probs = _softmax(scores, row_sees_a_key, sinks)[0]  # (B, Hkv, G, Tq, Tk)
 
     dv = (probs.transpose(-2, -1) @ dog).sum(2)  # (B, Hkv, Tk, D)
     dp = dog @ vg.transpose(-2, -1)  # (B, Hkv, G, Tq, Tk)

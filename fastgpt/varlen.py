@@ -29,11 +29,13 @@ from torch import Tensor
 
 from fastgpt import varlen_ops
 from fastgpt.attention import (
+    backend_or_reference,
     debug,
     last_dim_contiguous,
+    require_tensors,
     select_backend,
-    validate,
     validate_variants,
+    validate_views,
     variant_backend,
     variant_kwargs,
     variants_in_use,
@@ -48,15 +50,13 @@ VARLEN_BACKENDS = ("reference", "triton", "cpp")
 def select_varlen_backend(device: torch.device, requested: str | None = None) -> tuple[str, str]:
     """(backend name, reason) for a varlen call: select_backend's pick when it has varlen kernels;
     for an automatic pick without them, the reference; for an explicit request, an error."""
-    name, why = select_backend(device, requested)
-    if name in VARLEN_BACKENDS:
-        return name, why
-    if requested not in (None, "auto"):
-        raise NotImplementedError(
-            f"The {name} backend has no variable-length attention kernels yet (they are pending; "
-            f"today: {', '.join(VARLEN_BACKENDS)}); pass backend=None or backend='reference'."
-        )
-    return "reference", f"{name} ({why}) has no varlen kernels yet"
+    refusal = (
+        "variable-length attention kernels yet (they are pending; today: "
+        f"{', '.join(VARLEN_BACKENDS)})"
+    )
+    picked = select_backend(device, requested)
+    has_kernel = VARLEN_BACKENDS.__contains__
+    return backend_or_reference(picked, requested, has_kernel, refusal, "varlen kernels")
 
 
 def cu_seqlens_from_lengths(
@@ -71,9 +71,7 @@ def cu_seqlens_from_lengths(
 
 def _check_layout(q: Tensor, k: Tensor, v: Tensor) -> None:
     """The packed (total, heads, D) ranks, before the dense rules run on (1, heads, total, D)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"attention_varlen expects tensors, got {type(t).__name__} for {name}.")
+    require_tensors("attention_varlen", q=q, k=k, v=v)
     if not q.dim() == k.dim() == v.dim() == 3:
         raise ValueError(
             "attention_varlen expects 3-d q (total_q, H, D) and k, v (total_k, Hkv, D), got "
@@ -136,11 +134,9 @@ def validate_varlen(
     reading them would break the graph)."""
     _check_layout(q, k, v)
     # The dense rules (dtypes, devices, head dims, GQA, scale) on (1, heads, total, D) views.
-    try:
-        validate(*(t.transpose(0, 1)[None] for t in (q, k, v)), backend, scale)
-    except (TypeError, ValueError) as error:  # the same sentence, naming the packed shapes too
-        packed = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-        raise type(error)(f"{str(error).rstrip('.')} (packed: {packed}).") from None
+    views = tuple(t.transpose(0, 1)[None] for t in (q, k, v))
+    packed = lambda: f"packed: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    validate_views(views, backend, scale, packed)
     _check_cu_seqlens_shapes(q, k, cu_seqlens_q, cu_seqlens_k)
     if torch.compiler.is_compiling():
         return
@@ -170,8 +166,7 @@ def attention_varlen_with_lse(
     lse is float32 (float64 for float64 inputs), +inf for a query that sees no key (sinks[h] with
     sinks), and not differentiable (flash-attn's softmax_lse of its varlen functions).
     """
-    if not isinstance(q, Tensor):
-        raise TypeError(f"attention_varlen expects tensors, got {type(q).__name__} for q.")
+    require_tensors("attention_varlen", q=q)
     name, why = select_varlen_backend(q.device, backend)
     variants = []
     if window is not None or softcap != 0.0 or sinks is not None:

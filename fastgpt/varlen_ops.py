@@ -81,14 +81,6 @@ def _forward_fake(
     return out, lse
 
 
-def _forward_variants_fake(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, *variants
-):
-    return _forward_fake(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
-    )
-
-
 def _backward_fake(grad_out, q, k, v, *rest):
     # dq like q, dk and dv like k: contiguous, in the input dtype.
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
@@ -135,9 +127,8 @@ def register_varlen(backend: str) -> None:
 
     names = variant_names(f"{backend}_attention_varlen_forward", 9)
     with_variants = len(backward_op.default._schema.returns) == 4
-    forward_fake = _forward_variants_fake if with_variants else _forward_fake
     backward_fake = _backward_dsinks_fake if with_variants else _backward_fake
-    torch.library.register_fake(forward)(forward_fake)
+    torch.library.register_fake(forward)(_forward_fake)  # *variants: with or without them
     torch.library.register_fake(f"fastgpt::{backend}_attention_varlen_backward")(backward_fake)
     torch.library.register_autograd(forward, backward, setup_context=setup_context)
     refuse_double_backward(
@@ -170,17 +161,9 @@ def triton_attention_varlen_forward(
     from fastgpt.kernels.attention import attention_varlen_forward
 
     return attention_varlen_forward(
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        causal,
-        scale,
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
         **kernel_variants(window, softcap, sinks),
-    )  # (total_q, H, D), (H, total_q) fp32: fresh contiguous tensors
+    )  # (total_q, H, D), (H, total_q) fp32: fresh contiguous tensors  # fmt: skip
 
 
 @torch.library.custom_op("fastgpt::triton_attention_varlen_backward", mutates_args=())

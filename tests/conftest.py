@@ -30,3 +30,10 @@ def debug_log(caplog, monkeypatch):
     monkeypatch.setenv("FASTGPT_DEBUG", "1")
     caplog.set_level(logging.DEBUG, logger="fastgpt")
     return lambda: [r.getMessage() for r in caplog.records]
+
+
+@pytest.fixture
+def hf_paths(debug_log):
+    """The paths fastgpt's Hugging Face attention took while a test runs (FASTGPT_DEBUG's log):
+    call it for the list so far."""
+    return lambda: [m.split("-> ")[1] for m in debug_log() if m.startswith("hf_attention")]

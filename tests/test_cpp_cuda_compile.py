@@ -195,6 +195,32 @@ def run_emulator(emulator, folder: Path, q, k, v, grad_out, causal, scale, varia
     return call_emulator(emulator, folder, q, k, v, grad_out, sizes, causal, scale, variants, None)
 
 
+def emulated_plain(run, lse_of, grad_out, dtype):
+    """emulated_op without the variants: (q, k, v) -> out, so the shared float64 rule
+    (tests/oracle.py) applies. run(q, k, v, grad_out) gives out, lse, dq, dk, dv; lse is checked
+    against lse_of(q, k, v) in float64 (assert_lse)."""
+
+    def check(q, k, v, sinks, lse):
+        assert_lse(lse, lse_of(q.double(), k.double(), v.double()), dtype)
+
+    op = emulated_op(lambda q, k, v, do, sinks: run(q, k, v, do), check, grad_out)
+    return lambda q, k, v: op(q, k, v, None)
+
+
+def assert_float64_close(kernel, plain, leaves, grad_out) -> None:
+    """kernel(q, k, v) -> out and its gradients against plain's, on float64 leaves: within 1e-12
+    (float64 is the oracle's own dtype, plain PyTorch has no error there: an absolute bound)."""
+    leaves = [t.requires_grad_() for t in leaves]
+    out, ref_out = kernel(*leaves), plain(*leaves)
+    for name, got, ref in zip(
+        ["out", "dq", "dk", "dv"],
+        [out, *torch.autograd.grad(out, leaves, grad_out)],
+        [ref_out, *torch.autograd.grad(ref_out, leaves, grad_out)],
+        strict=True,
+    ):
+        torch.testing.assert_close(got, ref, atol=1e-12, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
 @pytest.mark.parametrize("dtype", list(CODES), ids=str)
 @pytest.mark.parametrize("case", list(EMULATED_CASES))
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
@@ -206,42 +232,15 @@ def test_kernels_emulated_on_cpu_match_float64(emulator, tmp_path, dtype, case, 
         for shape in ((B, H, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D), (B, H, Tq, D))
     )
     scale = D**-0.5
-
-    class Emulated(torch.autograd.Function):
-        """The emulator as an autograd op, so the shared float64 rule (tests/oracle.py) applies."""
-
-        @staticmethod
-        def forward(ctx, q, k, v):
-            out, lse, *ctx.grads = run_emulator(
-                emulator, tmp_path, q, k, v, grad_out.to(q.dtype), causal, scale
-            )
-            ref_lse = reference_attention_with_lse(q.double(), k.double(), v.double(), causal)[1]
-            assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "rows without keys"
-            finite = torch.isfinite(ref_lse)
-            tol = 1e-12 if dtype == torch.float64 else 1e-5  # lse is fp32 or fp64
-            torch.testing.assert_close(lse.double()[finite], ref_lse[finite], atol=tol, rtol=0)
-            return out
-
-        @staticmethod
-        def backward(ctx, g):
-            assert torch.equal(g, grad_out.to(g.dtype)), "emulated with another grad_out"
-            return tuple(ctx.grads)
-
+    run = lambda q, k, v, do: run_emulator(emulator, tmp_path, q, k, v, do, causal, scale)
+    lse_of = lambda q, k, v: reference_attention_with_lse(q, k, v, causal)[1]
+    kernel = emulated_plain(run, lse_of, grad_out, dtype)
     leaves = [t.to(dtype) for t in (q, k, v)]
     if dtype != torch.float64:  # flash-attn's rule: at most 2x plain PyTorch's error in dtype
-        check_against_float64(Emulated.apply, leaves, grad_out, causal, what=f"emulated {case}")
+        check_against_float64(kernel, leaves, grad_out, causal, what=f"emulated {case}")
         return
-    # float64 is the oracle's own dtype (plain PyTorch has no error there): absolute bound.
-    leaves = [t.requires_grad_() for t in leaves]
-    out = Emulated.apply(*leaves)
-    ref_out = reference_attention_with_lse(*leaves, causal, scale)[0]
-    for name, got, ref in zip(
-        ["out", "dq", "dk", "dv"],
-        [out, *torch.autograd.grad(out, leaves, grad_out)],
-        [ref_out, *torch.autograd.grad(ref_out, leaves, grad_out)],
-        strict=True,
-    ):
-        torch.testing.assert_close(got, ref, atol=1e-12, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+    out_of = lambda q, k, v: reference_attention_with_lse(q, k, v, causal, scale)[0]
+    assert_float64_close(kernel, out_of, leaves, grad_out)
 
 
 def run_emulator_varlen(
@@ -268,43 +267,19 @@ def test_varlen_kernels_emulated_on_cpu_match_float64(emulator, tmp_path, dtype,
     lens_q, lens_k, H, Hkv, D = EMULATED_VARLEN[case]
     q, k, v, grad_out = random_varlen(lens_q, lens_k, H, Hkv, D, torch.float64, device="cpu")
     scale = D**-0.5
-
-    class Emulated(torch.autograd.Function):
-        """The emulator as an autograd op, so the shared float64 rule applies."""
-
-        @staticmethod
-        def forward(ctx, q, k, v):
-            out, lse, *ctx.grads = run_emulator_varlen(
-                emulator, tmp_path, q, k, v, grad_out.to(q.dtype), lens_q, lens_k, causal, scale
-            )
-            ref_lse = varlen_oracle(q.double(), k.double(), v.double(), lens_q, lens_k, causal)[1]
-            assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "rows without keys"
-            finite = torch.isfinite(ref_lse)
-            tol = 1e-12 if dtype == torch.float64 else 1e-5  # lse is fp32 or fp64
-            torch.testing.assert_close(lse.double()[finite], ref_lse[finite], atol=tol, rtol=0)
-            return out
-
-        @staticmethod
-        def backward(ctx, g):
-            assert torch.equal(g, grad_out.to(g.dtype)), "emulated with another grad_out"
-            return tuple(ctx.grads)
-
+    run = lambda q, k, v, do: run_emulator_varlen(
+        emulator, tmp_path, q, k, v, do, lens_q, lens_k, causal, scale
+    )
+    lse_of = lambda q, k, v: varlen_oracle(q, k, v, lens_q, lens_k, causal)[1]
+    kernel = emulated_plain(run, lse_of, grad_out, dtype)
     leaves = [t.to(dtype) for t in (q, k, v)]
     if dtype != torch.float64:
         check_varlen_against_float64(
-            Emulated.apply, leaves, grad_out, lens_q, lens_k, causal, what=f"emulated {case}"
+            kernel, leaves, grad_out, lens_q, lens_k, causal, what=f"emulated {case}"
         )
         return
-    leaves = [t.requires_grad_() for t in leaves]
-    out = Emulated.apply(*leaves)
-    ref_out = varlen_oracle(*leaves, lens_q, lens_k, causal, scale)[0]
-    for name, got, ref in zip(
-        ["out", "dq", "dk", "dv"],
-        [out, *torch.autograd.grad(out, leaves, grad_out)],
-        [ref_out, *torch.autograd.grad(ref_out, leaves, grad_out)],
-        strict=True,
-    ):
-        torch.testing.assert_close(got, ref, atol=1e-12, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+    out_of = lambda q, k, v: varlen_oracle(q, k, v, lens_q, lens_k, causal, scale)[0]
+    assert_float64_close(kernel, out_of, leaves, grad_out)
 
 
 # --- The attention variants (window, softcap, sinks) ----------------------------------------------

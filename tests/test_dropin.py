@@ -252,6 +252,20 @@ def test_flash_attn_func_unsupported_arguments_raise(kwargs):
         fastgpt.flash_attn_func(q, q, q, **kwargs)
 
 
+def test_flash_attn_with_kvcache_names_every_unsupported_argument():
+    q, cache = torch.randn(1, 1, 2, 8), torch.randn(1, 4, 2, 8)
+    expected = (
+        "fastgpt.flash_attn_with_kvcache does not support rotary embeddings (rotary_cos, "
+        "rotary_sin), alibi_slopes, return_softmax_lse=True."
+    )
+    with pytest.raises(NotImplementedError) as raised:
+        fastgpt.flash_attn_with_kvcache(
+            q, cache, cache, cache_seqlens=2, rotary_sin=q, alibi_slopes=torch.ones(2),
+            return_softmax_lse=True,
+        )  # fmt: skip
+    assert str(raised.value) == expected
+
+
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_flash_attn_func_returns_softmax_lse(device, backend, causal, monkeypatch):

@@ -12,45 +12,9 @@ from oracle import F64
 import fastgpt
 
 pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig  # noqa: E402
+from hf_tiny import TOKENS, VOCAB, build  # noqa: E402
 
 NAME = fastgpt.register_hf_attention()
-VOCAB = 64
-TOKENS = dict(bos_token_id=0, eos_token_id=VOCAB - 1, pad_token_id=VOCAB - 1)
-CONFIGS = {
-    "gpt2": lambda: GPT2Config(
-        vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, **TOKENS
-    ),
-    # 4 query heads sharing 2 key/value heads: Llama-style GQA.
-    "llama": lambda: LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        **TOKENS,
-    ),
-}
-
-
-@pytest.fixture
-def paths(debug_log):
-    """The paths fastgpt's HF attention took while a test runs, read from FASTGPT_DEBUG's log."""
-
-    def taken() -> list[str]:
-        return [m.split("-> ")[1] for m in debug_log() if m.startswith("hf_attention")]
-
-    return taken
-
-
-def build(arch: str, implementation: str, dtype: torch.dtype) -> torch.nn.Module:
-    """A tiny model with the weights of seed 0 under `implementation`, in eval mode."""
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(CONFIGS[arch](), attn_implementation=implementation)
-    assert model.config._attn_implementation == implementation
-    return model.to(dtype).eval()
 
 
 def model_pair(arch: str, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -70,7 +34,7 @@ EAGER_TOLERANCE = {"gpt2": F64, "llama": dict(atol=1e-5, rtol=1.3e-6)}  # float3
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_prefill_logits_and_gradients_match_eager(arch, paths):
+def test_prefill_logits_and_gradients_match_eager(arch, hf_paths):
     ids = token_ids(2, 11)
     results = {}
     for implementation in ("eager", "sdpa", NAME):
@@ -86,11 +50,11 @@ def test_prefill_logits_and_gradients_match_eager(arch, paths):
             torch.testing.assert_close(
                 got, want, **tol, msg=lambda m, i=i, r=reference: f"vs {r}, tensor {i}: {m}"
             )
-    assert paths() and all(p.startswith("fastgpt") for p in paths()), paths()
+    assert hf_paths() and all(p.startswith("fastgpt") for p in hf_paths()), hf_paths()
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_generate_tokens_match_eager(arch, paths):
+def test_generate_tokens_match_eager(arch, hf_paths):
     """Greedy decoding: a causal prefill, then one-token steps against the KV cache."""
     eager, fast = model_pair(arch, torch.float32)
     ids = token_ids(2, 7, seed=1)
@@ -99,14 +63,14 @@ def test_generate_tokens_match_eager(arch, paths):
     got = fast.generate(ids, **kwargs)
     assert got.shape == (2, 15)
     assert torch.equal(got, want), f"fastgpt {got.tolist()} != eager {want.tolist()}"
-    taken = paths()
+    taken = hf_paths()
     assert "fastgpt (causal=True)" in taken, taken  # prefill
     assert "fastgpt (causal=False)" in taken, taken  # one query against the whole cache
     assert all(p.startswith("fastgpt") for p in taken), taken
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_padding_mask_runs_varlen_and_matches_eager(arch, paths):
+def test_padding_mask_runs_varlen_and_matches_eager(arch, hf_paths):
     """Left padding needs a mask: fastgpt runs those calls on attention_varlen (test_hf_varlen.py
     covers padding and packing in depth).
 
@@ -122,22 +86,22 @@ def test_padding_mask_runs_varlen_and_matches_eager(arch, paths):
     logits = {impl: m(ids, attention_mask=mask).logits[real] for impl, m in models.items()}
     torch.testing.assert_close(logits[NAME], logits["sdpa"])  # float32 tolerances
     torch.testing.assert_close(logits[NAME], logits["eager"])
-    assert paths() and all(p.startswith("fastgpt varlen") for p in paths()), paths()
+    assert hf_paths() and all(p.startswith("fastgpt varlen") for p in hf_paths()), hf_paths()
 
     kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
     got, want = models[NAME].generate(ids, **kwargs), models["eager"].generate(ids, **kwargs)
     assert torch.equal(got, want), f"fastgpt {got.tolist()} != eager {want.tolist()}"
 
 
-def test_set_attn_implementation_switches_a_loaded_model(paths):
+def test_set_attn_implementation_switches_a_loaded_model(hf_paths):
     model = build("gpt2", "eager", torch.float64)  # GPT-2's eager is exact in float64
     ids = token_ids(1, 6)
     want = model(ids).logits
-    assert not paths()
+    assert not hf_paths()
     model.set_attn_implementation(NAME)
     assert model.config._attn_implementation == NAME
     torch.testing.assert_close(model(ids).logits, want, **F64)
-    assert paths() and all(p.startswith("fastgpt") for p in paths())
+    assert hf_paths() and all(p.startswith("fastgpt") for p in hf_paths())
 
 
 def test_register_returns_name_and_rejects_hub_style_names():

@@ -17,41 +17,11 @@ import fastgpt
 from fastgpt.hf_varlen import layout_from_mask, layout_from_positions
 
 pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig  # noqa: E402
+from hf_tiny import CONFIGS, PAD, build  # noqa: E402
 
 NAME = fastgpt.register_hf_attention()
-VOCAB = 64
-PAD = VOCAB - 1
-TOKENS = dict(bos_token_id=0, eos_token_id=PAD, pad_token_id=PAD)
-CONFIGS = {
-    "gpt2": lambda: GPT2Config(
-        vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, **TOKENS
-    ),
-    "llama": lambda: LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        **TOKENS,
-    ),  # fmt: skip
-}
 ARCHS = list(CONFIGS)
 VARLEN_OP = re.compile(r"fastgpt::\w+_attention_varlen_forward")
-
-
-@pytest.fixture
-def paths(debug_log):
-    """The paths fastgpt's HF attention took while a test runs (FASTGPT_DEBUG's log)."""
-    return lambda: [m.split("-> ")[1] for m in debug_log() if m.startswith("hf_attention")]
-
-
-def build(arch: str, implementation: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(CONFIGS[arch](), attn_implementation=implementation)
-    return model.to(dtype).eval()
 
 
 def padded_batch(side: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +38,7 @@ def padded_batch(side: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padded_logits_match_eager_on_real_tokens(arch, side, paths):
+def test_padded_logits_match_eager_on_real_tokens(arch, side, hf_paths):
     """float32: Llama's eager softmax runs in float32 (and turns a float64 mask into NaN rows)."""
     ids, mask = padded_batch(side)
     real = mask.bool()
@@ -76,12 +46,12 @@ def test_padded_logits_match_eager_on_real_tokens(arch, side, paths):
         want = build(arch, "eager")(ids, attention_mask=mask).logits[real]
         got = build(arch, NAME)(ids, attention_mask=mask).logits[real]
     torch.testing.assert_close(got, want)
-    taken = paths()
+    taken = hf_paths()
     assert taken and all(p.startswith("fastgpt varlen") for p in taken), taken
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_padded_loss_and_gradients_match_sdpa_float64(arch, paths):
+def test_padded_loss_and_gradients_match_sdpa_float64(arch, hf_paths):
     """Training on a padded batch (labels -100 at the pads): loss and every gradient as sdpa's."""
     ids, mask = padded_batch("right", seed=1)
     labels = ids.masked_fill(mask == 0, -100)
@@ -93,7 +63,7 @@ def test_padded_loss_and_gradients_match_sdpa_float64(arch, paths):
         results.append([loss.detach(), *(p.grad for p in model.parameters())])
     for i, (got, want) in enumerate(zip(*reversed(results), strict=True)):
         torch.testing.assert_close(got, want, **F64, msg=lambda m, i=i: f"tensor {i}: {m}")
-    assert paths() and all(p.startswith("fastgpt varlen") for p in paths()), paths()
+    assert hf_paths() and all(p.startswith("fastgpt varlen") for p in hf_paths()), hf_paths()
 
 
 def alone_logits(model, ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:
@@ -104,7 +74,7 @@ def alone_logits(model, ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("use_cache", [False, True], ids=["mask", "no-mask"])
-def test_packed_position_ids_match_each_sequence_alone(arch, use_cache, paths):
+def test_packed_position_ids_match_each_sequence_alone(arch, use_cache, hf_paths):
     """position_ids restarting per sequence. Without a cache transformers builds a packed mask;
     with one (use_cache=True, eval's default) it passes no mask, and fastgpt reads position_ids."""
     lengths = [4, 1, 7, 5]
@@ -115,11 +85,13 @@ def test_packed_position_ids_match_each_sequence_alone(arch, use_cache, paths):
         got = model(ids, position_ids=position_ids, use_cache=use_cache).logits
         want = alone_logits(build(arch, "sdpa", torch.float64), ids, lengths)
     torch.testing.assert_close(got, want, **F64)
-    assert paths() and all(p.startswith("fastgpt varlen (4 sequences") for p in paths()), paths()
+    assert hf_paths() and all(p.startswith("fastgpt varlen (4 sequences") for p in hf_paths()), (
+        hf_paths()
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_flattening_collator_matches_each_sequence_alone(arch, paths):
+def test_flattening_collator_matches_each_sequence_alone(arch, hf_paths):
     """DataCollatorWithFlattening's cu_seq_lens_q/k kwargs, loss and gradients included."""
     transformers = pytest.importorskip("transformers")
     if not hasattr(transformers, "DataCollatorWithFlattening"):
@@ -148,11 +120,13 @@ def test_flattening_collator_matches_each_sequence_alone(arch, paths):
     want_loss.backward()
     for got_p, want_p in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(got_p.grad, want_p.grad, **F64)
-    assert paths() and all(p.startswith("fastgpt varlen (3 sequences") for p in paths()), paths()
+    assert hf_paths() and all(p.startswith("fastgpt varlen (3 sequences") for p in hf_paths()), (
+        hf_paths()
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_generate_left_padded_batch_matches_eager(arch, paths):
+def test_generate_left_padded_batch_matches_eager(arch, hf_paths):
     """A left-padded batch of prompts: the prefill and every decoding step against the padded
     cache run on the varlen kernels; greedy tokens as eager's."""
     ids, mask = padded_batch("left", seed=4)
@@ -160,7 +134,7 @@ def test_generate_left_padded_batch_matches_eager(arch, paths):
     want = build(arch, "eager").generate(ids, **kwargs)
     got = build(arch, NAME).generate(ids, **kwargs)
     assert torch.equal(got, want), f"fastgpt {got.tolist()} != eager {want.tolist()}"
-    taken = paths()
+    taken = hf_paths()
     assert "fastgpt varlen (3 sequences of a (3, 9) batch, longest 9)" in taken, taken
     assert "fastgpt varlen (3 sequences of a (3, 1) batch, longest 1)" in taken, taken
     assert all(p.startswith("fastgpt varlen") for p in taken), taken
@@ -176,7 +150,7 @@ def test_profiler_shows_the_varlen_op_and_no_sdpa():
     assert not any("scaled_dot_product" in name for name in ops), sorted(ops)
 
 
-def test_other_masks_fall_back_and_say_why(paths):
+def test_other_masks_fall_back_and_say_why(hf_paths):
     """A 4-D mask that is not padding or packing (here a sliding window of 3) goes to sdpa."""
     ids = torch.randint(2, PAD, (2, 8), generator=torch.Generator().manual_seed(5))
     i = torch.arange(8)
@@ -186,7 +160,7 @@ def test_other_masks_fall_back_and_say_why(paths):
         got = build("gpt2", NAME, torch.float64)(ids, attention_mask=mask).logits
         want = build("gpt2", "sdpa", torch.float64)(ids, attention_mask=mask).logits
     torch.testing.assert_close(got, want, **F64)
-    taken = paths()
+    taken = hf_paths()
     assert taken and all(p.startswith("transformers sdpa (a mask that is neither") for p in taken)
 
 
@@ -234,7 +208,7 @@ def test_layout_from_positions():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_generate_with_a_static_cache_matches_eager(arch, paths):
+def test_generate_with_a_static_cache_matches_eager(arch, hf_paths):
     """A static cache: its queries do not sit at the last Tq keys, so its masks are no padding
     layout; they go to transformers' sdpa and the tokens stay eager's."""
     ids, mask = padded_batch("left", seed=6)
@@ -243,7 +217,7 @@ def test_generate_with_a_static_cache_matches_eager(arch, paths):
     want = build(arch, "eager").generate(ids, **kwargs)
     got = build(arch, NAME).generate(ids, **kwargs)
     assert torch.equal(got, want), f"fastgpt {got.tolist()} != eager {want.tolist()}"
-    assert any(p.startswith("transformers sdpa") for p in paths()), paths()
+    assert any(p.startswith("transformers sdpa") for p in hf_paths()), hf_paths()
 
 
 def test_the_mask_is_read_once_per_forward(monkeypatch):

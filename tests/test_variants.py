@@ -782,14 +782,6 @@ def hf_model(arch: str, implementation: str, dtype: torch.dtype | None = None) -
     return model.to(dtype or HF_DTYPE[arch]).eval()
 
 
-@pytest.fixture
-def hf_paths(debug_log):
-    def taken() -> list[str]:
-        return [m.split("-> ")[1] for m in debug_log() if m.startswith("hf_attention")]
-
-    return taken
-
-
 def hf_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(
         2, VOCAB - 1, (batch, length), generator=torch.Generator().manual_seed(seed)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from oracle import DEVICE, random_tensors
 from varlen_oracle import (
+    check_one_graph_for_all_totals,
     check_varlen_against_float64,
     cu_seqlens,
     random_varlen,
@@ -297,29 +298,12 @@ def test_profiler_shows_the_varlen_op(backend):
 def test_compiles_fullgraph_with_dynamic_totals():
     """torch.compile(fullgraph=True) over attention_varlen: the packed totals are dynamic (a second
     mix of lengths reuses the graph), outputs and gradients equal eager."""
-    from torch._dynamo.testing import CompileCounterWithBackend
 
     def fn(q, k, v, cu_q, cu_k):  # q: (total_q, H, D); k, v: (total_k, Hkv, D)
         out = fastgpt.attention_varlen(q, k, v, cu_q, cu_k, 32, 32, causal=True, scale=0.3)
         return out * 2  # (total_q, H, D)
 
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(fn, backend=counter, fullgraph=True)
-    mixes = [([5, 3, 8], [5, 9, 8]), ([17, 1, 30], [2, 1, 31])]  # same B, other totals
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for lens_q, lens_k in mixes:
-            q, k, v, grad_out = random_varlen(lens_q, lens_k, 4, 2, 8, seed=len(lens_q))
-            results = []
-            for run in (fn, compiled):
-                leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-                for t in leaves:
-                    torch._dynamo.mark_dynamic(t, 0)
-                out = run(*leaves, cu_seqlens(lens_q), cu_seqlens(lens_k))
-                results.append([out, *torch.autograd.grad(out, leaves, grad_out)])
-            for got, want in zip(results[1], results[0], strict=True):
-                torch.testing.assert_close(got, want, atol=0, rtol=0)
-    assert counter.frame_count == 1
+    check_one_graph_for_all_totals(fn, 4, 2, 8)
 
 
 # --- flash-attn drop-ins ------------------------------------------------------------------------

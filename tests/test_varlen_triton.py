@@ -11,7 +11,13 @@ empty and one-token ones.
 import pytest
 import torch
 from oracle import DEVICE, INTERPRETED, random_tensors, rounding_floor
-from varlen_oracle import check_varlen_against_float64, cu_seqlens, random_varlen, varlen_oracle
+from varlen_oracle import (
+    check_one_graph_for_all_totals,
+    check_varlen_against_float64,
+    cu_seqlens,
+    random_varlen,
+    varlen_oracle,
+)
 
 import fastgpt
 from fastgpt.varlen import attention_varlen_with_lse
@@ -216,7 +222,6 @@ def test_opcheck():
 def test_compiles_fullgraph_with_dynamic_totals():
     """torch.compile(fullgraph=True) over the Triton varlen op: a second mix of lengths with other
     totals reuses the graph; outputs and gradients equal eager bit for bit."""
-    from torch._dynamo.testing import CompileCounterWithBackend
 
     def fn(q, k, v, cu_q, cu_k):  # q: (total_q, H, D); k, v: (total_k, Hkv, D)
         out = fastgpt.attention_varlen(
@@ -224,20 +229,4 @@ def test_compiles_fullgraph_with_dynamic_totals():
         )
         return out * 2  # (total_q, H, D)
 
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(fn, backend=counter, fullgraph=True)
-    mixes = [([5, 3, 8], [5, 9, 8]), ([17, 1, 30], [2, 1, 31])]  # same B, other totals
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for lens_q, lens_k in mixes:
-            q, k, v, grad_out = random_varlen(lens_q, lens_k, 2, 1, 16, seed=len(lens_q))
-            results = []
-            for run in (fn, compiled):
-                leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-                for t in leaves:
-                    torch._dynamo.mark_dynamic(t, 0)
-                out = run(*leaves, cu_seqlens(lens_q), cu_seqlens(lens_k))
-                results.append([out, *torch.autograd.grad(out, leaves, grad_out)])
-            for got, want in zip(results[1], results[0], strict=True):
-                torch.testing.assert_close(got, want, atol=0, rtol=0)
-    assert counter.frame_count == 1
+    check_one_graph_for_all_totals(fn, 2, 1, 16)

@@ -97,3 +97,28 @@ def check_varlen_against_float64(
         return varlen_floors(q, k, v, grad_out, lens_q, lens_k, causal, scale, dtype)
 
     check_rule(fn, oracle, oracle, floors_of, leaves, grad_out, views, what)
+
+
+def check_one_graph_for_all_totals(fn: Callable, H: int, Hkv: int, D: int) -> None:
+    """torch.compile(fn, fullgraph=True) with the packed totals marked dynamic: a second mix of
+    lengths (same B, other totals) reuses the graph, outputs and gradients equal eager bit for
+    bit. fn(q, k, v, cu_q, cu_k) -> (total_q, H, D); q: (total_q, H, D), k, v: (total_k, Hkv, D)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, backend=counter, fullgraph=True)
+    mixes = [([5, 3, 8], [5, 9, 8]), ([17, 1, 30], [2, 1, 31])]  # same B, other totals
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for lens_q, lens_k in mixes:
+            q, k, v, grad_out = random_varlen(lens_q, lens_k, H, Hkv, D, seed=len(lens_q))
+            results = []
+            for run in (fn, compiled):
+                leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+                for t in leaves:
+                    torch._dynamo.mark_dynamic(t, 0)
+                out = run(*leaves, cu_seqlens(lens_q), cu_seqlens(lens_k))
+                results.append([out, *torch.autograd.grad(out, leaves, grad_out)])
+            for got, want in zip(results[1], results[0], strict=True):
+                torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert counter.frame_count == 1
