@@ -285,7 +285,9 @@ void forward_finish(const Shape& s, const ForwardIO<T>& io, int64_t h, int64_t i
 template <typename T>
 struct ForwardScratch {
   std::vector<T> buf;
-  explicit ForwardScratch(int64_t D) : buf(BQ * BK + BQ * D + 2 * BQ + BQ * kNR<T> / 2) {}
+  std::vector<int64_t> need;  // (BQ,): the columns each row of a diagonal tile needs
+  explicit ForwardScratch(int64_t D)
+      : buf(BQ * BK + BQ * D + 2 * BQ + BQ * kNR<T> / 2), need(BQ) {}
   T* S() { return buf.data(); }
   T* acc() { return S() + BQ * BK; }
   T* m(int64_t D) { return acc() + BQ * D; }
@@ -327,10 +329,17 @@ void forward_block(const Shape& s, T scale, const ForwardIO<T>& io, const T* kpa
     const int64_t cols = std::min(BK, kend - j0);
     const bool whole = kpack && io.softcap == T(0) && cols % kNR<T> == 0 &&
                        s.key_lo(i0 + rows - 1) <= j0 && s.key_hi(i0) >= j0 + cols;
+    // A tile the rows see less and less of towards its top (causal diagonal): each micro-tile
+    // of S and of P V stops at the keys its last row sees.
+    const bool clip = kpack && s.key_hi(i0) < j0 + cols;
+    if (clip) {
+      for (int64_t r = 0; r < rows; ++r) w.need[r] = tile_cols(s, i0 + r, j0, cols).hi;
+    }
+    const int64_t* need = clip ? w.need.data() : nullptr;
     if (kpack) {  // S (rows, cols)
       if (whole) std::fill(vmax, vmax + rows * kNR<T> / 2, -std::numeric_limits<T>::infinity());
       tile_gemm<T>(rows, cols, D, scale, {qp, qs, 1}, panels(kpack + j0 * D, D), S, BK, false,
-                   whole ? vmax : nullptr);
+                   whole ? vmax : nullptr, need);
     } else {
       gemm_nt<T>(rows, cols, D, scale, qp, qs, io.k.row(s.b, hk, s.k0 + j0), io.k.st, T(0), S,
                  BK);
@@ -348,7 +357,8 @@ void forward_block(const Shape& s, T scale, const ForwardIO<T>& io, const T* kpa
       std::fill(srow + c.hi, srow + cols, T(0));
     }
     if (kpack) {  // acc += P V
-      tile_gemm<T>(rows, D, cols, T(1), {S, BK, 1}, columns(vpack, s.Tk, j0), acc, D, true);
+      tile_gemm<T>(rows, D, cols, T(1), {S, BK, 1}, columns(vpack, s.Tk, j0), acc, D, true,
+                   nullptr, need, true);
     } else {
       gemm_nn<T>(rows, D, cols, T(1), S, BK, io.v.row(s.b, hk, s.k0 + j0), vs, T(1), acc, D);
     }

@@ -146,20 +146,30 @@ inline TileB<T> rows_of(const T* b, int64_t ldb) {
 // (C must have room for them), m and k are any sizes. With rowmax (m x NR / 2 values, set to
 // -inf by the caller; not accumulating), each row's NR / 2 values end up holding its running
 // maxima: row_max_of reduces them (the row maxima of C over the whole panels, padding included).
+// With `need` (m values, non-decreasing): row i needs only its first need[i] columns (n_lim) or
+// terms of the sum (k_lim); a micro-tile stops at what its last row needs (causal diagonal tiles).
 template <typename T>
 inline void tile_gemm(int64_t m, int64_t n, int64_t k, T alpha, TileA<T> a, TileB<T> b, T* c,
-                      int64_t ldc, bool accumulate, T* rowmax = nullptr) {
+                      int64_t ldc, bool accumulate, T* rowmax = nullptr,
+                      const int64_t* need = nullptr, bool need_k = false) {
   constexpr int64_t W = kNR<T> / 2;
   const int64_t body = m / kMR * kMR;
+  // columns (or terms) the rows [i, i + r) need
+  const auto limit = [&](int64_t i, int64_t r, int64_t all) {
+    return need == nullptr ? all : std::min(all, need[i + r - 1]);
+  };
   for (int64_t j = 0; j * kNR<T> < n; ++j) {
     const T* bp = b.p + j * b.panel;
     T* cj = c + j * kNR<T>;
-    for (int64_t i = 0; i < body; i += kMR)
-      micro_kernel<T, kMR>(k, a.p + i * a.ais, a.ais, a.aps, bp, b.ldb, cj + i * ldc, ldc, alpha,
-                           accumulate, rowmax ? rowmax + i * W : nullptr);
-    if (body < m)
-      micro_kernel_rows<T>(m - body, k, a.p + body * a.ais, a.ais, a.aps, bp, b.ldb,
-                           cj + body * ldc, ldc, alpha, accumulate,
+    for (int64_t i = 0; i < body; i += kMR) {
+      if (!need_k && j * kNR<T> >= limit(i, kMR, n)) continue;
+      micro_kernel<T, kMR>(need_k ? limit(i, kMR, k) : k, a.p + i * a.ais, a.ais, a.aps, bp,
+                           b.ldb, cj + i * ldc, ldc, alpha, accumulate,
+                           rowmax ? rowmax + i * W : nullptr);
+    }
+    if (body < m && (need_k || j * kNR<T> < limit(body, m - body, n)))
+      micro_kernel_rows<T>(m - body, need_k ? limit(body, m - body, k) : k, a.p + body * a.ais,
+                           a.ais, a.aps, bp, b.ldb, cj + body * ldc, ldc, alpha, accumulate,
                            rowmax ? rowmax + body * W : nullptr);
   }
 }
