@@ -1,8 +1,7 @@
 // Vectorized row operations of the CPU attention kernel (at::vec).
 //
-// The softmax's exp only ever sees x - shift <= 0 (shift is the row max or the lse). float takes
-// exp_nonpos below on AVX2 (Vectorized<float>::exp_u20, the exp of ATen's own CPU flash
-// attention, elsewhere); double (gradcheck's dtype) takes the exact std::exp.
+// float uses Vectorized<float>::exp_u20, the exp of ATen's own CPU flash
+// attention; double (gradcheck's dtype) takes the exact std::exp.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -12,47 +11,14 @@
 #include <cmath>
 #include <limits>
 
-#if defined(CPU_CAPABILITY_AVX2)
-#include <immintrin.h>
-#endif
-
 namespace fastgpt::cpu {
 
 using at::vec::Vectorized;
 
-#if defined(CPU_CAPABILITY_AVX2)
-// exp(x) for x <= 0 (and x >= -87: below, 2^-126 instead of a smaller value or 0), 2 ulp:
-// exp(x) = 2^n 2^f with t = x log2(e), n = round(t), f = t - n in [-1/2, 1/2]; 2^f is a
-// degree-5 polynomial (relative error 8e-8 in exact arithmetic, 2.3e-7 evaluated in fp32,
-// fitted to 2^f on [-1/2, 1/2]) and 2^n is added into its exponent bits. 13 instructions, where
-// exp_u20 (up to 20 ulp) takes 19: it also handles x > 0 and +-inf, which this kernel never
-// passes (masked keys are skipped, not set to -inf).
-inline __m256 exp_nonpos(__m256 x) {
-  // max(-126, t) keeps a NaN t (maxps returns its second operand when either is NaN)
-  const __m256 t = _mm256_max_ps(_mm256_set1_ps(-126.0f),
-                                 _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)));
-  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(t, n);
-  __m256 p = _mm256_set1_ps(1.3276468962430954e-3f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.675540961325169e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550713464617729e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022120237350464e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931469440460205e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0000001192092896f));
-  const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);  // 2^n's exponent bits
-  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
-}
-#endif
-
-// exp(x) of x <= 0, elementwise.
 template <typename T>
 inline Vectorized<T> vexp(const Vectorized<T>& x) {
   if constexpr (std::is_same_v<T, float>) {
-#if defined(CPU_CAPABILITY_AVX2)
-    return Vectorized<float>(exp_nonpos(x));
-#else
     return x.exp_u20();
-#endif
   } else {
     return x.map([](T a) { return std::exp(a); });
   }
