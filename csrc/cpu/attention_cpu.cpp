@@ -10,24 +10,19 @@
 #include <tuple>
 
 #include "../checks.h"
-#include "flash_cpu.h"
-#include "variants.h"
+#include "ops_cpu.h"
 
 namespace fastgpt::cpu {
 namespace {
 
-// A (B, H, T, D) tensor (rows of D values) or a (B, H, T) one (lse, delta) as Rows.
-template <typename T>
-Rows<T*> dense_rows(const at::Tensor& t) {
-  const int64_t st = t.dim() == 4 ? row_stride(t) : t.stride(2);
-  return {t.data_ptr<T>(), t.stride(0), t.stride(1), st};
-}
-
-template <typename T>
-Rows<const T*> in(const at::Tensor& t) {
-  const Rows<T*> r = dense_rows<T>(t);
-  return {r.p, r.sb, r.sh, r.st};
-}
+// (B, H, T, D) tensors (rows of D values) and (B, H, T) ones (lse, delta) as Rows.
+struct DenseLayout {
+  template <typename T>
+  static Rows<T*> rows(const at::Tensor& t) {
+    const int64_t st = t.dim() == 4 ? row_stride(t) : t.stride(2);
+    return {t.data_ptr<T>(), t.stride(0), t.stride(1), st};
+  }
+};
 
 Batch dense_batch(const at::Tensor& q, const at::Tensor& k, bool causal, const Variants& var) {
   Batch batch{q.size(0), q.size(1), k.size(1), q.size(3), causal};
@@ -40,52 +35,13 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, bool causal, double scale,
     at::OptionalIntArrayRef window, double softcap, const std::optional<at::Tensor>& sinks) {
   check_qkv(q_, k_, v_);
-  const auto ct = compute_type(q_);
-  const Variants var = read_variants(window, softcap, sinks, q_.size(1), q_, ct);
+  const auto [ct, var] = op_setup(q_, window, softcap, sinks);
   const auto q = prepare(q_, ct), k = prepare(k_, ct), v = prepare(v_, ct);
   const Batch batch = dense_batch(q, k, causal, var);
   auto out = at::empty({batch.B, batch.H, batch.Tq, batch.D}, q.options());  // (B, H, Tq, D)
   auto lse = at::empty({batch.B, batch.H, batch.Tq}, q.options());           // (B, H, Tq)
-  if (out.numel() > 0) {
-    if (ct == at::kDouble) {
-      const ForwardIO<double> io{in<double>(q),          in<double>(k),         in<double>(v),
-                                 dense_rows<double>(out), dense_rows<double>(lse), var.softcap,
-                                 sinks_ptr<double>(var)};
-      forward_kernel<double>(batch, scale, io);
-    } else {
-      const ForwardIO<float> io{in<float>(q),
-                                in<float>(k),
-                                in<float>(v),
-                                dense_rows<float>(out),
-                                dense_rows<float>(lse),
-                                static_cast<float>(var.softcap),
-                                sinks_ptr<float>(var)};
-      forward_kernel<float>(batch, static_cast<float>(scale), io);
-    }
-  }
+  if (out.numel() > 0) run_forward<DenseLayout>(batch, scale, var, q, k, v, out, lse);
   return {out.to(q_.scalar_type()), lse};
-}
-
-template <typename T>
-void run_backward(const Batch& batch, T scale, const at::Tensor& dout, const at::Tensor& q,
-                  const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                  const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
-                  const at::Tensor& dv, const Variants& var, const at::Tensor& dsinks) {
-  auto delta = at::empty({batch.B, batch.H, batch.Tq}, q.options());  // (B, H, Tq)
-  const Grads<T> g{in<T>(q),
-                   in<T>(k),
-                   in<T>(v),
-                   in<T>(dout),
-                   in<T>(out),
-                   in<T>(lse),
-                   dense_rows<T>(delta),
-                   dense_rows<T>(dq),
-                   dense_rows<T>(dk),
-                   dense_rows<T>(dv),
-                   static_cast<T>(var.softcap),
-                   sinks_ptr<T>(var),
-                   dsinks.defined() ? dsinks.data_ptr<T>() : nullptr};
-  backward_kernel<T>(batch, scale, g);
 }
 
 // dq, dk, dv and d sinks: (H,) in the compute type, (0,) without sinks.
@@ -95,29 +51,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
     at::OptionalIntArrayRef window, double softcap, const std::optional<at::Tensor>& sinks) {
   check_qkv(q_, k_, v_);
   check_backward(grad_out_, q_, out_, lse_);
-  const auto ct = compute_type(q_);
-  const Variants var = read_variants(window, softcap, sinks, q_.size(1), q_, ct);
-  const auto q = prepare(q_, ct), k = prepare(k_, ct), v = prepare(v_, ct);
-  const auto dout = prepare(grad_out_, ct), out = prepare(out_, ct);
-  const auto lse = lse_.contiguous();
+  const auto [ct, var] = op_setup(q_, window, softcap, sinks);
+  const auto q = prepare(q_, ct), k = prepare(k_, ct);
   const Batch batch = dense_batch(q, k, causal, var);
-  // (B, H): each sequence's part of d sinks, summed below (deterministic, no shared writes)
-  auto dsinks_bh = var.sinks.defined() ? at::zeros({batch.B, batch.H}, q.options()) : at::Tensor();
-  // Accumulated into, so zeroed (empty + zero_: one allocation each, as the profiler sees it).
-  auto dq = at::empty(q.sizes(), q.options()).zero_();  // (B, H, Tq, D)
-  auto dk = at::empty(k.sizes(), q.options()).zero_();  // (B, Hkv, Tk, D)
-  auto dv = at::empty(k.sizes(), q.options()).zero_();  // (B, Hkv, Tk, D)
-  if (dq.numel() > 0 && dk.numel() > 0) {
-    if (ct == at::kDouble) {
-      run_backward<double>(batch, scale, dout, q, k, v, out, lse, dq, dk, dv, var, dsinks_bh);
-    } else {
-      run_backward<float>(batch, static_cast<float>(scale), dout, q, k, v, out, lse, dq, dk, dv,
-                          var, dsinks_bh);
-    }
-  }
+  // dq, dk, dv are accumulated into, so zeroed (empty + zero_: one allocation each, as the
+  // profiler sees it).
+  const BackwardTensors t{prepare(grad_out_, ct),
+                          q,
+                          k,
+                          prepare(v_, ct),
+                          prepare(out_, ct),
+                          lse_.contiguous(),
+                          at::empty({batch.B, batch.H, batch.Tq}, q.options()),  // delta
+                          at::empty(q.sizes(), q.options()).zero_(),  // dq (B, H, Tq, D)
+                          at::empty(k.sizes(), q.options()).zero_(),  // dk (B, Hkv, Tk, D)
+                          at::empty(k.sizes(), q.options()).zero_(),  // dv (B, Hkv, Tk, D)
+                          sink_parts(var, batch.B, batch.H, q)};
+  if (t.dq.numel() > 0 && t.dk.numel() > 0) run_backward<DenseLayout>(batch, scale, var, t);
   const auto dt = q_.scalar_type();
-  auto dsinks = dsinks_bh.defined() ? dsinks_bh.sum(0) : at::empty({0}, q.options());  // (H,)
-  return {dq.to(dt), dk.to(dt), dv.to(dt), dsinks};
+  return {t.dq.to(dt), t.dk.to(dt), t.dv.to(dt), sink_grad(t.dsinks, q)};
 }
 
 }  // namespace

@@ -203,20 +203,29 @@ void parallel_claim(int64_t n, const Make& make, const Task& task) {
 }
 
 // One thread's copy of the rows [j0, j0 + n) of K or V of one (sequence, kv head) in tile_gemm
-// panels (keys padded to whole panels), repacked only when asked for other rows: O(T) per
-// thread. Packing costs one pass over the rows; every packed value then serves a query block.
+// panels, repacked only when asked for other rows: O(T) per thread. Packing costs one pass over
+// the rows; every packed value then serves a query block. Two layouts: pack_panels' (keys
+// padded to whole panels: B = x^T, as K in S = Q K^T) or, with `by_columns`, pack_columns' (B = x,
+// as V in P V).
 template <typename T>
 struct Packed {
+  bool by_columns = false;
   std::vector<T> buf;
   int64_t owner = -1, first = -1, count = -1;
 
-  // Panels of x[b, hk, k0 + j0 : k0 + j0 + n], or nullptr where the kernel uses BLAS.
+  // x[b, hk, k0 + j0 : k0 + j0 + n] packed, or nullptr where the kernel uses BLAS.
   const T* rows(const Shape& s, const Rows<const T*>& x, int64_t hk, int64_t j0, int64_t n) {
     if (!use_tiles<T>(s)) return nullptr;
     const int64_t id = s.b * s.Hkv + hk;
     if (id != owner || j0 != first || n != count) {
-      buf.resize(std::max<int64_t>(ceil_div(n, kNR<T>) * kNR<T> * s.D, 1));
-      pack_panels<T>(x.row(s.b, hk, s.k0 + j0), n, s.D, x.st, buf.data());
+      const T* src = x.row(s.b, hk, s.k0 + j0);
+      if (by_columns) {
+        buf.resize(std::max<int64_t>(n * s.D, 1));
+        pack_columns<T>(src, n, s.D, x.st, buf.data());
+      } else {
+        buf.resize(std::max<int64_t>(ceil_div(n, kNR<T>) * kNR<T> * s.D, 1));
+        pack_panels<T>(src, n, s.D, x.st, buf.data());
+      }
       owner = id, first = j0, count = n;
     }
     return buf.data();
@@ -271,15 +280,46 @@ void forward_finish(const Shape& s, const ForwardIO<T>& io, int64_t h, int64_t i
   }
 }
 
-// One (sequence, head, query block): online softmax over the key blocks its rows see (a window
-// skips the blocks wholly outside it). Scratch: S (BQ, BK), acc (BQ, D), m (BQ), l (BQ).
+// A forward thread's scratch: S (BQ, BK), acc (BQ, D), m (BQ), l (BQ) and the running maxima
+// of S's rows (BQ, kNR / 2) that tile_gemm keeps as it stores S.
 template <typename T>
-void forward_block(const Shape& s, T scale, const ForwardIO<T>& io, const T* kpack, int64_t h,
-                   int64_t i0, T* S, T* acc, T* m, T* l) {
+struct ForwardScratch {
+  std::vector<T> buf;
+  std::vector<int64_t> need;  // (BQ,): the columns each row of a diagonal tile needs
+  explicit ForwardScratch(int64_t D)
+      : buf(BQ * BK + BQ * D + 2 * BQ + BQ * kNR<T> / 2), need(BQ) {}
+  T* S() { return buf.data(); }
+  T* acc() { return S() + BQ * BK; }
+  T* m(int64_t D) { return acc() + BQ * D; }
+  T* l(int64_t D) { return m(D) + BQ; }
+  T* vmax(int64_t D) { return l(D) + BQ; }
+};
+
+// Online softmax of one score row srow[lo:hi) (its visible keys; n = hi - lo > 0) whose max is
+// `top`: srow becomes p = exp(s - m_new), l and the row's acc (D values) are rescaled.
+template <typename T>
+inline void softmax_row(T* srow, int64_t n, T top, T* acc, int64_t D, T& m, T& l) {
+  const T m_new = std::max(m, top);
+  const T sum = exp_shift_sum(srow, n, m_new);  // srow = p
+  if (m_new != m) {
+    const T alpha = std::exp(m - m_new);  // 0 on the row's first visible block
+    l *= alpha;
+    scale_row(acc, D, alpha);
+    m = m_new;
+  }
+  l += sum;
+}
+
+// One (sequence, head, query block): online softmax over the key blocks its rows see (a window
+// skips the blocks wholly outside it). A tile every row sees whole (no mask, whole panels, no
+// softcap) takes its row maxima from the S product's store; the others read them from S.
+template <typename T>
+void forward_block(const Shape& s, T scale, const ForwardIO<T>& io, const T* kpack,
+                   const T* vpack, int64_t h, int64_t i0, ForwardScratch<T>& w) {
   const int64_t D = s.D, rows = std::min(BQ, s.Tq - i0);
   const int64_t hk = h / s.group();
   const int64_t kend = s.key_hi(i0 + rows - 1);  // keys needed by the block's last row
-
+  T *S = w.S(), *acc = w.acc(), *m = w.m(D), *l = w.l(D), *vmax = w.vmax(D);
   std::fill(m, m + rows, -std::numeric_limits<T>::infinity());
   std::fill(l, l + rows, T(0));
   std::fill(acc, acc + rows * D, T(0));
@@ -287,36 +327,40 @@ void forward_block(const Shape& s, T scale, const ForwardIO<T>& io, const T* kpa
   const int64_t qs = io.q.st, vs = io.v.st;
   for (int64_t j0 = s.key_start(i0); j0 < kend; j0 += BK) {
     const int64_t cols = std::min(BK, kend - j0);
-    const T* vp = io.v.row(s.b, hk, s.k0 + j0);
+    const bool whole = kpack && io.softcap == T(0) && cols % kNR<T> == 0 &&
+                       s.key_lo(i0 + rows - 1) <= j0 && s.key_hi(i0) >= j0 + cols;
+    // A tile the rows see less and less of towards its top (causal diagonal): each micro-tile
+    // of S and of P V stops at the keys its last row sees.
+    const bool clip = kpack && s.key_hi(i0) < j0 + cols;
+    if (clip) {
+      for (int64_t r = 0; r < rows; ++r) w.need[r] = tile_cols(s, i0 + r, j0, cols).hi;
+    }
+    const int64_t* need = clip ? w.need.data() : nullptr;
     if (kpack) {  // S (rows, cols)
-      tile_gemm<T>(rows, cols, D, scale, {qp, qs, 1}, panels(kpack + j0 * D, D), S, BK, false);
+      if (whole) std::fill(vmax, vmax + rows * kNR<T> / 2, -std::numeric_limits<T>::infinity());
+      tile_gemm<T>(rows, cols, D, scale, {qp, qs, 1}, panels(kpack + j0 * D, D), S, BK, false,
+                   whole ? vmax : nullptr, need);
     } else {
       gemm_nt<T>(rows, cols, D, scale, qp, qs, io.k.row(s.b, hk, s.k0 + j0), io.k.st, T(0), S,
                  BK);
     }
     for (int64_t r = 0; r < rows; ++r) {
       T* srow = S + r * BK;
-      const Cols c = tile_cols(s, i0 + r, j0, cols);
+      const Cols c = whole ? Cols{0, cols} : tile_cols(s, i0 + r, j0, cols);
       const int64_t n = c.hi - c.lo;
       if (n > 0) {
         if (io.softcap > T(0)) softcap_row(srow + c.lo, n, io.softcap);
-        const T m_new = std::max(m[r], row_max(srow + c.lo, n));
-        const T sum = exp_shift_sum(srow + c.lo, n, m_new);  // srow = p
-        if (m_new != m[r]) {
-          const T alpha = std::exp(m[r] - m_new);  // 0 on the row's first visible block
-          l[r] *= alpha;
-          scale_row(acc + r * D, D, alpha);
-          m[r] = m_new;
-        }
-        l[r] += sum;
+        const T top = whole ? row_max_of(vmax, r) : row_max(srow + c.lo, n);
+        softmax_row(srow + c.lo, n, top, acc + r * D, D, m[r], l[r]);
       }
       std::fill(srow, srow + c.lo, T(0));  // masked keys get p = 0
       std::fill(srow + c.hi, srow + cols, T(0));
     }
     if (kpack) {  // acc += P V
-      tile_gemm<T>(rows, D, cols, T(1), {S, BK, 1}, rows_of(vp, vs), acc, D, true);
+      tile_gemm<T>(rows, D, cols, T(1), {S, BK, 1}, columns(vpack, s.Tk, j0), acc, D, true,
+                   nullptr, need, true);
     } else {
-      gemm_nn<T>(rows, D, cols, T(1), S, BK, vp, vs, T(1), acc, D);
+      gemm_nn<T>(rows, D, cols, T(1), S, BK, io.v.row(s.b, hk, s.k0 + j0), vs, T(1), acc, D);
     }
   }
   forward_finish<T>(s, io, h, i0, rows, acc, m, l);
@@ -327,19 +371,16 @@ template <typename T>
 void forward_kernel(const Batch& batch, T scale, const ForwardIO<T>& io) {
   const std::vector<Block> tasks = query_blocks(batch, batch.heaviest_first());
   struct State {
-    std::vector<T> buf;  // S (BQ, BK), acc (BQ, D), m (BQ), l (BQ)
-    Packed<T> kpack;     // tasks are claimed head by head: K is packed about once per head
+    ForwardScratch<T> scratch;
+    Packed<T> kpack, vpack;  // tasks are claimed head by head: K, V packed about once a head
   };
-  const int64_t D = batch.D;
-  const auto make = [&] { return State{std::vector<T>(BQ * BK + BQ * D + 2 * BQ), {}}; };
+  const auto make = [&] { return State{ForwardScratch<T>(batch.D), {}, {true, {}}}; };
   parallel_claim(static_cast<int64_t>(tasks.size()), make, [&](State& st, int64_t t) {
     const Block& task = tasks[t];
     const Shape s = batch.seq(task.b);
-    T* S = st.buf.data();
-    T* acc = S + BQ * BK;
-    const T* kpack = st.kpack.head(s, io.k, task.h / s.group());
-    forward_block<T>(s, scale, io, kpack, task.h, task.start, S, acc, acc + BQ * D,
-                     acc + BQ * D + BQ);
+    const int64_t hk = task.h / s.group();
+    const T *kpack = st.kpack.head(s, io.k, hk), *vpack = st.vpack.head(s, io.v, hk);
+    forward_block<T>(s, scale, io, kpack, vpack, task.h, task.start, st.scratch);
   });
 }
 

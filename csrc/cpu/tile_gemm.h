@@ -43,6 +43,7 @@ struct Reg<float> {
   static R load(const float* p) { return _mm256_loadu_ps(p); }
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static R max(R a, R b) { return _mm256_max_ps(a, b); }
   static void store(float* p, R x) { _mm256_storeu_ps(p, x); }
 };
 template <>
@@ -53,6 +54,7 @@ struct Reg<double> {
   static R load(const double* p) { return _mm256_loadu_pd(p); }
   static R fma(R a, R b, R c) { return _mm256_fmadd_pd(a, b, c); }
   static R mul(R a, R b) { return _mm256_mul_pd(a, b); }
+  static R max(R a, R b) { return _mm256_max_pd(a, b); }
   static void store(double* p, R x) { _mm256_storeu_pd(p, x); }
 };
 #else
@@ -65,14 +67,16 @@ struct Reg {
   static R load(const T* p) { return R::loadu(p); }
   static R fma(R a, R b, R c) { return at::vec::fmadd(a, b, c); }
   static R mul(R a, R b) { return a * b; }
+  static R max(R a, R b) { return at::vec::maximum(a, b); }
   static void store(T* p, R x) { x.store(p); }
 };
 #endif
 
-// C[0:MR, 0:NR] (+)= alpha * sum_p a[i * ais + p * aps] * b[p * ldb + 0:NR]
+// C[0:MR, 0:NR] (+)= alpha * sum_p a[i * ais + p * aps] * b[p * ldb + 0:NR]. With vmax (and
+// not accumulating): vmax[i * W : (i + 1) * W] = max(itself, both halves of C's row i), W = NR / 2.
 template <typename T, int MR>
 inline void micro_kernel(int64_t k, const T* a, int64_t ais, int64_t aps, const T* b, int64_t ldb,
-                         T* c, int64_t ldc, T alpha, bool accumulate) {
+                         T* c, int64_t ldc, T alpha, bool accumulate, T* vmax) {
   using G = Reg<T>;
   using R = typename G::R;
   constexpr int64_t W = kNR<T> / 2;
@@ -97,8 +101,10 @@ inline void micro_kernel(int64_t k, const T* a, int64_t ais, int64_t aps, const 
       G::store(ci, G::fma(acc0[i], va, G::load(ci)));
       G::store(ci + W, G::fma(acc1[i], va, G::load(ci + W)));
     } else {
-      G::store(ci, G::mul(acc0[i], va));
-      G::store(ci + W, G::mul(acc1[i], va));
+      const R c0 = G::mul(acc0[i], va), c1 = G::mul(acc1[i], va);
+      G::store(ci, c0);
+      G::store(ci + W, c1);
+      if (vmax != nullptr) G::store(vmax + i * W, G::max(G::load(vmax + i * W), G::max(c0, c1)));
     }
   }
 }
@@ -106,13 +112,14 @@ inline void micro_kernel(int64_t k, const T* a, int64_t ais, int64_t aps, const 
 // The last m % MR rows of a panel.
 template <typename T>
 inline void micro_kernel_rows(int64_t rows, int64_t k, const T* a, int64_t ais, int64_t aps,
-                              const T* b, int64_t ldb, T* c, int64_t ldc, T alpha, bool acc) {
+                              const T* b, int64_t ldb, T* c, int64_t ldc, T alpha, bool acc,
+                              T* vmax) {
   switch (rows) {
-    case 1: return micro_kernel<T, 1>(k, a, ais, aps, b, ldb, c, ldc, alpha, acc);
-    case 2: return micro_kernel<T, 2>(k, a, ais, aps, b, ldb, c, ldc, alpha, acc);
-    case 3: return micro_kernel<T, 3>(k, a, ais, aps, b, ldb, c, ldc, alpha, acc);
-    case 4: return micro_kernel<T, 4>(k, a, ais, aps, b, ldb, c, ldc, alpha, acc);
-    case 5: return micro_kernel<T, 5>(k, a, ais, aps, b, ldb, c, ldc, alpha, acc);
+    case 1: return micro_kernel<T, 1>(k, a, ais, aps, b, ldb, c, ldc, alpha, acc, vmax);
+    case 2: return micro_kernel<T, 2>(k, a, ais, aps, b, ldb, c, ldc, alpha, acc, vmax);
+    case 3: return micro_kernel<T, 3>(k, a, ais, aps, b, ldb, c, ldc, alpha, acc, vmax);
+    case 4: return micro_kernel<T, 4>(k, a, ais, aps, b, ldb, c, ldc, alpha, acc, vmax);
+    case 5: return micro_kernel<T, 5>(k, a, ais, aps, b, ldb, c, ldc, alpha, acc, vmax);
     default: return;
   }
 }
@@ -136,21 +143,42 @@ inline TileB<T> rows_of(const T* b, int64_t ldb) {
 }
 
 // C (m, n) (+)= alpha * A (m, k) @ B (k, n); n is rounded up to whole panels of NR columns
-// (C must have room for them), m and k are any sizes.
+// (C must have room for them), m and k are any sizes. With rowmax (m x NR / 2 values, set to
+// -inf by the caller; not accumulating), each row's NR / 2 values end up holding its running
+// maxima: row_max_of reduces them (the row maxima of C over the whole panels, padding included).
+// With `need` (m values, non-decreasing): row i needs only its first need[i] columns (n_lim) or
+// terms of the sum (k_lim); a micro-tile stops at what its last row needs (causal diagonal tiles).
 template <typename T>
 inline void tile_gemm(int64_t m, int64_t n, int64_t k, T alpha, TileA<T> a, TileB<T> b, T* c,
-                      int64_t ldc, bool accumulate) {
+                      int64_t ldc, bool accumulate, T* rowmax = nullptr,
+                      const int64_t* need = nullptr, bool need_k = false) {
+  constexpr int64_t W = kNR<T> / 2;
   const int64_t body = m / kMR * kMR;
+  // columns (or terms) the rows [i, i + r) need
+  const auto limit = [&](int64_t i, int64_t r, int64_t all) {
+    return need == nullptr ? all : std::min(all, need[i + r - 1]);
+  };
   for (int64_t j = 0; j * kNR<T> < n; ++j) {
     const T* bp = b.p + j * b.panel;
     T* cj = c + j * kNR<T>;
-    for (int64_t i = 0; i < body; i += kMR)
-      micro_kernel<T, kMR>(k, a.p + i * a.ais, a.ais, a.aps, bp, b.ldb, cj + i * ldc, ldc, alpha,
-                           accumulate);
-    if (body < m)
-      micro_kernel_rows<T>(m - body, k, a.p + body * a.ais, a.ais, a.aps, bp, b.ldb,
-                           cj + body * ldc, ldc, alpha, accumulate);
+    for (int64_t i = 0; i < body; i += kMR) {
+      if (!need_k && j * kNR<T> >= limit(i, kMR, n)) continue;
+      micro_kernel<T, kMR>(need_k ? limit(i, kMR, k) : k, a.p + i * a.ais, a.ais, a.aps, bp,
+                           b.ldb, cj + i * ldc, ldc, alpha, accumulate,
+                           rowmax ? rowmax + i * W : nullptr);
+    }
+    if (body < m && (need_k || j * kNR<T> < limit(body, m - body, n)))
+      micro_kernel_rows<T>(m - body, need_k ? limit(body, m - body, k) : k, a.p + body * a.ais,
+                           a.ais, a.aps, bp, b.ldb, cj + body * ldc, ldc, alpha, accumulate,
+                           rowmax ? rowmax + body * W : nullptr);
   }
+}
+
+// The maximum of row r's NR / 2 running maxima (tile_gemm's rowmax).
+template <typename T>
+inline T row_max_of(const T* rowmax, int64_t r) {
+  constexpr int64_t W = kNR<T> / 2;
+  return *std::max_element(rowmax + r * W, rowmax + (r + 1) * W);
 }
 
 // Packs x (rows, D) (row stride ld) into panels of NR rows, each stored d-major:
@@ -167,6 +195,24 @@ inline void pack_panels(const T* x, int64_t rows, int64_t D, int64_t ld, T* out)
       for (int64_t r = n; r < NR; ++r) panel[d * NR + r] = T(0);
     }
   }
+}
+
+// Packs x (rows, D) (row stride ld) as B of x itself, one panel per NR columns, each panel's rows
+// contiguous: out[j][r][c] = x[r][j * NR + c] (D % NR == 0). Every step of a product then reads
+// NR consecutive values, where x's own rows (ld apart) touch a new cache line per step.
+template <typename T>
+inline void pack_columns(const T* x, int64_t rows, int64_t D, int64_t ld, T* out) {
+  constexpr int64_t NR = kNR<T>;
+  for (int64_t j = 0; j < D / NR; ++j) {
+    T* panel = out + j * rows * NR;
+    for (int64_t r = 0; r < rows; ++r) std::copy_n(x + r * ld + j * NR, NR, panel + r * NR);
+  }
+}
+
+// pack_columns' output of `rows` rows as B, from its row r0 on.
+template <typename T>
+inline TileB<T> columns(const T* packed, int64_t rows, int64_t r0) {
+  return {packed + r0 * kNR<T>, rows * kNR<T>, kNR<T>};
 }
 
 // pack_panels' output as B: its rows from j0 (j0 % NR == 0) start at packed + j0 * D.

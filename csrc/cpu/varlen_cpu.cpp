@@ -18,19 +18,20 @@
 #include <tuple>
 
 #include "../checks.h"
-#include "flash_cpu.h"
-#include "variants.h"
+#include "ops_cpu.h"
 
 namespace fastgpt::cpu {
 namespace {
 
-// A packed (total, H, D) tensor (rows of D values) or an (H, total) one (lse, delta) as Rows:
+// Packed (total, H, D) tensors (rows of D values) and (H, total) ones (lse, delta) as Rows:
 // batch stride 0, the rows of sequence b start at its cu_seqlens value.
-template <typename T>
-Rows<T*> packed_rows(const at::Tensor& t) {
-  if (t.dim() == 2) return {t.data_ptr<T>(), 0, t.stride(0), t.stride(1)};
-  return {t.data_ptr<T>(), 0, t.stride(1), row_stride(t, 0)};
-}
+struct PackedLayout {
+  template <typename T>
+  static Rows<T*> rows(const at::Tensor& t) {
+    if (t.dim() == 2) return {t.data_ptr<T>(), 0, t.stride(0), t.stride(1)};
+    return {t.data_ptr<T>(), 0, t.stride(1), row_stride(t, 0)};
+  }
+};
 
 // A packed t in the compute type with rows the kernel can read (rows_usable, rows at dim 0).
 at::Tensor packed_usable(const at::Tensor& t, at::ScalarType ct) {
@@ -58,12 +59,6 @@ at::Tensor result(const at::Tensor& t, at::ScalarType dt) {
   return at::empty(t.sizes(), t.options().dtype(dt)).copy_(t);
 }
 
-template <typename T>
-Rows<const T*> in(const at::Tensor& t) {
-  const Rows<T*> r = packed_rows<T>(t);
-  return {r.p, r.sb, r.sh, r.st};
-}
-
 // Checks q, k, v and cu_seqlens; the cu_seqlens as contiguous tensors the batch points into.
 std::tuple<at::Tensor, at::Tensor> checked_cu(const at::Tensor& q, const at::Tensor& k,
                                               const at::Tensor& v, const at::Tensor& cu_q_,
@@ -83,67 +78,20 @@ Batch packed_batch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& c
   return batch;
 }
 
-std::tuple<at::Tensor, at::Tensor> varlen_forward_cpu(const at::Tensor& q_, const at::Tensor& k_,
-                                                      const at::Tensor& v_,
-                                                      const at::Tensor& cu_seqlens_q,
-                                                      const at::Tensor& cu_seqlens_k,
-                                                      int64_t max_seqlen_q, int64_t max_seqlen_k,
-                                                      bool causal, double scale,
-                                                      at::OptionalIntArrayRef window,
-                                                      double softcap,
-                                                      const std::optional<at::Tensor>& sinks) {
+std::tuple<at::Tensor, at::Tensor> varlen_forward_cpu(
+    const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, bool causal, double scale, at::OptionalIntArrayRef window,
+    double softcap, const std::optional<at::Tensor>& sinks) {
   const auto [cu_q, cu_k] = checked_cu(q_, k_, v_, cu_seqlens_q, cu_seqlens_k);
-  const auto ct = compute_type(q_);
-  const Variants var = read_variants(window, softcap, sinks, q_.size(1), q_, ct);
+  const auto [ct, var] = op_setup(q_, window, softcap, sinks);
   const auto q = packed_usable(q_, ct), k = packed_usable(k_, ct), v = packed_usable(v_, ct);
   const Batch batch = packed_batch(q, k, cu_q, cu_k, causal, var);
   const int64_t total_q = q.size(0);
   auto out = at::empty({total_q, batch.H, batch.D}, q.options());  // (total_q, H, D)
   auto lse = at::empty({batch.H, total_q}, q.options());           // (H, total_q)
-  if (out.numel() > 0) {
-    if (ct == at::kDouble) {
-      const ForwardIO<double> io{in<double>(q),
-                                 in<double>(k),
-                                 in<double>(v),
-                                 packed_rows<double>(out),
-                                 packed_rows<double>(lse),
-                                 var.softcap,
-                                 sinks_ptr<double>(var)};
-      forward_kernel<double>(batch, scale, io);
-    } else {
-      const ForwardIO<float> io{in<float>(q),
-                                in<float>(k),
-                                in<float>(v),
-                                packed_rows<float>(out),
-                                packed_rows<float>(lse),
-                                static_cast<float>(var.softcap),
-                                sinks_ptr<float>(var)};
-      forward_kernel<float>(batch, static_cast<float>(scale), io);
-    }
-  }
+  if (out.numel() > 0) run_forward<PackedLayout>(batch, scale, var, q, k, v, out, lse);
   return {out.to(q_.scalar_type()), lse};
-}
-
-template <typename T>
-void run_backward(const Batch& batch, T scale, const at::Tensor& dout, const at::Tensor& q,
-                  const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                  const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
-                  const at::Tensor& dv, const Variants& var, const at::Tensor& dsinks) {
-  auto delta = at::empty({batch.H, q.size(0)}, q.options());  // (H, total_q)
-  const Grads<T> g{in<T>(q),
-                   in<T>(k),
-                   in<T>(v),
-                   in<T>(dout),
-                   in<T>(out),
-                   in<T>(lse),
-                   packed_rows<T>(delta),
-                   packed_rows<T>(dq),
-                   packed_rows<T>(dk),
-                   packed_rows<T>(dv),
-                   static_cast<T>(var.softcap),
-                   sinks_ptr<T>(var),
-                   dsinks.defined() ? dsinks.data_ptr<T>() : nullptr};
-  backward_kernel<T>(batch, scale, g);
 }
 
 // dq, dk, dv and d sinks: (H,) in the compute type, (0,) without sinks.
@@ -155,29 +103,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_backward_cpu(
     const std::optional<at::Tensor>& sinks) {
   const auto [cu_q, cu_k] = checked_cu(q_, k_, v_, cu_seqlens_q, cu_seqlens_k);
   check_varlen_backward(grad_out_, q_, out_, lse_);
-  const auto ct = compute_type(q_);
-  const Variants var = read_variants(window, softcap, sinks, q_.size(1), q_, ct);
-  const auto q = head_major(q_, ct), k = head_major(k_, ct), v = head_major(v_, ct);
-  const auto dout = head_major(grad_out_, ct), out = head_major(out_, ct);
-  const auto lse = lse_.contiguous();
+  const auto [ct, var] = op_setup(q_, window, softcap, sinks);
+  const auto q = head_major(q_, ct), k = head_major(k_, ct);
   const Batch batch = packed_batch(q, k, cu_q, cu_k, causal, var);
-  // (B, H): each sequence's part of d sinks, summed below (deterministic, no shared writes)
-  auto dsinks_bh = var.sinks.defined() ? at::zeros({batch.B, batch.H}, q.options()) : at::Tensor();
-  // Accumulated into, so zeroed.
-  auto dq = new_head_major(q.size(0), batch.H, batch.D, q, true);    // (total_q, H, D)
-  auto dk = new_head_major(k.size(0), batch.Hkv, batch.D, q, true);  // (total_k, Hkv, D)
-  auto dv = new_head_major(k.size(0), batch.Hkv, batch.D, q, true);  // (total_k, Hkv, D)
-  if (dq.numel() > 0 && dk.numel() > 0) {
-    if (ct == at::kDouble) {
-      run_backward<double>(batch, scale, dout, q, k, v, out, lse, dq, dk, dv, var, dsinks_bh);
-    } else {
-      run_backward<float>(batch, static_cast<float>(scale), dout, q, k, v, out, lse, dq, dk, dv,
-                          var, dsinks_bh);
-    }
-  }
+  const int64_t total_q = q.size(0), total_k = k.size(0), H = batch.H, Hkv = batch.Hkv;
+  const BackwardTensors t{head_major(grad_out_, ct),
+                          q,
+                          k,
+                          head_major(v_, ct),
+                          head_major(out_, ct),
+                          lse_.contiguous(),
+                          at::empty({H, total_q}, q.options()),  // delta (H, total_q)
+                          new_head_major(total_q, H, batch.D, q, true),  // dq (total_q, H, D)
+                          new_head_major(total_k, Hkv, batch.D, q, true),  // dk (total_k, Hkv, D)
+                          new_head_major(total_k, Hkv, batch.D, q, true),  // dv (total_k, Hkv, D)
+                          sink_parts(var, batch.B, H, q)};
+  if (t.dq.numel() > 0 && t.dk.numel() > 0) run_backward<PackedLayout>(batch, scale, var, t);
   const auto dt = q_.scalar_type();
-  auto dsinks = dsinks_bh.defined() ? dsinks_bh.sum(0) : at::empty({0}, q.options());  // (H,)
-  return {result(dq, dt), result(dk, dt), result(dv, dt), dsinks};
+  return {result(t.dq, dt), result(t.dk, dt), result(t.dv, dt), sink_grad(t.dsinks, q)};
 }
 
 }  // namespace
