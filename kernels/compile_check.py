@@ -54,8 +54,9 @@ VARLEN_KINDS = ("fwd", "dkdv", "dq")
 
 def cases(arch: int, dtypes=("bf16", "fp32")):
     """Every (kernel, config) the autotuner of sm_<arch> may launch, dense and, for 16-bit inputs,
-    the varlen twin of each fwd / dK/dV / dQ case. 16-bit inputs: at every head-dim bucket. fp32
-    (one small config, slow full-precision dots; its varlen twins are left out to keep the cold
+    the varlen twin of each fwd / dK/dV / dQ case and the attention variants at every config they
+    may run with (table_variant_cases). 16-bit inputs: at every head-dim bucket. fp32 (one small
+    config, slow full-precision dots; its varlen and variant twins are left out to keep the cold
     run short): at the largest head dim of each table row group, where shared memory and
     registers peak."""
     capability = (arch // 10, arch % 10)
@@ -68,6 +69,7 @@ def cases(arch: int, dtypes=("bf16", "fp32")):
             continue
         if row in configs.select_rows(kind, capability, block_d, elem, limit, varlen=True):
             yield arch, kind, dtype, block_d, row, {**(override or {}), **VARLEN}
+    yield from table_variant_cases(arch, dtypes)
 
 
 def dense_cases(arch: int, dtypes=("bf16", "fp32")):
@@ -118,6 +120,46 @@ for _kind in ("dkdv", "dq"):
 for _kind in VARLEN_KINDS:  # varlen: non-causal and a padded head dim
     VARIANTS[_kind] += [{**VARLEN, "CAUSAL": False}, {**VARLEN, "HEAD_DIM": 40}]
     VARIANTS[_kind] += [{**VARLEN, **WINDOW, **SOFTCAP}]
+
+
+# The attention variants at every autotune config they may run with (configs.select_rows(...,
+# variants=True)), 16-bit, at the largest head dim of each table row group (where registers
+# peak; the smaller dims were measured once, bench/NOTES_triton.md): the combination with the
+# most code, window + softcap (+ sinks in the forward), on every load path and as the varlen twin;
+# on sm_90 also window alone (its masked left-edge loop runs before the pipelined one: where ptxas
+# serialized wgmma, which only sm_90 has).
+WINDOW_SOFTCAP = {**WINDOW, **SOFTCAP}
+TABLE_VARIANTS = {"fwd": ALL_VARIANTS, "dkdv": WINDOW_SOFTCAP, "dq": WINDOW_SOFTCAP}
+TABLE_VARIANTS["kvcache"] = WINDOW_SOFTCAP  # on its default (paged) path
+
+
+def variant_combos(kind: str, arch: int) -> list[dict]:
+    """The variant overrides checked at every config of `kind` on sm_<arch>."""
+    return [TABLE_VARIANTS[kind]] + [WINDOW] * (arch >= 90)
+
+
+def variant_head_dims(kind: str, arch: int) -> list[int]:
+    """The largest head dim of each of `kind`'s row groups on sm_<arch>."""
+    groups = configs.TABLES[kind][configs.family((arch // 10, arch % 10))]
+    return sorted(max(dims) for dims in groups)
+
+
+def table_variant_cases(arch: int, dtypes=("bf16",)):
+    """The TABLE_VARIANTS cases of sm_<arch> for the 16-bit dtypes among `dtypes`."""
+    capability = (arch // 10, arch % 10)
+    limit = configs.SMEM_LIMIT[capability]
+    for dtype in (d for d in dtypes if aot.ELEMENT_SIZE[d] == 2):
+        for kind in TABLE_VARIANTS:
+            tma_max = configs.TMA_MAX_BLOCK_D.get(kind, 0)
+            for block_d in variant_head_dims(kind, arch):
+                paths = [{}] + [TMA] * (arch >= 90 and block_d <= tma_max)
+                rows = configs.select_rows(kind, capability, block_d, 2, limit, variants=True)
+                varlen = configs.select_rows(kind, capability, block_d, 2, limit, True, True)
+                for row, path in ((r, p) for r in rows for p in paths):
+                    for i, combo in enumerate(variant_combos(kind, arch)):
+                        yield arch, kind, dtype, block_d, row, {**path, **combo}
+                        if i == 0 and kind in VARLEN_KINDS and row in varlen:
+                            yield arch, kind, dtype, block_d, row, {**path, **combo, **VARLEN}
 
 
 def variant_cases(arch: int, dtypes=("fp16",)):

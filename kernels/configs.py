@@ -101,6 +101,18 @@ VARLEN_SPILLS = {
     ("dkdv", "ampere", 64): [(32, 64, 4, 3)],  # 12 B
 }
 
+# Rows that spill registers or serialize wgmma with the attention variants on (WINDOW and / or
+# SOFTCAP, sinks) where the plain row is clean (compile_check's TABLE_VARIANTS cases, bf16; what
+# each did in the comments). The autotune of a call with any variant skips them, a varlen call
+# with a variant also VARLEN_VARIANT_SPILLS (and VARLEN_SPILLS); each group keeps a row.
+# {(kind, family, BLOCK_D): [rows]}
+VARIANT_SPILLS = {
+    ("dq", "hopper", 256): [(64, 16, 4, 2)],  # window: C7515 and 24 B; + softcap 128 B
+}
+VARLEN_VARIANT_SPILLS = {
+    ("dkdv", "ampere", 256): [(32, 32, 8, 1)],  # window + softcap: 44 B (dense: clean)
+}
+
 # Largest BLOCK_D that takes the tensor-descriptor path on sm_90 (compile_check: the dQ D=256
 # tiles, 32 x 32 on mma.sync, spill 2-2.4 KB with descriptors and none without; dK/dV alike).
 TMA_MAX_BLOCK_D = {"fwd": 256, "dq": 128, "dkdv": 128}
@@ -158,19 +170,25 @@ def select_rows(
     elem: int,
     smem_limit: int,
     varlen: bool = False,
+    variants: bool = False,
 ) -> list[tuple[int, int, int, int]]:
     """The configs autotune may try on one GPU for one padded head dim and element size.
 
     16-bit inputs on sm_80 / sm_90: the whole table row group (the compile test measures every
-    one), less VARLEN_SPILLS for the varlen kernels. Other GPUs: the rows whose estimate fits
+    one), less VARLEN_SPILLS for the varlen kernels and VARIANT_SPILLS for a call with an
+    attention variant (window, softcap, sinks). Other GPUs: the rows whose estimate fits
     their shared memory. fp32 inputs (a correctness path: full-precision dots compile slowly) get
     a single small config.
     """
     table = TABLES[kind][family(capability)]
     rows = next(group for dims, group in table.items() if block_d in dims)
-    if varlen:
-        spills = VARLEN_SPILLS.get((kind, family(capability), block_d), [])
-        rows = [r for r in rows if r not in spills]
+    key = (kind, family(capability), block_d)
+    spills = [
+        *(VARLEN_SPILLS.get(key, []) if varlen else []),
+        *(VARIANT_SPILLS.get(key, []) if variants else []),
+        *(VARLEN_VARIANT_SPILLS.get(key, []) if varlen and variants else []),
+    ]
+    rows = [r for r in rows if r not in spills]
     measured = SMEM_LIMIT.get(capability)
     if elem == 2 and measured is not None and smem_limit >= measured:
         return rows
@@ -196,13 +214,21 @@ def _device_limits(t: torch.Tensor) -> tuple[tuple[int, int], int]:
     return capability, limit
 
 
+def uses_variants(args: dict) -> bool:
+    """Whether a launch's arguments switch an attention variant on (WINDOW, SOFTCAP, Sinks)."""
+    on = bool(args.get("WINDOW", False)) or bool(args.get("SOFTCAP", False))
+    return on or args.get("Sinks") is not None
+
+
 def _make_prune(kind: str, tensor_arg: str):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         t = args[tensor_arg]
         capability, limit = _device_limits(t)
         varlen = bool(args.get("IS_VARLEN", False))
-        rows = select_rows(kind, capability, args["BLOCK_D"], t.element_size(), limit, varlen)
+        variants = uses_variants(args)
+        elem = t.element_size()
+        rows = select_rows(kind, capability, args["BLOCK_D"], elem, limit, varlen, variants)
         make = _decode_config if kind == "decode" else _config
         return [make(r) for r in rows]
 

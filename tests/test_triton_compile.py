@@ -10,13 +10,15 @@ for this process, which replaces @triton.jit functions).
 
 One more test compiles the code paths the table does not take (non-causal, padded head dim,
 negative scale, lengths Triton specialises to 1; varlen non-causal and padded) with one config
-each. The table covers the varlen kernels (IS_VARLEN) at every 16-bit config, as the dense ones.
+each. The table covers the varlen kernels (IS_VARLEN) at every 16-bit config, as the dense ones,
+and the attention variants (window + softcap + sinks, window alone on sm_90) at every config
+their autotune may pick (configs.VARIANT_SPILLS left out), at the largest head dim of each row
+group (compile_check.table_variant_cases).
 
-16-bit configs are what autotune tries on these GPUs, at every head-dim bucket (fp16 and bf16
-compile to the same tiles, so bf16 stands for both here; compile_check --dtype fp16 checks fp16).
-fp32 gets one config per kernel. compile_check caches each case's result (keyed by the kernel
-sources, the case and the Triton / ptxas versions), so a warm run takes seconds; cold, the whole
-file takes about 10 minutes on 2 cores.
+16-bit configs are what autotune tries on these GPUs, at every head-dim bucket, bf16 and fp16
+alike (strict: no spill, no serialized wgmma). fp32 gets one config per kernel. compile_check
+caches each case's result (keyed by the kernel sources, the case and the Triton / ptxas
+versions), so a warm run takes seconds; cold times are in bench/NOTES_triton.md.
 """
 
 import json
@@ -30,12 +32,18 @@ pytest.importorskip("triton")
 
 from fastgpt.kernels import configs  # noqa: E402
 from fastgpt.kernels.compile_check import (  # noqa: E402
+    TABLE_VARIANTS,
+    TMA,
     TUNED,
     VARIANTS,
+    VARLEN,
     VARLEN_KINDS,
+    WINDOW,
     cases,
     problems,
 )
+
+HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 def compile_all(arch: int, dtype: str, *flags: str) -> list[dict]:
@@ -49,9 +57,13 @@ def compile_all(arch: int, dtype: str, *flags: str) -> list[dict]:
     return records
 
 
+def case_id(kind: str, block_d: int, row, override: dict | None) -> tuple:
+    return kind, block_d, tuple(row), json.dumps(override or {}, sort_keys=True)
+
+
 def check_records(records: list[dict], arch: int, dtype: str) -> None:
-    expected = {(k, d, tuple(r)) for _, k, _, d, r, _ in cases(arch, (dtype,))}
-    seen = {(r["kernel"], r["head_dim"], tuple(r["config"])) for r in records}
+    expected = {case_id(k, d, r, o) for _, k, _, d, r, o in cases(arch, (dtype,))}
+    seen = {case_id(r["kernel"], r["head_dim"], r["config"], r.get("override")) for r in records}
     assert seen == expected, f"cases missing from the run: {expected - seen}"
     assert_clean(records, arch, dtype, strict=dtype != "fp32")
     assert {r["kernel"] for r in records} >= set(TUNED)
@@ -86,9 +98,11 @@ def assert_clean(records: list[dict], arch: int, dtype: str, strict: bool) -> No
     assert not found, f"sm_{arch} {dtype}:\n" + "\n".join(found)
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("arch", [80, 90], ids=["sm80", "sm90"])
-def test_every_16bit_config_compiles_and_fits(arch):
-    check_records(compile_all(arch, "bf16"), arch, "bf16")
+def test_every_16bit_config_compiles_and_fits(arch, dtype):
+    # Plain, varlen and the attention variants at every config autotune may pick for them.
+    check_records(compile_all(arch, dtype), arch, dtype)
 
 
 def test_other_code_paths_compile_for_sm90():
@@ -133,6 +147,86 @@ def test_cases_cover_the_varlen_kernels():
                 for row in configs.select_rows(kind, capability, block_d, 2, limit, varlen=True):
                     for tma in paths:
                         assert (kind, block_d, row, tma) in measured, (arch, kind, block_d, row)
+
+
+def test_cases_cover_the_variant_autotune():
+    # Every 16-bit config the autotune of a call with window / softcap / sinks may pick (the table
+    # less configs.VARIANT_SPILLS; varlen less VARLEN_SPILLS and VARLEN_VARIANT_SPILLS too) is
+    # measured with the variants on, at the largest head dim of each row group: window + softcap
+    # (+ sinks in the forward) on every load path and as the varlen twin; window alone on sm_90.
+    for kind, combo in TABLE_VARIANTS.items():
+        assert combo["WINDOW"] and combo["SOFTCAP"] and (kind != "fwd" or combo["SINKS"])
+    assert set(TABLE_VARIANTS) == set(VARLEN_KINDS) | {"kvcache"}
+    for arch in (80, 90):
+        capability = (arch // 10, arch % 10)
+        limit = configs.SMEM_LIMIT[capability]
+        measured = {case_id(k, d, r, o) for _, k, _, d, r, o in cases(arch, ("fp16",))}
+        for kind, combo in TABLE_VARIANTS.items():
+            tma_max = configs.TMA_MAX_BLOCK_D.get(kind, 0)
+            for dims in configs.TABLES[kind][configs.family(capability)]:
+                block_d = max(dims)
+                paths = [{}] + [TMA] * (arch >= 90 and block_d <= tma_max)
+                varlen = configs.select_rows(kind, capability, block_d, 2, limit, True, True)
+                for row in configs.select_rows(kind, capability, block_d, 2, limit, variants=True):
+                    for path in paths:
+                        want = [{**path, **combo}] + [{**path, **WINDOW}] * (arch >= 90)
+                        if kind in VARLEN_KINDS and row in varlen:
+                            want.append({**path, **combo, **VARLEN})
+                        for override in want:
+                            assert case_id(kind, block_d, row, override) in measured, (arch, row)
+
+
+def test_variant_pruning_keeps_a_row_in_every_group():
+    for capability, limit in configs.SMEM_LIMIT.items():
+        for kind in configs.TABLES:
+            for block_d in HEAD_DIMS:
+                for varlen in (False, True):
+                    rows = configs.select_rows(kind, capability, block_d, 2, limit, varlen, True)
+                    assert rows, (capability, kind, block_d, varlen)
+
+
+def rows_of(kept) -> list[tuple[int, int, int, int]]:
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (9, 0)], ids=["sm80", "sm90"])
+def test_autotune_drops_the_variant_spills_at_run_time(monkeypatch, capability):
+    # What early_config_prune returns for a call with a variant (window, softcap or sinks): the
+    # rows select_rows keeps with variants=True, none of VARIANT_SPILLS; a plain call keeps the
+    # whole group. The backward passes take no sinks (their code is then the plain one).
+    import torch
+
+    limit = configs.SMEM_LIMIT[capability]
+    family = configs.family(capability)
+    monkeypatch.setattr(configs, "_device_limits", lambda t: (capability, limit))
+    q, sinks = torch.empty(1, dtype=torch.float16), torch.zeros(1)
+    calls = [({}, False), ({"WINDOW": False, "SOFTCAP": False, "Sinks": None}, False)]
+    calls += [({"WINDOW": True}, True), ({"SOFTCAP": True}, True), ({"Sinks": sinks}, True)]
+    prunes = {
+        "fwd": (configs.prune_fwd, configs.FWD_CONFIGS),
+        "dkdv": (configs.prune_dkdv, configs.DKDV_CONFIGS),
+        "dq": (configs.prune_dq, configs.DQ_CONFIGS),
+    }
+    for kind, (prune, all_configs) in prunes.items():
+        for block_d in HEAD_DIMS:
+            key = (kind, family, block_d)
+            for call, on in calls:
+                for varlen in (False, True):
+                    spills = [*configs.VARIANT_SPILLS.get(key, [])]
+                    spills += configs.VARLEN_VARIANT_SPILLS.get(key, []) if varlen else []
+                    args = {"BLOCK_D": block_d, "HEAD_DIM": 1, "IS_VARLEN": varlen, **call}
+                    got = rows_of(prune(all_configs, {"Q": q}, **args))
+                    want = configs.select_rows(kind, capability, block_d, 2, limit, varlen, on)
+                    assert got == want, (kind, block_d, call, varlen)
+                    if on:
+                        assert not set(got) & set(spills), (kind, block_d, call, varlen)
+                    elif not varlen:
+                        assert set(spills) <= set(got), (kind, block_d)
+    for block_d in HEAD_DIMS:  # the KV-cache kernel: one BLOCK_M of its variant rows
+        args = {"BLOCK_D": block_d, "HEAD_DIM": 1, "M_ROWS": 16, "WINDOW": True}
+        got = rows_of(configs.prune_kvcache(configs.KVCACHE_CONFIGS, {"Q": q}, **args))
+        want = configs.select_rows("kvcache", capability, block_d, 2, limit, variants=True)
+        assert got and set(got) <= set(want), block_d
 
 
 PTXAS_LOG = """\
