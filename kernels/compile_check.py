@@ -152,14 +152,15 @@ def table_variant_cases(arch: int, dtypes=("bf16",)):
         for kind in TABLE_VARIANTS:
             tma_max = configs.TMA_MAX_BLOCK_D.get(kind, 0)
             for block_d in variant_head_dims(kind, arch):
-                paths = [{}] + [TMA] * (arch >= 90 and block_d <= tma_max)
-                rows = configs.select_rows(kind, capability, block_d, 2, limit, variants=True)
-                varlen = configs.select_rows(kind, capability, block_d, 2, limit, True, True)
-                for row, path in ((r, p) for r in rows for p in paths):
-                    for i, combo in enumerate(variant_combos(kind, arch)):
-                        yield arch, kind, dtype, block_d, row, {**path, **combo}
-                        if i == 0 and kind in VARLEN_KINDS and row in varlen:
-                            yield arch, kind, dtype, block_d, row, {**path, **combo, **VARLEN}
+                for path in [{}] + [TMA] * (arch >= 90 and block_d <= tma_max):
+                    select = (kind, capability, block_d, 2, limit)
+                    rows = configs.select_rows(*select, False, True, bool(path))
+                    varlen = configs.select_rows(*select, True, True, bool(path))
+                    for row in rows:
+                        for i, combo in enumerate(variant_combos(kind, arch)):
+                            yield arch, kind, dtype, block_d, row, {**path, **combo}
+                            if i == 0 and kind in VARLEN_KINDS and row in varlen:
+                                yield arch, kind, dtype, block_d, row, {**path, **combo, **VARLEN}
 
 
 def variant_cases(arch: int, dtypes=("fp16",)):

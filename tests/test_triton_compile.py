@@ -73,13 +73,15 @@ def check_records(records: list[dict], arch: int, dtype: str) -> None:
 
 def assert_tensor_cores(records: list[dict], arch: int) -> None:
     """16-bit dots run on tensor cores: mma.sync on sm_80; wgmma on sm_90 wherever the tile allows
-    it (the forward, dK/dV and dQ up to D=128; the 16-row decode tiles and the small D=256
-    backward tiles are below wgmma's 64-row warpgroup tile and use mma.sync; the KV-cache tiles,
-    16 to 64 rows, may take either)."""
+    it (the forward, dK/dV and dQ up to D=128; the 16-row decode tiles, the small D=256 backward
+    tiles and any tile whose accumulator has fewer than 64 rows (dK/dV: BLOCK_N, else BLOCK_M) are
+    below wgmma's 64-row warpgroup tile and use mma.sync; the KV-cache tiles, 16 to 64 rows, may
+    take either)."""
     for r in records:
         if r["kernel"] not in TUNED:
             continue
-        small_m = r["kernel"] in ("decode", "kvcache")
+        acc_rows = r["config"][1 if r["kernel"] == "dkdv" else 0]
+        small_m = r["kernel"] in ("decode", "kvcache") or acc_rows < 64
         if arch == 80 or small_m or (r["kernel"] != "fwd" and r["head_dim"] > 128):
             assert r["mma"] in (("mma.sync",) if arch == 80 else ("wgmma", "mma.sync")), r
         else:
@@ -165,10 +167,10 @@ def test_cases_cover_the_variant_autotune():
             tma_max = configs.TMA_MAX_BLOCK_D.get(kind, 0)
             for dims in configs.TABLES[kind][configs.family(capability)]:
                 block_d = max(dims)
-                paths = [{}] + [TMA] * (arch >= 90 and block_d <= tma_max)
-                varlen = configs.select_rows(kind, capability, block_d, 2, limit, True, True)
-                for row in configs.select_rows(kind, capability, block_d, 2, limit, variants=True):
-                    for path in paths:
+                for path in [{}] + [TMA] * (arch >= 90 and block_d <= tma_max):
+                    select = (kind, capability, block_d, 2, limit)
+                    varlen = configs.select_rows(*select, True, True, bool(path))
+                    for row in configs.select_rows(*select, False, True, bool(path)):
                         want = [{**path, **combo}] + [{**path, **WINDOW}] * (arch >= 90)
                         if kind in VARLEN_KINDS and row in varlen:
                             want.append({**path, **combo, **VARLEN})
@@ -180,9 +182,20 @@ def test_variant_pruning_keeps_a_row_in_every_group():
     for capability, limit in configs.SMEM_LIMIT.items():
         for kind in configs.TABLES:
             for block_d in HEAD_DIMS:
-                for varlen in (False, True):
-                    rows = configs.select_rows(kind, capability, block_d, 2, limit, varlen, True)
-                    assert rows, (capability, kind, block_d, varlen)
+                for varlen, tma in ((v, t) for v in (False, True) for t in (False, True)):
+                    rows = configs.select_rows(
+                        kind, capability, block_d, 2, limit, varlen, True, tma
+                    )
+                    assert rows, (capability, kind, block_d, varlen, tma)
+
+
+def spills(key: tuple, varlen: bool, tma: bool) -> list:
+    """The rows a call with a variant must not get (key: kind, family, BLOCK_D)."""
+    found = [*configs.VARIANT_SPILLS.get((*key, tma), [])]
+    if varlen:
+        found += configs.VARLEN_VARIANT_SPILLS.get((*key, tma), [])
+        found += configs.VARLEN_SPILLS.get(key, [])
+    return found
 
 
 def rows_of(kept) -> list[tuple[int, int, int, int]]:
@@ -212,16 +225,18 @@ def test_autotune_drops_the_variant_spills_at_run_time(monkeypatch, capability):
             key = (kind, family, block_d)
             for call, on in calls:
                 for varlen in (False, True):
-                    spills = [*configs.VARIANT_SPILLS.get(key, [])]
-                    spills += configs.VARLEN_VARIANT_SPILLS.get(key, []) if varlen else []
-                    args = {"BLOCK_D": block_d, "HEAD_DIM": 1, "IS_VARLEN": varlen, **call}
-                    got = rows_of(prune(all_configs, {"Q": q}, **args))
-                    want = configs.select_rows(kind, capability, block_d, 2, limit, varlen, on)
-                    assert got == want, (kind, block_d, call, varlen)
-                    if on:
-                        assert not set(got) & set(spills), (kind, block_d, call, varlen)
-                    elif not varlen:
-                        assert set(spills) <= set(got), (kind, block_d)
+                    for tma in (False, True):
+                        args = {"BLOCK_D": block_d, "HEAD_DIM": 1, "IS_VARLEN": varlen, **call}
+                        args["USE_TMA"] = tma
+                        got = rows_of(prune(all_configs, {"Q": q}, **args))
+                        select = (kind, capability, block_d, 2, limit)
+                        assert got == configs.select_rows(*select, varlen, on, tma), (kind, args)
+                        if on:
+                            bad = spills(key, varlen, tma)
+                            assert got and not set(got) & set(bad), (kind, args)
+                            assert set(configs.VARIANT_ROWS.get((*key, tma), [])) <= set(got)
+                        elif not varlen:
+                            assert got == configs.select_rows(*select), (kind, args)
     for block_d in HEAD_DIMS:  # the KV-cache kernel: one BLOCK_M of its variant rows
         args = {"BLOCK_D": block_d, "HEAD_DIM": 1, "M_ROWS": 16, "WINDOW": True}
         got = rows_of(configs.prune_kvcache(configs.KVCACHE_CONFIGS, {"Q": q}, **args))
