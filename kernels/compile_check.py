@@ -52,27 +52,27 @@ VARLEN = {"IS_VARLEN": True}  # packed sequences (cu_seqlens): the same configs 
 VARLEN_KINDS = ("fwd", "dkdv", "dq")
 
 
-def cases(arch: int, dtypes=("bf16", "fp32")):
+def cases(arch: int, dtypes=("bf16", "fp32"), peak: bool = False):
     """Every (kernel, config) the autotuner of sm_<arch> may launch, dense and, for 16-bit inputs,
     the varlen twin of each fwd / dK/dV / dQ case and the attention variants at every config they
     may run with (table_variant_cases). 16-bit inputs: at every head-dim bucket. fp32 (one small
     config, slow full-precision dots; its varlen and variant twins are left out to keep the cold
-    run short): at the largest head dim of each table row group, where shared memory and
-    registers peak."""
+    run short), and 16-bit inputs with `peak`: at the largest head dim of each table row group,
+    where shared memory and registers peak (`peak` also leaves the varlen twins out)."""
     capability = (arch // 10, arch % 10)
     limit = configs.SMEM_LIMIT[capability]
-    for case in dense_cases(arch, dtypes):
+    for case in dense_cases(arch, dtypes, peak):
         yield case
         arch, kind, dtype, block_d, row, override = case
         elem = aot.ELEMENT_SIZE[dtype]
-        if kind not in VARLEN_KINDS or elem != 2:
+        if kind not in VARLEN_KINDS or elem != 2 or peak:
             continue
         if row in configs.select_rows(kind, capability, block_d, elem, limit, varlen=True):
             yield arch, kind, dtype, block_d, row, {**(override or {}), **VARLEN}
-    yield from table_variant_cases(arch, dtypes)
+    yield from table_variant_cases(arch, dtypes, varlen=not peak)
 
 
-def dense_cases(arch: int, dtypes=("bf16", "fp32")):
+def dense_cases(arch: int, dtypes=("bf16", "fp32"), peak: bool = False):
     """cases() without the varlen kernels."""
     capability = (arch // 10, arch % 10)
     limit = configs.SMEM_LIMIT[capability]
@@ -80,7 +80,7 @@ def dense_cases(arch: int, dtypes=("bf16", "fp32")):
         groups = configs.TABLES[kind][configs.family(capability)]
         for dtype in dtypes:
             elem = aot.ELEMENT_SIZE[dtype]
-            dims = HEAD_DIMS if elem == 2 else tuple(max(g) for g in groups)
+            dims = HEAD_DIMS if elem == 2 and not peak else tuple(max(g) for g in groups)
             for block_d in dims:
                 for row in configs.select_rows(kind, capability, block_d, elem, limit):
                     yield arch, kind, dtype, block_d, row, None
@@ -144,8 +144,9 @@ def variant_head_dims(kind: str, arch: int) -> list[int]:
     return sorted(max(dims) for dims in groups)
 
 
-def table_variant_cases(arch: int, dtypes=("bf16",)):
-    """The TABLE_VARIANTS cases of sm_<arch> for the 16-bit dtypes among `dtypes`."""
+def table_variant_cases(arch: int, dtypes=("bf16",), varlen: bool = True):
+    """The TABLE_VARIANTS cases of sm_<arch> for the 16-bit dtypes among `dtypes` (with the
+    varlen twins unless `varlen` is False)."""
     capability = (arch // 10, arch % 10)
     limit = configs.SMEM_LIMIT[capability]
     for dtype in (d for d in dtypes if aot.ELEMENT_SIZE[d] == 2):
@@ -155,11 +156,11 @@ def table_variant_cases(arch: int, dtypes=("bf16",)):
                 for path in [{}] + [TMA] * (arch >= 90 and block_d <= tma_max):
                     select = (kind, capability, block_d, 2, limit)
                     rows = configs.select_rows(*select, False, True, bool(path))
-                    varlen = configs.select_rows(*select, True, True, bool(path))
+                    twins = configs.select_rows(*select, True, True, bool(path)) if varlen else []
                     for row in rows:
                         for i, combo in enumerate(variant_combos(kind, arch)):
                             yield arch, kind, dtype, block_d, row, {**path, **combo}
-                            if i == 0 and kind in VARLEN_KINDS and row in varlen:
+                            if i == 0 and kind in VARLEN_KINDS and row in twins:
                                 yield arch, kind, dtype, block_d, row, {**path, **combo, **VARLEN}
 
 
@@ -287,13 +288,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, action="append", choices=[80, 90], required=True)
     parser.add_argument("--dtype", action="append", choices=sorted(aot.ELEMENT_SIZE))
     parser.add_argument("--variants", action="store_true", help="the VARIANTS code paths instead")
+    peak = "16-bit: only the largest head dim of each row group, no varlen twins"
+    parser.add_argument("--peak-dims", action="store_true", help=peak)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--no-cache", action="store_true", help="compile every case again")
     parser.add_argument("--markdown", type=Path, help="rewrite the table in this markdown file")
     args = parser.parse_args(argv)
     dtypes = tuple(args.dtype or ("bf16", "fp32"))
-    make = variant_cases if args.variants else cases
-    all_cases = [c for arch in args.arch for c in make(arch, dtypes)]
+    if args.variants:
+        all_cases = [c for arch in args.arch for c in variant_cases(arch, dtypes)]
+    else:
+        all_cases = [c for arch in args.arch for c in cases(arch, dtypes, args.peak_dims)]
     failed, records = False, []
     for record in run_all(all_cases, args.jobs, not args.no_cache):
         strict = not args.variants and record["dtype"] != "fp32" and record["kernel"] in TUNED

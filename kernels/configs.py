@@ -112,6 +112,7 @@ VARIANT_SPILLS = {
     # + C7515 (window: the masked left-edge loop before the pipelined one); W 8 B
     ("fwd", "hopper", 128, False): [*_HOPPER_FWD_128, (128, 64, 8, 3), (64, 64, 4, 3)],
     ("fwd", "hopper", 128, True): _HOPPER_FWD_128,  # WSS 148 B each (W clean)
+    ("fwd", "hopper", 64, False): [(128, 64, 4, 4)],  # W 24 B
     ("dkdv", "hopper", 128, False): [(16, 128, 8, 2), (16, 64, 8, 2)],  # W 120 / 104, WS 136 / 112
     ("dkdv", "hopper", 128, True): [(16, 128, 8, 2), (16, 64, 8, 2)],  # W 132 / 56, WS 148 / 64
     ("dq", "hopper", 128, False): [(128, 64, 8, 2), (128, 32, 8, 3)],  # C7515 with the window
