@@ -102,11 +102,12 @@ VARLEN_SPILLS = {
 }
 
 # Rows that spill registers or serialize wgmma with the attention variants on (WINDOW and / or
-# SOFTCAP, sinks) where the plain row is clean (compile_check's table_variant_cases, bf16 and
-# fp16 alike; what each did in the comments: W window, WS window + softcap, WSS + sinks). A call
-# with any variant skips them, a varlen one VARLEN_VARIANT_SPILLS (and VARLEN_SPILLS) too, and
-# tries VARIANT_ROWS as well where that leaves a group with nothing clean.
-# {(kind, family, BLOCK_D, the descriptor path): [rows]}
+# SOFTCAP, sinks) where the plain row is clean (compile_check's table_variant_cases, at the
+# largest head dim of each row group; bf16 and fp16 alike; what each did in the comments: W
+# window, WS window + softcap, WSS + sinks). A call with any variant skips them at every head dim
+# of the group, a varlen one VARLEN_VARIANT_SPILLS (and VARLEN_SPILLS) too, and tries VARIANT_ROWS
+# as well where that leaves a group with nothing clean.
+# {(kind, family, largest BLOCK_D of the group, the descriptor path): [rows]}
 _HOPPER_FWD_128 = [(128, 128, 8, 3), (128, 128, 8, 2)]  # W 72 / 468 B, WSS 360 / 344 B
 VARIANT_SPILLS = {
     # + C7515 (window: the masked left-edge loop before the pipelined one); W 8 B
@@ -118,6 +119,8 @@ VARIANT_SPILLS = {
     ("dq", "hopper", 128, False): [(128, 64, 8, 2), (128, 32, 8, 3)],  # C7515 with the window
     ("dq", "hopper", 256, False): [(64, 16, 4, 2)],  # W: C7515 and 24 B; WS 128 B
     ("fwd", "ampere", 128, False): [(64, 64, 4, 3)],  # WSS 8 B
+    ("dkdv", "ampere", 32, False): [(32, 128, 4, 3), (64, 64, 4, 3)],  # WS 40 / 72 B
+    ("dkdv", "ampere", 64, False): [(32, 64, 4, 3)],  # WS 12 B
     ("fwd", "ampere", 256, False): [(64, 64, 8, 2)],  # WSS 8 B
 }
 VARLEN_VARIANT_SPILLS = {
@@ -127,6 +130,7 @@ VARIANT_ROWS = {
     ("fwd", "hopper", 128, False): [(64, 64, 4, 2)],
     ("dkdv", "hopper", 128, False): [(32, 32, 8, 2)],  # 32 keys: mma.sync, as at D=256
     ("dkdv", "hopper", 128, True): [(16, 64, 8, 1)],
+    ("dkdv", "ampere", 32, False): [(32, 64, 4, 3)],
 }
 
 # Largest BLOCK_D that takes the tensor-descriptor path on sm_90 (compile_check: the dQ D=256
@@ -179,9 +183,10 @@ def family(capability: tuple[int, int]) -> str:
     return "hopper" if capability[0] >= 9 else "ampere"
 
 
-def _clean_rows(rows: list, key: tuple, varlen: bool, variants: bool, tma: bool) -> list:
-    """`rows` less the spill lists that apply to a call (key: kind, family, BLOCK_D)."""
-    path = (*key, tma)
+def _clean_rows(rows: list, key: tuple, peak: int, varlen: bool, variants: bool, tma: bool) -> list:
+    """`rows` less the spill lists that apply to a call (key: kind, family, BLOCK_D; the variant
+    lists are keyed by the largest head dim of the row group, `peak`, and hold for the group)."""
+    path = (*key[:2], peak, tma)
     spills = [
         *(VARLEN_SPILLS.get(key, []) if varlen else []),
         *(VARIANT_SPILLS.get(path, []) if variants else []),
@@ -211,9 +216,10 @@ def select_rows(
     a single small config.
     """
     table = TABLES[kind][family(capability)]
-    rows = next(group for dims, group in table.items() if block_d in dims)
+    dims, rows = next((dims, group) for dims, group in table.items() if block_d in dims)
     if varlen or variants:
-        rows = _clean_rows(rows, (kind, family(capability), block_d), varlen, variants, tma)
+        key = (kind, family(capability), block_d)
+        rows = _clean_rows(rows, key, max(dims), varlen, variants, tma)
     measured = SMEM_LIMIT.get(capability)
     if elem == 2 and measured is not None and smem_limit >= measured:
         return rows
