@@ -69,7 +69,7 @@ def cases(arch: int, dtypes=("bf16", "fp32"), peak: bool = False):
             continue
         if row in configs.select_rows(kind, capability, block_d, elem, limit, varlen=True):
             yield arch, kind, dtype, block_d, row, {**(override or {}), **VARLEN}
-    yield from table_variant_cases(arch, dtypes, varlen=not peak)
+    yield from table_variant_cases(arch, dtypes, peak)
 
 
 def dense_cases(arch: int, dtypes=("bf16", "fp32"), peak: bool = False):
@@ -123,11 +123,10 @@ for _kind in VARLEN_KINDS:  # varlen: non-causal and a padded head dim
 
 
 # The attention variants at every autotune config they may run with (configs.select_rows(...,
-# variants=True)), 16-bit, at the largest head dim of each table row group (where registers
-# peak; the smaller dims were measured once, bench/NOTES_triton.md): the combination with the
-# most code, window + softcap (+ sinks in the forward), on every load path and as the varlen twin;
-# on sm_90 also window alone (its masked left-edge loop runs before the pipelined one: where ptxas
-# serialized wgmma, which only sm_90 has).
+# variants=True)), 16-bit: the combination with the most code, window + softcap (+ sinks in the
+# forward), at every head-dim bucket on every load path; at the largest head dim of each table row
+# group also its varlen twin and, on sm_90, window alone (its masked left-edge loop runs before
+# the pipelined one: where ptxas serialized wgmma, which only sm_90 has).
 WINDOW_SOFTCAP = {**WINDOW, **SOFTCAP}
 TABLE_VARIANTS = {"fwd": ALL_VARIANTS, "dkdv": WINDOW_SOFTCAP, "dq": WINDOW_SOFTCAP}
 TABLE_VARIANTS["kvcache"] = WINDOW_SOFTCAP  # on its default (paged) path
@@ -144,23 +143,26 @@ def variant_head_dims(kind: str, arch: int) -> list[int]:
     return sorted(max(dims) for dims in groups)
 
 
-def table_variant_cases(arch: int, dtypes=("bf16",), varlen: bool = True):
-    """The TABLE_VARIANTS cases of sm_<arch> for the 16-bit dtypes among `dtypes` (with the
-    varlen twins unless `varlen` is False)."""
+def table_variant_cases(arch: int, dtypes=("bf16",), peak_only: bool = False):
+    """The TABLE_VARIANTS cases of sm_<arch> for the 16-bit dtypes among `dtypes` (`peak_only`:
+    at the largest head dim of each row group, without the varlen twins)."""
     capability = (arch // 10, arch % 10)
     limit = configs.SMEM_LIMIT[capability]
     for dtype in (d for d in dtypes if aot.ELEMENT_SIZE[d] == 2):
         for kind in TABLE_VARIANTS:
             tma_max = configs.TMA_MAX_BLOCK_D.get(kind, 0)
-            for block_d in variant_head_dims(kind, arch):
+            for block_d in variant_head_dims(kind, arch) if peak_only else HEAD_DIMS:
+                peak = block_d in variant_head_dims(kind, arch)
+                combos = variant_combos(kind, arch) if peak else [TABLE_VARIANTS[kind]]
                 for path in [{}] + [TMA] * (arch >= 90 and block_d <= tma_max):
                     select = (kind, capability, block_d, 2, limit)
                     rows = configs.select_rows(*select, False, True, bool(path))
-                    twins = configs.select_rows(*select, True, True, bool(path)) if varlen else []
+                    twins = configs.select_rows(*select, True, True, bool(path))
+                    twins = twins if peak and not peak_only and kind in VARLEN_KINDS else []
                     for row in rows:
-                        for i, combo in enumerate(variant_combos(kind, arch)):
+                        for i, combo in enumerate(combos):
                             yield arch, kind, dtype, block_d, row, {**path, **combo}
-                            if i == 0 and kind in VARLEN_KINDS and row in twins:
+                            if i == 0 and row in twins:
                                 yield arch, kind, dtype, block_d, row, {**path, **combo, **VARLEN}
 
 

@@ -102,11 +102,11 @@ VARLEN_SPILLS = {
 }
 
 # Rows that spill registers or serialize wgmma with the attention variants on (WINDOW and / or
-# SOFTCAP, sinks) where the plain row is clean (compile_check's table_variant_cases, at the
-# largest head dim of each row group; bf16 and fp16 alike; what each did in the comments: W
-# window, WS window + softcap, WSS + sinks). A call with any variant skips them at every head dim
-# of the group, a varlen one VARLEN_VARIANT_SPILLS (and VARLEN_SPILLS) too, and tries VARIANT_ROWS
-# as well where that leaves a group with nothing clean.
+# SOFTCAP, sinks) where the plain row is clean (compile_check's table_variant_cases; bf16 and fp16
+# alike; what each did in the comments, at the group's largest head dim unless said: W window,
+# WS window + softcap, WSS + sinks). A call with any variant skips them at every head dim of the
+# group, a varlen one VARLEN_VARIANT_SPILLS (and VARLEN_SPILLS) too, and tries VARIANT_ROWS as
+# well where that leaves a group with nothing clean.
 # {(kind, family, largest BLOCK_D of the group, the descriptor path): [rows]}
 _HOPPER_FWD_128 = [(128, 128, 8, 3), (128, 128, 8, 2)]  # W 72 / 468 B, WSS 360 / 344 B
 VARIANT_SPILLS = {
@@ -122,6 +122,9 @@ VARIANT_SPILLS = {
     ("dkdv", "ampere", 32, False): [(32, 128, 4, 3), (64, 64, 4, 3)],  # WS 40 / 72 B
     ("dkdv", "ampere", 64, False): [(32, 64, 4, 3)],  # WS 12 B
     ("fwd", "ampere", 256, False): [(64, 64, 8, 2)],  # WSS 8 B
+    # WS at D=32 (not 64): ptxas caps it at 128 registers and spills 108 B (stages 3 alike); a
+    # 17-32-row KV-cache call with a variant takes the 64-row tile instead
+    ("kvcache", "hopper", 64, False): [(32, 64, 8, 4)],
 }
 VARLEN_VARIANT_SPILLS = {
     ("dkdv", "ampere", 256, False): [(32, 32, 8, 1)],  # WS 44 B (dense: clean)

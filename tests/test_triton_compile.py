@@ -11,9 +11,9 @@ for this process, which replaces @triton.jit functions).
 One more test compiles the code paths the table does not take (non-causal, padded head dim,
 negative scale, lengths Triton specialises to 1; varlen non-causal and padded) with one config
 each. The table covers the varlen kernels (IS_VARLEN) at every 16-bit config, as the dense ones,
-and the attention variants (window + softcap + sinks, window alone on sm_90) at every config
-their autotune may pick (configs.VARIANT_SPILLS left out), at the largest head dim of each row
-group (compile_check.table_variant_cases).
+and the attention variants at every config their autotune may pick (configs.VARIANT_SPILLS left
+out): window + softcap + sinks at every head dim, the varlen twin and window alone (sm_90) at the
+largest head dim of each row group (compile_check.table_variant_cases).
 
 16-bit configs are what autotune tries on these GPUs: bf16 at every head-dim bucket, fp16 at the
 largest head dim of each row group, dense (it compiled to bf16's registers in every case compared),
@@ -161,26 +161,29 @@ def test_cases_cover_the_varlen_kernels():
 
 def test_cases_cover_the_variant_autotune():
     # Every 16-bit config the autotune of a call with window / softcap / sinks may pick (the table
-    # less configs.VARIANT_SPILLS; varlen less VARLEN_SPILLS and VARLEN_VARIANT_SPILLS too) is
-    # measured with the variants on, at the largest head dim of each row group: window + softcap
-    # (+ sinks in the forward) on every load path and as the varlen twin; window alone on sm_90.
+    # less configs.VARIANT_SPILLS plus VARIANT_ROWS; varlen less VARLEN_SPILLS and
+    # VARLEN_VARIANT_SPILLS too) is measured with window + softcap (+ sinks in the forward) at
+    # every head dim on every load path; at the largest head dim of each row group also as the
+    # varlen twin and, on sm_90, with window alone.
     for kind, combo in TABLE_VARIANTS.items():
         assert combo["WINDOW"] and combo["SOFTCAP"] and (kind != "fwd" or combo["SINKS"])
     assert set(TABLE_VARIANTS) == set(VARLEN_KINDS) | {"kvcache"}
     for arch in (80, 90):
         capability = (arch // 10, arch % 10)
         limit = configs.SMEM_LIMIT[capability]
-        measured = {case_id(k, d, r, o) for _, k, _, d, r, o in cases(arch, ("fp16",))}
+        measured = {case_id(k, d, r, o) for _, k, _, d, r, o in cases(arch, ("bf16",))}
         for kind, combo in TABLE_VARIANTS.items():
             tma_max = configs.TMA_MAX_BLOCK_D.get(kind, 0)
-            for dims in configs.TABLES[kind][configs.family(capability)]:
-                block_d = max(dims)
+            groups = configs.TABLES[kind][configs.family(capability)]
+            for block_d in HEAD_DIMS:
+                peak = any(block_d == max(dims) for dims in groups)
                 for path in [{}] + [TMA] * (arch >= 90 and block_d <= tma_max):
                     select = (kind, capability, block_d, 2, limit)
                     varlen = configs.select_rows(*select, True, True, bool(path))
                     for row in configs.select_rows(*select, False, True, bool(path)):
-                        want = [{**path, **combo}] + [{**path, **WINDOW}] * (arch >= 90)
-                        if kind in VARLEN_KINDS and row in varlen:
+                        want = [{**path, **combo}]
+                        want += [{**path, **WINDOW}] * (arch >= 90 and peak)
+                        if peak and kind in VARLEN_KINDS and row in varlen:
                             want.append({**path, **combo, **VARLEN})
                         for override in want:
                             assert case_id(kind, block_d, row, override) in measured, (arch, row)
