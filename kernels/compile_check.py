@@ -52,25 +52,27 @@ VARLEN = {"IS_VARLEN": True}  # packed sequences (cu_seqlens): the same configs 
 VARLEN_KINDS = ("fwd", "dkdv", "dq")
 
 
-def cases(arch: int, dtypes=("bf16", "fp32")):
+def cases(arch: int, dtypes=("bf16", "fp32"), peak: bool = False):
     """Every (kernel, config) the autotuner of sm_<arch> may launch, dense and, for 16-bit inputs,
-    the varlen twin of each fwd / dK/dV / dQ case. 16-bit inputs: at every head-dim bucket. fp32
-    (one small config, slow full-precision dots; its varlen twins are left out to keep the cold
-    run short): at the largest head dim of each table row group, where shared memory and
-    registers peak."""
+    the varlen twin of each fwd / dK/dV / dQ case and the attention variants at every config they
+    may run with (table_variant_cases). 16-bit inputs: at every head-dim bucket. fp32 (one small
+    config, slow full-precision dots; its varlen and variant twins are left out to keep the cold
+    run short), and 16-bit inputs with `peak`: at the largest head dim of each table row group,
+    where shared memory and registers peak (`peak` also leaves the varlen twins out)."""
     capability = (arch // 10, arch % 10)
     limit = configs.SMEM_LIMIT[capability]
-    for case in dense_cases(arch, dtypes):
+    for case in dense_cases(arch, dtypes, peak):
         yield case
         arch, kind, dtype, block_d, row, override = case
         elem = aot.ELEMENT_SIZE[dtype]
-        if kind not in VARLEN_KINDS or elem != 2:
+        if kind not in VARLEN_KINDS or elem != 2 or peak:
             continue
         if row in configs.select_rows(kind, capability, block_d, elem, limit, varlen=True):
             yield arch, kind, dtype, block_d, row, {**(override or {}), **VARLEN}
+    yield from table_variant_cases(arch, dtypes, peak)
 
 
-def dense_cases(arch: int, dtypes=("bf16", "fp32")):
+def dense_cases(arch: int, dtypes=("bf16", "fp32"), peak: bool = False):
     """cases() without the varlen kernels."""
     capability = (arch // 10, arch % 10)
     limit = configs.SMEM_LIMIT[capability]
@@ -78,7 +80,7 @@ def dense_cases(arch: int, dtypes=("bf16", "fp32")):
         groups = configs.TABLES[kind][configs.family(capability)]
         for dtype in dtypes:
             elem = aot.ELEMENT_SIZE[dtype]
-            dims = HEAD_DIMS if elem == 2 else tuple(max(g) for g in groups)
+            dims = HEAD_DIMS if elem == 2 and not peak else tuple(max(g) for g in groups)
             for block_d in dims:
                 for row in configs.select_rows(kind, capability, block_d, elem, limit):
                     yield arch, kind, dtype, block_d, row, None
@@ -118,6 +120,50 @@ for _kind in ("dkdv", "dq"):
 for _kind in VARLEN_KINDS:  # varlen: non-causal and a padded head dim
     VARIANTS[_kind] += [{**VARLEN, "CAUSAL": False}, {**VARLEN, "HEAD_DIM": 40}]
     VARIANTS[_kind] += [{**VARLEN, **WINDOW, **SOFTCAP}]
+
+
+# The attention variants at every autotune config they may run with (configs.select_rows(...,
+# variants=True)), 16-bit: the combination with the most code, window + softcap (+ sinks in the
+# forward), at every head-dim bucket on every load path; at the largest head dim of each table row
+# group also its varlen twin and, on sm_90, window alone (its masked left-edge loop runs before
+# the pipelined one: where ptxas serialized wgmma, which only sm_90 has).
+WINDOW_SOFTCAP = {**WINDOW, **SOFTCAP}
+TABLE_VARIANTS = {"fwd": ALL_VARIANTS, "dkdv": WINDOW_SOFTCAP, "dq": WINDOW_SOFTCAP}
+TABLE_VARIANTS["kvcache"] = WINDOW_SOFTCAP  # on its default (paged) path
+
+
+def variant_combos(kind: str, arch: int) -> list[dict]:
+    """The variant overrides checked at every config of `kind` on sm_<arch>."""
+    return [TABLE_VARIANTS[kind]] + [WINDOW] * (arch >= 90)
+
+
+def variant_head_dims(kind: str, arch: int) -> list[int]:
+    """The largest head dim of each of `kind`'s row groups on sm_<arch>."""
+    groups = configs.TABLES[kind][configs.family((arch // 10, arch % 10))]
+    return sorted(max(dims) for dims in groups)
+
+
+def table_variant_cases(arch: int, dtypes=("bf16",), peak_only: bool = False):
+    """The TABLE_VARIANTS cases of sm_<arch> for the 16-bit dtypes among `dtypes` (`peak_only`:
+    at the largest head dim of each row group, without the varlen twins)."""
+    capability = (arch // 10, arch % 10)
+    limit = configs.SMEM_LIMIT[capability]
+    for dtype in (d for d in dtypes if aot.ELEMENT_SIZE[d] == 2):
+        for kind in TABLE_VARIANTS:
+            tma_max = configs.TMA_MAX_BLOCK_D.get(kind, 0)
+            for block_d in variant_head_dims(kind, arch) if peak_only else HEAD_DIMS:
+                peak = block_d in variant_head_dims(kind, arch)
+                combos = variant_combos(kind, arch) if peak else [TABLE_VARIANTS[kind]]
+                for path in [{}] + [TMA] * (arch >= 90 and block_d <= tma_max):
+                    select = (kind, capability, block_d, 2, limit)
+                    rows = configs.select_rows(*select, False, True, bool(path))
+                    twins = configs.select_rows(*select, True, True, bool(path))
+                    twins = twins if peak and not peak_only and kind in VARLEN_KINDS else []
+                    for row in rows:
+                        for i, combo in enumerate(combos):
+                            yield arch, kind, dtype, block_d, row, {**path, **combo}
+                            if i == 0 and row in twins:
+                                yield arch, kind, dtype, block_d, row, {**path, **combo, **VARLEN}
 
 
 def variant_cases(arch: int, dtypes=("fp16",)):
@@ -244,13 +290,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, action="append", choices=[80, 90], required=True)
     parser.add_argument("--dtype", action="append", choices=sorted(aot.ELEMENT_SIZE))
     parser.add_argument("--variants", action="store_true", help="the VARIANTS code paths instead")
+    peak = "16-bit: only the largest head dim of each row group, no varlen twins"
+    parser.add_argument("--peak-dims", action="store_true", help=peak)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--no-cache", action="store_true", help="compile every case again")
     parser.add_argument("--markdown", type=Path, help="rewrite the table in this markdown file")
     args = parser.parse_args(argv)
     dtypes = tuple(args.dtype or ("bf16", "fp32"))
-    make = variant_cases if args.variants else cases
-    all_cases = [c for arch in args.arch for c in make(arch, dtypes)]
+    if args.variants:
+        all_cases = [c for arch in args.arch for c in variant_cases(arch, dtypes)]
+    else:
+        all_cases = [c for arch in args.arch for c in cases(arch, dtypes, args.peak_dims)]
     failed, records = False, []
     for record in run_all(all_cases, args.jobs, not args.no_cache):
         strict = not args.variants and record["dtype"] != "fp32" and record["kernel"] in TUNED

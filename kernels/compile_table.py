@@ -13,10 +13,14 @@ _HEADER = (
     "|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
+# Overrides named in the kernel column: "fwd varlen window softcap sinks".
+_TAGS = {"IS_VARLEN": "varlen", "WINDOW": "window", "SOFTCAP": "softcap", "SINKS": "sinks"}
+
 
 def _row(r: dict) -> str:
     config = ", ".join(str(x) for x in r["config"])
-    kernel = r["kernel"] + (" varlen" if r.get("override", {}).get("IS_VARLEN") else "")
+    override = r.get("override", {})
+    kernel = " ".join([r["kernel"], *(name for flag, name in _TAGS.items() if override.get(flag))])
     if "error" in r:
         head = f"| {kernel} | sm_{r['arch']} | {r['dtype']} | {r['head_dim']} | {config} "
         return head + "| compile error |" + " |" * 6

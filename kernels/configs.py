@@ -101,6 +101,41 @@ VARLEN_SPILLS = {
     ("dkdv", "ampere", 64): [(32, 64, 4, 3)],  # 12 B
 }
 
+# Rows that spill registers or serialize wgmma with the attention variants on (WINDOW and / or
+# SOFTCAP, sinks) where the plain row is clean (compile_check's table_variant_cases; bf16 and fp16
+# alike; what each did in the comments, at the group's largest head dim unless said: W window,
+# WS window + softcap, WSS + sinks). A call with any variant skips them at every head dim of the
+# group, a varlen one VARLEN_VARIANT_SPILLS (and VARLEN_SPILLS) too, and tries VARIANT_ROWS as
+# well where that leaves a group with nothing clean.
+# {(kind, family, largest BLOCK_D of the group, the descriptor path): [rows]}
+_HOPPER_FWD_128 = [(128, 128, 8, 3), (128, 128, 8, 2)]  # W 72 / 468 B, WSS 360 / 344 B
+VARIANT_SPILLS = {
+    # + C7515 (window: the masked left-edge loop before the pipelined one); W 8 B
+    ("fwd", "hopper", 128, False): [*_HOPPER_FWD_128, (128, 64, 8, 3), (64, 64, 4, 3)],
+    ("fwd", "hopper", 128, True): _HOPPER_FWD_128,  # WSS 148 B each (W clean)
+    ("fwd", "hopper", 64, False): [(128, 64, 4, 4)],  # W 24 B
+    ("dkdv", "hopper", 128, False): [(16, 128, 8, 2), (16, 64, 8, 2)],  # W 120 / 104, WS 136 / 112
+    ("dkdv", "hopper", 128, True): [(16, 128, 8, 2), (16, 64, 8, 2)],  # W 132 / 56, WS 148 / 64
+    ("dq", "hopper", 128, False): [(128, 64, 8, 2), (128, 32, 8, 3)],  # C7515 with the window
+    ("dq", "hopper", 256, False): [(64, 16, 4, 2)],  # W: C7515 and 24 B; WS 128 B
+    ("fwd", "ampere", 128, False): [(64, 64, 4, 3)],  # WSS 8 B
+    ("dkdv", "ampere", 32, False): [(32, 128, 4, 3), (64, 64, 4, 3)],  # WS 40 / 72 B
+    ("dkdv", "ampere", 64, False): [(32, 64, 4, 3)],  # WS 12 B
+    ("fwd", "ampere", 256, False): [(64, 64, 8, 2)],  # WSS 8 B
+    # WS at D=32 (not 64): ptxas caps it at 128 registers and spills 108 B (stages 3 alike); a
+    # 17-32-row KV-cache call with a variant takes the 64-row tile instead
+    ("kvcache", "hopper", 64, False): [(32, 64, 8, 4)],
+}
+VARLEN_VARIANT_SPILLS = {
+    ("dkdv", "ampere", 256, False): [(32, 32, 8, 1)],  # WS 44 B (dense: clean)
+}
+VARIANT_ROWS = {
+    ("fwd", "hopper", 128, False): [(64, 64, 4, 2)],
+    ("dkdv", "hopper", 128, False): [(32, 32, 8, 2)],  # 32 keys: mma.sync, as at D=256
+    ("dkdv", "hopper", 128, True): [(16, 64, 8, 1)],
+    ("dkdv", "ampere", 32, False): [(32, 64, 4, 3)],
+}
+
 # Largest BLOCK_D that takes the tensor-descriptor path on sm_90 (compile_check: the dQ D=256
 # tiles, 32 x 32 on mma.sync, spill 2-2.4 KB with descriptors and none without; dK/dV alike).
 TMA_MAX_BLOCK_D = {"fwd": 256, "dq": 128, "dkdv": 128}
@@ -151,6 +186,19 @@ def family(capability: tuple[int, int]) -> str:
     return "hopper" if capability[0] >= 9 else "ampere"
 
 
+def _clean_rows(rows: list, key: tuple, peak: int, varlen: bool, variants: bool, tma: bool) -> list:
+    """`rows` less the spill lists that apply to a call (key: kind, family, BLOCK_D; the variant
+    lists are keyed by the largest head dim of the row group, `peak`, and hold for the group)."""
+    path = (*key[:2], peak, tma)
+    spills = [
+        *(VARLEN_SPILLS.get(key, []) if varlen else []),
+        *(VARIANT_SPILLS.get(path, []) if variants else []),
+        *(VARLEN_VARIANT_SPILLS.get(path, []) if varlen and variants else []),
+    ]
+    extra = VARIANT_ROWS.get(path, []) if variants else []
+    return [r for r in rows if r not in spills] + extra
+
+
 def select_rows(
     kind: str,
     capability: tuple[int, int],
@@ -158,19 +206,23 @@ def select_rows(
     elem: int,
     smem_limit: int,
     varlen: bool = False,
+    variants: bool = False,
+    tma: bool = False,
 ) -> list[tuple[int, int, int, int]]:
     """The configs autotune may try on one GPU for one padded head dim and element size.
 
     16-bit inputs on sm_80 / sm_90: the whole table row group (the compile test measures every
-    one), less VARLEN_SPILLS for the varlen kernels. Other GPUs: the rows whose estimate fits
+    one), less VARLEN_SPILLS for the varlen kernels, and for a call with an attention variant
+    (window, softcap, sinks) less VARIANT_SPILLS of its load path (`tma`: tensor descriptors) plus
+    VARIANT_ROWS. Other GPUs: the rows whose estimate fits
     their shared memory. fp32 inputs (a correctness path: full-precision dots compile slowly) get
     a single small config.
     """
     table = TABLES[kind][family(capability)]
-    rows = next(group for dims, group in table.items() if block_d in dims)
-    if varlen:
-        spills = VARLEN_SPILLS.get((kind, family(capability), block_d), [])
-        rows = [r for r in rows if r not in spills]
+    dims, rows = next((dims, group) for dims, group in table.items() if block_d in dims)
+    if varlen or variants:
+        key = (kind, family(capability), block_d)
+        rows = _clean_rows(rows, key, max(dims), varlen, variants, tma)
     measured = SMEM_LIMIT.get(capability)
     if elem == 2 and measured is not None and smem_limit >= measured:
         return rows
@@ -196,13 +248,21 @@ def _device_limits(t: torch.Tensor) -> tuple[tuple[int, int], int]:
     return capability, limit
 
 
+def uses_variants(args: dict) -> bool:
+    """Whether a launch's arguments switch an attention variant on (WINDOW, SOFTCAP, Sinks)."""
+    on = bool(args.get("WINDOW", False)) or bool(args.get("SOFTCAP", False))
+    return on or args.get("Sinks") is not None
+
+
 def _make_prune(kind: str, tensor_arg: str):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         t = args[tensor_arg]
         capability, limit = _device_limits(t)
         varlen = bool(args.get("IS_VARLEN", False))
-        rows = select_rows(kind, capability, args["BLOCK_D"], t.element_size(), limit, varlen)
+        variants, tma = uses_variants(args), bool(args.get("USE_TMA", False))
+        elem = t.element_size()
+        rows = select_rows(kind, capability, args["BLOCK_D"], elem, limit, varlen, variants, tma)
         make = _decode_config if kind == "decode" else _config
         return [make(r) for r in rows]
 

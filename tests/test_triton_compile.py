@@ -10,13 +10,16 @@ for this process, which replaces @triton.jit functions).
 
 One more test compiles the code paths the table does not take (non-causal, padded head dim,
 negative scale, lengths Triton specialises to 1; varlen non-causal and padded) with one config
-each. The table covers the varlen kernels (IS_VARLEN) at every 16-bit config, as the dense ones.
+each. The table covers the varlen kernels (IS_VARLEN) at every 16-bit config, as the dense ones,
+and the attention variants at every config their autotune may pick (configs.VARIANT_SPILLS left
+out): window + softcap + sinks at every head dim, the varlen twin and window alone (sm_90) at the
+largest head dim of each row group (compile_check.table_variant_cases).
 
-16-bit configs are what autotune tries on these GPUs, at every head-dim bucket (fp16 and bf16
-compile to the same tiles, so bf16 stands for both here; compile_check --dtype fp16 checks fp16).
-fp32 gets one config per kernel. compile_check caches each case's result (keyed by the kernel
-sources, the case and the Triton / ptxas versions), so a warm run takes seconds; cold, the whole
-file takes about 10 minutes on 2 cores.
+16-bit configs are what autotune tries on these GPUs: bf16 at every head-dim bucket, fp16 at the
+largest head dim of each row group, dense (it compiled to bf16's registers in every case compared),
+both strict (no spill, no serialized wgmma). fp32 gets one config per kernel. compile_check
+caches each case's result (keyed by the kernel sources, the case and the Triton / ptxas
+versions), so a warm run takes seconds; cold times are in bench/NOTES_triton.md.
 """
 
 import json
@@ -30,12 +33,18 @@ pytest.importorskip("triton")
 
 from fastgpt.kernels import configs  # noqa: E402
 from fastgpt.kernels.compile_check import (  # noqa: E402
+    TABLE_VARIANTS,
+    TMA,
     TUNED,
     VARIANTS,
+    VARLEN,
     VARLEN_KINDS,
+    WINDOW,
     cases,
     problems,
 )
+
+HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 def compile_all(arch: int, dtype: str, *flags: str) -> list[dict]:
@@ -49,9 +58,13 @@ def compile_all(arch: int, dtype: str, *flags: str) -> list[dict]:
     return records
 
 
-def check_records(records: list[dict], arch: int, dtype: str) -> None:
-    expected = {(k, d, tuple(r)) for _, k, _, d, r, _ in cases(arch, (dtype,))}
-    seen = {(r["kernel"], r["head_dim"], tuple(r["config"])) for r in records}
+def case_id(kind: str, block_d: int, row, override: dict | None) -> tuple:
+    return kind, block_d, tuple(row), json.dumps(override or {}, sort_keys=True)
+
+
+def check_records(records: list[dict], arch: int, dtype: str, peak: bool = False) -> None:
+    expected = {case_id(k, d, r, o) for _, k, _, d, r, o in cases(arch, (dtype,), peak)}
+    seen = {case_id(r["kernel"], r["head_dim"], r["config"], r.get("override")) for r in records}
     assert seen == expected, f"cases missing from the run: {expected - seen}"
     assert_clean(records, arch, dtype, strict=dtype != "fp32")
     assert {r["kernel"] for r in records} >= set(TUNED)
@@ -61,13 +74,15 @@ def check_records(records: list[dict], arch: int, dtype: str) -> None:
 
 def assert_tensor_cores(records: list[dict], arch: int) -> None:
     """16-bit dots run on tensor cores: mma.sync on sm_80; wgmma on sm_90 wherever the tile allows
-    it (the forward, dK/dV and dQ up to D=128; the 16-row decode tiles and the small D=256
-    backward tiles are below wgmma's 64-row warpgroup tile and use mma.sync; the KV-cache tiles,
-    16 to 64 rows, may take either)."""
+    it (the forward, dK/dV and dQ up to D=128; the 16-row decode tiles, the small D=256 backward
+    tiles and any tile whose accumulator has fewer than 64 rows (dK/dV: BLOCK_N, else BLOCK_M) are
+    below wgmma's 64-row warpgroup tile and use mma.sync; the KV-cache tiles, 16 to 64 rows, may
+    take either)."""
     for r in records:
         if r["kernel"] not in TUNED:
             continue
-        small_m = r["kernel"] in ("decode", "kvcache")
+        acc_rows = r["config"][1 if r["kernel"] == "dkdv" else 0]
+        small_m = r["kernel"] in ("decode", "kvcache") or acc_rows < 64
         if arch == 80 or small_m or (r["kernel"] != "fwd" and r["head_dim"] > 128):
             assert r["mma"] in (("mma.sync",) if arch == 80 else ("wgmma", "mma.sync")), r
         else:
@@ -88,7 +103,16 @@ def assert_clean(records: list[dict], arch: int, dtype: str, strict: bool) -> No
 
 @pytest.mark.parametrize("arch", [80, 90], ids=["sm80", "sm90"])
 def test_every_16bit_config_compiles_and_fits(arch):
+    # Plain, varlen and the attention variants at every config autotune may pick for them.
     check_records(compile_all(arch, "bf16"), arch, "bf16")
+
+
+@pytest.mark.parametrize("arch", [80, 90], ids=["sm80", "sm90"])
+def test_fp16_configs_compile_and_fit_at_the_peak_head_dims(arch):
+    # fp16 as strictly as bf16, plain and with the variants, at the largest head dim of each row
+    # group (fp16 compiled to bf16's registers, spills and shared memory in every case compared:
+    # bench/NOTES_triton.md); the varlen twins and smaller dims are checked in bf16 only.
+    check_records(compile_all(arch, "fp16", "--peak-dims"), arch, "fp16", peak=True)
 
 
 def test_other_code_paths_compile_for_sm90():
@@ -133,6 +157,110 @@ def test_cases_cover_the_varlen_kernels():
                 for row in configs.select_rows(kind, capability, block_d, 2, limit, varlen=True):
                     for tma in paths:
                         assert (kind, block_d, row, tma) in measured, (arch, kind, block_d, row)
+
+
+def test_cases_cover_the_variant_autotune():
+    # Every 16-bit config the autotune of a call with window / softcap / sinks may pick (the table
+    # less configs.VARIANT_SPILLS plus VARIANT_ROWS; varlen less VARLEN_SPILLS and
+    # VARLEN_VARIANT_SPILLS too) is measured with window + softcap (+ sinks in the forward) at
+    # every head dim on every load path; at the largest head dim of each row group also as the
+    # varlen twin and, on sm_90, with window alone.
+    for kind, combo in TABLE_VARIANTS.items():
+        assert combo["WINDOW"] and combo["SOFTCAP"] and (kind != "fwd" or combo["SINKS"])
+    assert set(TABLE_VARIANTS) == set(VARLEN_KINDS) | {"kvcache"}
+    for arch in (80, 90):
+        capability = (arch // 10, arch % 10)
+        limit = configs.SMEM_LIMIT[capability]
+        measured = {case_id(k, d, r, o) for _, k, _, d, r, o in cases(arch, ("bf16",))}
+        for kind, combo in TABLE_VARIANTS.items():
+            tma_max = configs.TMA_MAX_BLOCK_D.get(kind, 0)
+            groups = configs.TABLES[kind][configs.family(capability)]
+            for block_d in HEAD_DIMS:
+                peak = any(block_d == max(dims) for dims in groups)
+                for path in [{}] + [TMA] * (arch >= 90 and block_d <= tma_max):
+                    select = (kind, capability, block_d, 2, limit)
+                    varlen = configs.select_rows(*select, True, True, bool(path))
+                    for row in configs.select_rows(*select, False, True, bool(path)):
+                        want = [{**path, **combo}]
+                        want += [{**path, **WINDOW}] * (arch >= 90 and peak)
+                        if peak and kind in VARLEN_KINDS and row in varlen:
+                            want.append({**path, **combo, **VARLEN})
+                        for override in want:
+                            assert case_id(kind, block_d, row, override) in measured, (arch, row)
+
+
+def test_variant_pruning_keeps_a_row_in_every_group():
+    for capability, limit in configs.SMEM_LIMIT.items():
+        for kind in configs.TABLES:
+            for block_d in HEAD_DIMS:
+                for varlen, tma in ((v, t) for v in (False, True) for t in (False, True)):
+                    rows = configs.select_rows(
+                        kind, capability, block_d, 2, limit, varlen, True, tma
+                    )
+                    assert rows, (capability, kind, block_d, varlen, tma)
+
+
+def group_key(kind: str, family: str, block_d: int, tma: bool) -> tuple:
+    """The variant lists' key: the largest head dim of block_d's row group stands for it."""
+    peak = max(next(dims for dims in configs.TABLES[kind][family] if block_d in dims))
+    return kind, family, peak, tma
+
+
+def spills(key: tuple, varlen: bool, tma: bool) -> list:
+    """The rows a call with a variant must not get (key: kind, family, BLOCK_D)."""
+    found = [*configs.VARIANT_SPILLS.get(group_key(*key, tma), [])]
+    if varlen:
+        found += configs.VARLEN_VARIANT_SPILLS.get(group_key(*key, tma), [])
+        found += configs.VARLEN_SPILLS.get(key, [])
+    return found
+
+
+def rows_of(kept) -> list[tuple[int, int, int, int]]:
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (9, 0)], ids=["sm80", "sm90"])
+def test_autotune_drops_the_variant_spills_at_run_time(monkeypatch, capability):
+    # What early_config_prune returns for a call with a variant (window, softcap or sinks): the
+    # rows select_rows keeps with variants=True, none of VARIANT_SPILLS; a plain call keeps the
+    # whole group. The backward passes take no sinks (their code is then the plain one).
+    import torch
+
+    limit = configs.SMEM_LIMIT[capability]
+    family = configs.family(capability)
+    monkeypatch.setattr(configs, "_device_limits", lambda t: (capability, limit))
+    q, sinks = torch.empty(1, dtype=torch.float16), torch.zeros(1)
+    calls = [({}, False), ({"WINDOW": False, "SOFTCAP": False, "Sinks": None}, False)]
+    calls += [({"WINDOW": True}, True), ({"SOFTCAP": True}, True), ({"Sinks": sinks}, True)]
+    prunes = {
+        "fwd": (configs.prune_fwd, configs.FWD_CONFIGS),
+        "dkdv": (configs.prune_dkdv, configs.DKDV_CONFIGS),
+        "dq": (configs.prune_dq, configs.DQ_CONFIGS),
+    }
+    for kind, (prune, all_configs) in prunes.items():
+        for block_d in HEAD_DIMS:
+            key = (kind, family, block_d)
+            for call, on in calls:
+                for varlen in (False, True):
+                    for tma in (False, True):
+                        args = {"BLOCK_D": block_d, "HEAD_DIM": 1, "IS_VARLEN": varlen, **call}
+                        args["USE_TMA"] = tma
+                        got = rows_of(prune(all_configs, {"Q": q}, **args))
+                        select = (kind, capability, block_d, 2, limit)
+                        assert got == configs.select_rows(*select, varlen, on, tma), (kind, args)
+                        if on:
+                            bad = spills(key, varlen, tma)
+                            assert got and not set(got) & set(bad), (kind, args)
+                            assert set(configs.VARIANT_ROWS.get(group_key(*key, tma), [])) <= set(
+                                got
+                            )
+                        elif not varlen:
+                            assert got == configs.select_rows(*select), (kind, args)
+    for block_d in HEAD_DIMS:  # the KV-cache kernel: one BLOCK_M of its variant rows
+        args = {"BLOCK_D": block_d, "HEAD_DIM": 1, "M_ROWS": 16, "WINDOW": True}
+        got = rows_of(configs.prune_kvcache(configs.KVCACHE_CONFIGS, {"Q": q}, **args))
+        want = configs.select_rows("kvcache", capability, block_d, 2, limit, variants=True)
+        assert got and set(got) <= set(want), block_d
 
 
 PTXAS_LOG = """\
