@@ -78,7 +78,7 @@ _onepass = triton.autotune(
     ONEPASS_CONFIGS,
     key=[k for k in _KEY if k != "IS_VARLEN"],
     prune_configs_by={"early_config_prune": prune_onepass},
-    reset_to_zero=["DQAcc"],
+    reset_to_zero=["Acc"],
 )(bwd_onepass_kernel)
 _decode = triton.autotune(
     DECODE_CONFIGS,

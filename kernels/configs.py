@@ -66,15 +66,18 @@ _DQ = {
 }
 # One-pass backward (flash_bwd_onepass): as dK/dV (k, v, dk, dv resident, BLOCK_M query rows
 # streamed) plus the (BLOCK_M, D) fp32 dq accumulator tile loaded, added to and stored per step.
+# compile_check (bf16): every wgmma row at D=128 spills on sm_90 (16 x 128 / 16 x 64 / 32 x 64 at 8
+# warps: 116-584 B), so D=128 keeps mma.sync 16 x 32 tiles there; sm_80 D=64 32 x 64 and 32 x 128
+# spill 16-200 B.
 _ONEPASS = {
     "hopper": {
-        _D_SMALL: [(32, 128, 8, 2), (32, 64, 4, 2)],
-        (128,): [(16, 128, 8, 2), (16, 64, 8, 2)],
+        _D_SMALL: [(32, 128, 8, 2), (32, 64, 8, 2)],
+        (128,): [(16, 32, 8, 2), (16, 32, 4, 2)],
         (256,): [(16, 32, 8, 2), (16, 32, 8, 1)],
     },
     "ampere": {
-        _D_SMALL: [(32, 64, 4, 2), (32, 128, 8, 2)],
-        (128,): [(32, 64, 8, 2), (16, 64, 8, 2)],
+        _D_SMALL: [(16, 128, 8, 2), (16, 64, 4, 2)],
+        (128,): [(16, 64, 8, 2), (16, 32, 8, 2)],
         (256,): [(16, 32, 8, 1)],
     },
 }

@@ -109,7 +109,7 @@ def key_tile_query_range(
 
 @triton.jit
 def bwd_onepass_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, DQAcc,
+    Q, K, V, DO, Lse, Delta, DK, DV, Acc,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -126,7 +126,7 @@ def bwd_onepass_kernel(
     softcap=1.0, cap_out=1.0,  # SOFTCAP: c (> 0) and fl(c * qk_scale / scale)
     WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):  # fmt: skip
-    # Grid: (H_KV, B). DQAcc: (B, H, Tq, HEAD_DIM) fp32, contiguous, zeroed; Lse, Delta (B, H, Tq).
+    # Grid: (H_KV, B). Acc: (B, H, Tq, HEAD_DIM) fp32, contiguous, zeroed; Lse, Delta (B, H, Tq).
     h_kv = tl.program_id(0)
     b = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -157,7 +157,7 @@ def bwd_onepass_kernel(
             do_src = DO + head_base_offset(b, h, stride_dob, stride_doh)
             do_src += m_lo.to(tl.int64) * stride_dom
             do_src += offs_m[:, None] * stride_dom + offs_d[None, :]
-            acc_src = DQAcc + (bh.to(tl.int64) * Tq + m_lo) * HEAD_DIM
+            acc_src = Acc + (bh.to(tl.int64) * Tq + m_lo) * HEAD_DIM
             acc_src += offs_m[:, None] * HEAD_DIM + offs_d[None, :]
             lse_ptr = Lse + bh.to(tl.int64) * Tq
             delta_ptr = Delta + bh.to(tl.int64) * Tq

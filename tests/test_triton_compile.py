@@ -63,11 +63,13 @@ def assert_tensor_cores(records: list[dict], arch: int) -> None:
     """16-bit dots run on tensor cores: mma.sync on sm_80; wgmma on sm_90 wherever the tile allows
     it (the forward, dK/dV and dQ up to D=128; the 16-row decode tiles and the small D=256
     backward tiles are below wgmma's 64-row warpgroup tile and use mma.sync; the KV-cache tiles,
-    16 to 64 rows, may take either)."""
+    16 to 64 rows, and the one-pass backward's from D=128, may take either)."""
     for r in records:
         if r["kernel"] not in TUNED:
             continue
         small_m = r["kernel"] in ("decode", "kvcache")
+        # The one-pass backward's clean sm_90 tiles at D=128 are 16 x 32 (configs._ONEPASS).
+        small_m |= r["kernel"] == "onepass" and r["head_dim"] >= 128
         if arch == 80 or small_m or (r["kernel"] != "fwd" and r["head_dim"] > 128):
             assert r["mma"] in (("mma.sync",) if arch == 80 else ("wgmma", "mma.sync")), r
         else:

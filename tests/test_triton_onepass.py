@@ -6,6 +6,8 @@ the lengths below put ragged tiles, the causal diagonal and the unmasked interio
 tiles; each program walks every key tile of one KV head and adds ds k into the dq accumulator.
 """
 
+import os
+
 import pytest
 import torch
 from oracle import DEVICE, INTERPRETED, check_against_float64, random_qkv
@@ -131,3 +133,21 @@ def test_onepass_variants_within_the_rule(window, causal, softcap, sinks, shape,
 
     check_triton_variants(shape, causal, window, softcap, sinks, torch.float32)
     assert onepass
+
+
+def test_the_onepass_bench_provider_switches_only_its_backward(monkeypatch, onepass):
+    """bench's fastgpt-triton-onepass provider runs the one-pass backward and leaves the switch as
+    it found it (unset here), so the providers timed after it keep the environment's choice."""
+    from fastgpt.bench.providers import triton_backward
+
+    monkeypatch.delenv(SWITCH)
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 2, 1, 9, 12, 16, seed=4))
+    out = triton_backward("onepass")(q, k, v, True)
+    out.backward(torch.ones_like(out))
+    assert len(onepass) == 1 and SWITCH not in os.environ
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    ref = fastgpt.attention(*leaves, causal=True, backend="triton")  # the two passes
+    ref.backward(torch.ones_like(ref))
+    assert torch.equal(out, ref) and len(onepass) == 1
+    for got, want in zip((q, k, v), leaves, strict=True):
+        assert (got.grad - want.grad).abs().max() <= 1e-5 * want.grad.abs().max()
