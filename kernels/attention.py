@@ -305,6 +305,8 @@ def attention_backward(
     the group); default dkdv_splits(...), more than 1 only when the grid would not fill the GPU.
     use_tma: the dK/dV and dQ passes through tensor descriptors (as attention_forward's); default
     tma_ok(...) up to head dim 128 (configs.TMA_MAX_BLOCK_D).
+    With FASTGPT_TRITON_BACKWARD=onepass (backward_mode) the one-pass kernel runs instead, through
+    pointers (dkdv_split and use_tma then do not apply).
     """
     grad_out, q, k, v, out = (last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
     B, H, Tq, D = q.shape

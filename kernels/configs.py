@@ -66,9 +66,10 @@ _DQ = {
 }
 # One-pass backward (flash_bwd_onepass): as dK/dV (k, v, dk, dv resident, BLOCK_M query rows
 # streamed) plus the (BLOCK_M, D) fp32 dq accumulator tile loaded, added to and stored per step.
-# compile_check (bf16): every wgmma row at D=128 spills on sm_90 (16 x 128 / 16 x 64 / 32 x 64 at 8
-# warps: 116-584 B), so D=128 keeps mma.sync 16 x 32 tiles there; sm_80 D=64 32 x 64 and 32 x 128
-# spill 16-200 B.
+# compile_check (bf16), causal and with the variants (non-causal, window, softcap): every wgmma row
+# at D=128 spills on sm_90 (116-584 B), so D=128 keeps mma.sync 16 x 32 tiles there; on sm_80 the
+# rows dropped spill 8-200 B (bench/NOTES_triton.md, change 9); sm_80 D=256 spills 232-264 B with
+# a window (the only row; the two passes serve that case better).
 _ONEPASS = {
     "hopper": {
         _D_SMALL: [(32, 128, 8, 2), (32, 64, 8, 2)],
@@ -76,8 +77,9 @@ _ONEPASS = {
         (256,): [(16, 32, 8, 2), (16, 32, 8, 1)],
     },
     "ampere": {
-        _D_SMALL: [(16, 128, 8, 2), (16, 64, 4, 2)],
-        (128,): [(16, 64, 8, 2), (16, 32, 8, 2)],
+        (16, 32): [(16, 128, 8, 2)],
+        (64,): [(16, 128, 8, 2), (16, 64, 8, 2)],
+        (128,): [(16, 32, 8, 2)],
         (256,): [(16, 32, 8, 1)],
     },
 }
