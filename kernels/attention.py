@@ -306,7 +306,7 @@ def attention_backward(
     use_tma: the dK/dV and dQ passes through tensor descriptors (as attention_forward's); default
     tma_ok(...) up to head dim 128 (configs.TMA_MAX_BLOCK_D).
     With FASTGPT_TRITON_BACKWARD=onepass (backward_mode) the one-pass kernel runs instead, through
-    pointers (dkdv_split and use_tma then do not apply).
+    pointers (dkdv_split, still checked, and use_tma then do not apply).
     """
     grad_out, q, k, v, out = (last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
     B, H, Tq, D = q.shape
@@ -339,17 +339,16 @@ def attention_backward(
     common["DOT_PRECISION"] = _dot_precision(q.dtype)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
     buckets = (_bucket(Tq), _bucket(Tk))
-    if backward_mode() == "onepass":
-        args = (grad_out, q, k, v, lse2, delta, dq, dk, dv)
-        onepass_backward(*args, scale, qk_scale, strides, buckets, common)
-        return dq, dk, dv, *dsinks
-
     group = H // Hkv
     splits = dkdv_splits(B, Hkv, group, Tk, q.device) if dkdv_split is None else dkdv_split
     if group % splits:
         raise ValueError(
             f"dkdv_split={splits} must divide the GQA group {group} (H={H}, Hkv={Hkv})"
         )
+    if backward_mode() == "onepass":
+        args = (grad_out, q, k, v, lse2, delta, dq, dk, dv)
+        onepass_backward(*args, scale, qk_scale, strides, buckets, common)
+        return dq, dk, dv, *dsinks
     dk_out, dv_out = _dkdv_targets(dk, dv, splits)
     tma_dkdv = _use_descriptors(use_tma, "dkdv", block_d, q, k, v, grad_out, dk_out, dv_out)
 
