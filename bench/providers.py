@@ -1,10 +1,12 @@
 """Benchmark providers: (q, k, v, causal) -> out, each in its own layout.
 
-fastgpt-triton, fastgpt-cpp, reference (fastgpt's backends, through fastgpt.attention), torch SDPA
+fastgpt-triton, fastgpt-cpp, reference (fastgpt's backends, through fastgpt.attention), on CUDA
+fastgpt-triton-onepass (the Triton backend with FASTGPT_TRITON_BACKWARD=onepass), torch SDPA
 per backend (sdpa-flash, sdpa-efficient, sdpa-cudnn), FlexAttention with a causal block mask (flex)
 and flash-attn's flash_attn_func when installed (flash-attn).
 """
 
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +29,40 @@ def fastgpt_attention(backend: str) -> Callable[[Tensor, Tensor, Tensor, bool], 
     import fastgpt
 
     return lambda q, k, v, causal: fastgpt.attention(q, k, v, causal=causal, backend=backend)
+
+
+BACKWARD_SWITCH = "FASTGPT_TRITON_BACKWARD"
+
+
+class _SetSwitch(torch.autograd.Function):
+    """Identity on tensors whose backward sets BACKWARD_SWITCH to `value` (None: unset it)."""
+
+    @staticmethod
+    def forward(ctx, value, *tensors):
+        ctx.value = value
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if ctx.value is None:
+            os.environ.pop(BACKWARD_SWITCH, None)
+        else:
+            os.environ[BACKWARD_SWITCH] = ctx.value
+        return (None, *grads)
+
+
+def triton_backward(mode: str) -> Callable[[Tensor, Tensor, Tensor, bool], Tensor]:
+    """fastgpt_attention("triton") whose backward runs with FASTGPT_TRITON_BACKWARD=mode: set by
+    an identity after the call (its backward runs first) and restored by one before it (whose
+    backward runs after the attention's), so other providers keep the environment's choice."""
+    call = fastgpt_attention("triton")
+
+    def run(q, k, v, causal):
+        q, k, v = _SetSwitch.apply(os.environ.get(BACKWARD_SWITCH), q, k, v)
+        (out,) = _SetSwitch.apply(mode, call(q, k, v, causal))
+        return out
+
+    return run
 
 
 def _sdpa_is_causal(causal: bool, tq: int, tk: int) -> bool:
@@ -113,6 +149,9 @@ def available_providers(device: torch.device) -> dict[str, Provider]:
             found[f"fastgpt-{name}"] = Provider(
                 f"fastgpt-{name}", fastgpt_attention(name), fastgpt=True
             )
+    if device.type == "cuda" and "triton" in backends:  # the one-pass backward, to be timed
+        name = "fastgpt-triton-onepass"
+        found[name] = Provider(name, triton_backward("onepass"), fastgpt=True)
     found["reference"] = Provider("reference", fastgpt_attention("reference"))
     sdpa = {
         "flash": "FLASH_ATTENTION",

@@ -29,6 +29,7 @@ import torch
 import triton
 
 from fastgpt.attention import last_dim_contiguous
+from fastgpt.envflags import env_choice
 
 from ._interpreter import patch_scalar_index
 from .configs import (
@@ -37,14 +38,17 @@ from .configs import (
     DQ_CONFIGS,
     FWD_CONFIGS,
     INTERPRET,
+    ONEPASS_CONFIGS,
     TMA_MAX_BLOCK_D,
     prune_decode,
     prune_dkdv,
     prune_dq,
     prune_fwd,
+    prune_onepass,
 )
 from .decode import decode_combine_kernel, decode_split_kernel
 from .flash_bwd import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
+from .flash_bwd_onepass import bwd_onepass_kernel
 from .flash_fwd import LOG2E, attn_fwd_kernel
 from .launch import block_d as _block_d
 from .launch import dot_precision as _dot_precision
@@ -69,6 +73,13 @@ _dkdv = triton.autotune(
 _dq = triton.autotune(
     DQ_CONFIGS, key=[*_KEY, "USE_TMA"], prune_configs_by={"early_config_prune": prune_dq}
 )(bwd_dq_kernel)
+# The one-pass backward adds into a zeroed dq accumulator: autotune's trial runs re-zero it.
+_onepass = triton.autotune(
+    ONEPASS_CONFIGS,
+    key=[k for k in _KEY if k != "IS_VARLEN"],
+    prune_configs_by={"early_config_prune": prune_onepass},
+    reset_to_zero=["Acc"],
+)(bwd_onepass_kernel)
 _decode = triton.autotune(
     DECODE_CONFIGS,
     key=["HEAD_DIM", "TK_BUCKET"],
@@ -294,6 +305,8 @@ def attention_backward(
     the group); default dkdv_splits(...), more than 1 only when the grid would not fill the GPU.
     use_tma: the dK/dV and dQ passes through tensor descriptors (as attention_forward's); default
     tma_ok(...) up to head dim 128 (configs.TMA_MAX_BLOCK_D).
+    With FASTGPT_TRITON_BACKWARD=onepass (backward_mode) the one-pass kernel runs instead, through
+    pointers (dkdv_split, still checked, and use_tma then do not apply).
     """
     grad_out, q, k, v, out = (last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
     B, H, Tq, D = q.shape
@@ -326,13 +339,16 @@ def attention_backward(
     common["DOT_PRECISION"] = _dot_precision(q.dtype)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
     buckets = (_bucket(Tq), _bucket(Tk))
-
     group = H // Hkv
     splits = dkdv_splits(B, Hkv, group, Tk, q.device) if dkdv_split is None else dkdv_split
     if group % splits:
         raise ValueError(
             f"dkdv_split={splits} must divide the GQA group {group} (H={H}, Hkv={Hkv})"
         )
+    if backward_mode() == "onepass":
+        args = (grad_out, q, k, v, lse2, delta, dq, dk, dv)
+        onepass_backward(*args, scale, qk_scale, strides, buckets, common)
+        return dq, dk, dv, *dsinks
     dk_out, dv_out = _dkdv_targets(dk, dv, splits)
     tma_dkdv = _use_descriptors(use_tma, "dkdv", block_d, q, k, v, grad_out, dk_out, dv_out)
 
@@ -360,6 +376,49 @@ def attention_backward(
         H, H // Hkv, Tq, Tk, scale, qk_scale, *buckets, **common, USE_TMA=tma_dq,
     )  # fmt: skip
     return dq, dk, dv, *dsinks
+
+
+BACKWARD_MODES = ("onepass", "twopass", "auto")
+
+
+def backward_mode() -> str:
+    """Which dense backward attention_backward runs: "onepass" (flash_bwd_onepass, 5 matmuls and
+    one p per tile pair, a B * Hkv grid) or "twopass" (dK/dV then dQ), from
+    FASTGPT_TRITON_BACKWARD=onepass|twopass|auto (default auto). auto is two-pass until the
+    one-pass kernel is timed on a GPU (the rule it should become: bench/NOTES_triton.md).
+    Varlen always runs the two passes."""
+    mode = env_choice("FASTGPT_TRITON_BACKWARD", BACKWARD_MODES, "auto")
+    return "twopass" if mode == "auto" else mode
+
+
+def onepass_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lse2: torch.Tensor,
+    delta: torch.Tensor,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    scale: float,
+    qk_scale: float,
+    strides: tuple[int, ...],
+    buckets: tuple[int, int],
+    common: dict,
+) -> None:
+    """dq, dk, dv (filled in place) by the one-pass kernel: grid (Hkv, B), dq summed into an fp32
+    (B, H, Tq, D) accumulator in each program's fixed key-tile order, then scaled and cast."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    acc = torch.zeros((B, H, Tq, D), dtype=torch.float32, device=q.device)
+    _onepass[(Hkv, B)](
+        q, k, v, grad_out, lse2, delta, dk, dv, acc,
+        *strides, *dk.stride()[:3], *dv.stride()[:3],
+        H, H // Hkv, Tq, Tk, scale, qk_scale, *buckets, **common,
+        SCORES_AS_FORWARD=INTERPRET,
+    )  # fmt: skip
+    dq.copy_(acc.mul_(scale))
 
 
 def _dkdv_targets(

@@ -28,6 +28,7 @@ import triton
 from . import aot, configs
 from .decode import decode_combine_kernel, decode_split_kernel, kvcache_split_kernel
 from .flash_bwd import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel
+from .flash_bwd_onepass import bwd_onepass_kernel
 from .flash_fwd import attn_fwd_kernel
 
 # Tuned kernels: (kind in configs.TABLES, jit function).
@@ -37,10 +38,14 @@ TUNED = {
     "dq": bwd_dq_kernel,
     "decode": decode_split_kernel,
     "kvcache": kvcache_split_kernel,
+    "onepass": bwd_onepass_kernel,
 }
 FUNCTIONS = {**TUNED, "preprocess": bwd_preprocess_kernel, "combine": decode_combine_kernel}
 HEAD_DIMS = (16, 32, 64, 128, 256)  # BLOCK_D buckets: every padded head dim a launch can have
-_SOURCES = ("flash_fwd.py", "flash_bwd.py", "decode.py", "aot.py")  # what a compile depends on
+# What a compile depends on: the shared sources, plus a kind's own file where it has one (so a
+# kernel added or changed in its own file leaves the other kinds' cached results valid).
+_SOURCES = ("flash_fwd.py", "flash_bwd.py", "decode.py", "aot.py")
+_OWN_SOURCES = {"onepass": ("flash_bwd_onepass.py",)}
 
 # A case: (arch, kind, dtype, head_dim, (BLOCK_M, BLOCK_N, warps, stages), overrides or None).
 TMA = {"USE_TMA": True}  # the sm_90 path of fwd, dK/dV and dQ: tiles through tensor descriptors
@@ -109,13 +114,14 @@ VARIANTS = {
     "kvcache": [{"HEAD_DIM": 40}, {"SCALE_NEG": True}, {"CAUSAL": False}, {"GROUP": 1, "Tq": 1}],
     "preprocess": [SINKS],
     "combine": [SINKS],
+    "onepass": [{"CAUSAL": False}, {"HEAD_DIM": 40}, {"Tq": 1, "GROUP": 1}],
 }
 VARIANTS["kvcache"] += [
     {**WINDOW, **SOFTCAP},
     {**WINDOW, **SOFTCAP, "PAGED": False, "PAGE_SIZE": 1},
 ]
 VARIANTS["fwd"] += [WINDOW, SOFTCAP, SINKS, ALL_VARIANTS, {**ALL_VARIANTS, "CAUSAL": False}]
-for _kind in ("dkdv", "dq"):
+for _kind in ("dkdv", "dq", "onepass"):
     VARIANTS[_kind] += [WINDOW, SOFTCAP, {**WINDOW, **SOFTCAP, "CAUSAL": False}]
 for _kind in VARLEN_KINDS:  # varlen: non-causal and a padded head dim
     VARIANTS[_kind] += [{**VARLEN, "CAUSAL": False}, {**VARLEN, "HEAD_DIM": 40}]
@@ -193,24 +199,30 @@ def constexprs_of(kind: str, block_d: int, row: tuple[int, int, int, int], dtype
         paths = {"CAUSAL": True, "SCALE_NEG": False, "PAGED": True, "PAGE_SIZE": 16}
         paths |= {"WINDOW": False, "SOFTCAP": False}
         return {**base, **precision, **paths, "BLOCK_M": block_m, "BLOCK_N": block_n}
+    if kind == "onepass":  # pointer loads only; the variants off
+        tiles = {"CAUSAL": True, "BLOCK_M": block_m, "BLOCK_N": block_n}
+        tiles |= {"SCORES_AS_FORWARD": False, "WINDOW": False, "SOFTCAP": False}
+        return {**base, **precision, **tiles}
     if kind == "preprocess":
         return {**base, "BLOCK_M": block_m, "Lse": None, "Sinks": None, "DSinks": None}
     return {**base, "BLOCK_S": 64, "Sinks": None}  # combine, at attention.DECODE_MAX_SPLITS
 
 
-def _sources_digest() -> str:
+def _sources_digest(names: tuple[str, ...]) -> str:
     """Hash of the code a compile depends on, read once at import (as the kernels were)."""
     digest = hashlib.sha256(triton.__version__.encode())
-    for name in _SOURCES:
+    for name in names:
         digest.update((Path(__file__).parent / name).read_bytes())
     return digest.hexdigest()
 
 
-_SOURCES_DIGEST = _sources_digest()
+_SOURCES_DIGEST = {
+    kind: _sources_digest(_SOURCES + _OWN_SOURCES.get(kind, ())) for kind in FUNCTIONS
+}
 
 
 def _cache_key(case) -> str:
-    text = json.dumps([_SOURCES_DIGEST, aot.ptxas_version(case[0]), list(case)])
+    text = json.dumps([_SOURCES_DIGEST[case[1]], aot.ptxas_version(case[0]), list(case)])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

@@ -64,6 +64,25 @@ _DQ = {
         (256,): [(32, 16, 4, 2), (32, 32, 8, 1)],
     },
 }
+# One-pass backward (flash_bwd_onepass): as dK/dV (k, v, dk, dv resident, BLOCK_M query rows
+# streamed) plus the (BLOCK_M, D) fp32 dq accumulator tile loaded, added to and stored per step.
+# compile_check (bf16), causal and with the variants (non-causal, window, softcap): every wgmma row
+# at D=128 spills on sm_90 (116-584 B), so D=128 keeps mma.sync 16 x 32 tiles there; on sm_80 the
+# rows dropped spill 8-200 B (bench/NOTES_triton.md, change 9); sm_80 D=256 spills 232-264 B with
+# a window (the only row; the two passes serve that case better).
+_ONEPASS = {
+    "hopper": {
+        _D_SMALL: [(32, 128, 8, 2), (32, 64, 8, 2)],
+        (128,): [(16, 32, 8, 2), (16, 32, 4, 2)],
+        (256,): [(16, 32, 8, 2), (16, 32, 8, 1)],
+    },
+    "ampere": {
+        (16, 32): [(16, 128, 8, 2)],
+        (64,): [(16, 128, 8, 2), (16, 64, 8, 2)],
+        (128,): [(16, 32, 8, 2)],
+        (256,): [(16, 32, 8, 1)],
+    },
+}
 # Decode: BLOCK_N keys per step for one group of query heads (memory-bound: deep pipelines).
 _DECODE_ROWS = {
     _D_SMALL: [(16, 128, 4, 4), (16, 64, 4, 4)],
@@ -140,7 +159,9 @@ VARIANT_ROWS = {
 # tiles, 32 x 32 on mma.sync, spill 2-2.4 KB with descriptors and none without; dK/dV alike).
 TMA_MAX_BLOCK_D = {"fwd": 256, "dq": 128, "dkdv": 128}
 TABLES = {"fwd": _FWD, "dkdv": _DKDV, "dq": _DQ, "decode": _DECODE, "kvcache": _KVCACHE}
+TABLES["onepass"] = _ONEPASS
 _INTERPRET_ROW = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+_INTERPRET_ROW["onepass"] = (16, 32, 4, 1)
 _INTERPRET_ROW["decode"] = (16, 16, 4, 1)
 _INTERPRET_ROW["kvcache"] = (16, 16, 4, 1)
 
@@ -167,6 +188,7 @@ DKDV_CONFIGS = _all_configs("dkdv")
 DQ_CONFIGS = _all_configs("dq")
 DECODE_CONFIGS = _all_configs("decode")
 KVCACHE_CONFIGS = _all_configs("kvcache")
+ONEPASS_CONFIGS = _all_configs("onepass")
 
 
 def estimate_smem(kind: str, row: tuple[int, int, int, int], block_d: int, elem: int) -> int:
@@ -178,6 +200,11 @@ def estimate_smem(kind: str, row: tuple[int, int, int, int], block_d: int, elem:
         return elem * (bm * block_d + 2 * stages * bn * block_d + scratch)
     if kind == "dkdv":  # k, v resident; q, dO tiles per stage
         return elem * (2 * bn * block_d + 2 * stages * bm * block_d + scratch)
+    if kind == "onepass":  # as dK/dV, plus the fp32 dq accumulator tile per stage
+        return (
+            elem * (2 * bn * block_d + 2 * stages * bm * block_d + scratch)
+            + 4 * stages * bm * block_d
+        )
     # dq: q, dO resident; k, v tiles per stage
     return elem * (2 * bm * block_d + 2 * stages * bn * block_d + scratch)
 
@@ -272,6 +299,7 @@ def _make_prune(kind: str, tensor_arg: str):
 prune_fwd = _make_prune("fwd", "Q")
 prune_dkdv = _make_prune("dkdv", "Q")
 prune_dq = _make_prune("dq", "Q")
+prune_onepass = _make_prune("onepass", "Q")
 prune_decode = _make_prune("decode", "Q")
 _prune_kvcache_rows = _make_prune("kvcache", "Q")
 

@@ -74,14 +74,14 @@ def check_records(records: list[dict], arch: int, dtype: str, peak: bool = False
 
 def assert_tensor_cores(records: list[dict], arch: int) -> None:
     """16-bit dots run on tensor cores: mma.sync on sm_80; wgmma on sm_90 wherever the tile allows
-    it (the forward, dK/dV and dQ up to D=128; the 16-row decode tiles, the small D=256 backward
-    tiles and any tile whose accumulator has fewer than 64 rows (dK/dV: BLOCK_N, else BLOCK_M) are
-    below wgmma's 64-row warpgroup tile and use mma.sync; the KV-cache tiles, 16 to 64 rows, may
-    take either)."""
+    it (the forward, dK/dV, dQ and the one-pass backward up to D=128; the 16-row decode tiles, the
+    small D=256 backward tiles and any tile whose accumulator has fewer than 64 rows (dK/dV and
+    the one-pass backward: BLOCK_N, else BLOCK_M) are below wgmma's 64-row warpgroup tile and use
+    mma.sync; the KV-cache tiles, 16 to 64 rows, may take either)."""
     for r in records:
         if r["kernel"] not in TUNED:
             continue
-        acc_rows = r["config"][1 if r["kernel"] == "dkdv" else 0]
+        acc_rows = r["config"][1 if r["kernel"] in ("dkdv", "onepass") else 0]
         small_m = r["kernel"] in ("decode", "kvcache") or acc_rows < 64
         if arch == 80 or small_m or (r["kernel"] != "fwd" and r["head_dim"] > 128):
             assert r["mma"] in (("mma.sync",) if arch == 80 else ("wgmma", "mma.sync")), r
