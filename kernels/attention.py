@@ -345,7 +345,10 @@ def attention_backward(
         raise ValueError(
             f"dkdv_split={splits} must divide the GQA group {group} (H={H}, Hkv={Hkv})"
         )
-    if backward_mode() == "onepass":
+    capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
+    if backward_mode() == "onepass" and onepass_compiles_clean(
+        capability, block_d, common["WINDOW"]
+    ):
         args = (grad_out, q, k, v, lse2, delta, dq, dk, dv)
         onepass_backward(*args, scale, qk_scale, strides, buckets, common)
         return dq, dk, dv, *dsinks
@@ -389,6 +392,13 @@ def backward_mode() -> str:
     Varlen always runs the two passes."""
     mode = env_choice("FASTGPT_TRITON_BACKWARD", BACKWARD_MODES, "auto")
     return "twopass" if mode == "auto" else mode
+
+
+def onepass_compiles_clean(capability: tuple[int, int] | None, block_d: int, window: bool) -> bool:
+    """Whether the one-pass kernel has a clean (spill-free) config for a call on a GPU of this
+    compute capability (None: not a GPU, the interpreter): all but a window at head dim 256 before
+    sm_90, whose only row spills 232-264 B (configs._ONEPASS); those calls run the two passes."""
+    return not (window and block_d > 128 and capability is not None and capability[0] < 9)
 
 
 def onepass_backward(

@@ -118,6 +118,15 @@ def test_a_bad_switch_value_raises_one_sentence(monkeypatch):
         ka.backward_mode()
 
 
+def test_onepass_leaves_its_one_spilling_case_to_the_two_passes():
+    # sm_80-class GPUs at head dim 256 with a window: the one-pass kernel's only row spills there.
+    assert not ka.onepass_compiles_clean((8, 0), 256, window=True)
+    assert ka.onepass_compiles_clean((8, 0), 256, window=False)
+    assert ka.onepass_compiles_clean((8, 0), 128, window=True)
+    assert ka.onepass_compiles_clean((9, 0), 256, window=True)
+    assert ka.onepass_compiles_clean(None, 256, window=True)  # the interpreter
+
+
 # (window, causal, softcap, sinks, (B, H, Hkv, Tq, Tk, D)): each variant once, GQA and Tq != Tk.
 VARIANT_CASES = [
     ((3, 5), False, 0.0, False, (1, 2, 1, 17, 40, 8)),
