@@ -145,6 +145,47 @@ def store_rows(
 
 
 @triton.jit
+def dkdv_step(
+    dk, dv, k, v,  # (BLOCK_N, BLOCK_D): fp32 accumulators, then this program's K and V tiles
+    q, do, lse, delta, rows,  # one query tile (BLOCK_M, BLOCK_D), its rows' lse2 and delta
+    offs_n, Tq, causal_shift, scale, qk_scale, win_left, win_right, softcap, cap_out,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SCORES_AS_FORWARD: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+):  # fmt: skip
+    """One query tile against this program's key tile: p^T recomputed once, dv += p^T dO and
+    dk += ds^T q (keys x queries). Returns dk, dv and ds^T (BLOCK_N, BLOCK_M) in q's dtype, which
+    the one-pass kernel also multiplies into dq."""
+    if SCORES_AS_FORWARD:
+        # q k^T then transposed: the forward's product, bit for bit (the interpreter's matmul
+        # rounds k q^T differently, and scores ~1e3 magnify that in p = exp(s - lse)).
+        qk_t = tl.trans(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION))
+    else:
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+    if SOFTCAP:
+        x_t, t_t = capped_exponent(qk_t, scale, softcap, cap_out, lse[None, :])
+    else:
+        x_t = p_exponent(qk_t, qk_scale, lse[None, :])
+    if MASKED:
+        visible = rows[None, :] < Tq
+        if CAUSAL:
+            visible = visible & (offs_n[:, None] <= rows[None, :] + causal_shift)
+        if WINDOW:
+            visible = visible & window_visible(
+                rows[None, :], offs_n[:, None], causal_shift, win_left, win_right
+            )
+        x_t = tl.where(visible, x_t, float("-inf"))
+    p_t = tl.exp2(x_t)
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+    ds_t = p_t * (dp_t - delta[None, :])
+    if SOFTCAP:
+        ds_t = ds_t * (1.0 - t_t * t_t)
+    ds_t = ds_t.to(q.dtype)
+    dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
+    return dk, dv, ds_t
+
+
+@triton.jit
 def dkdv_tiles(
     dk, dv, k, v,  # (BLOCK_N, BLOCK_D): fp32 accumulators, then this program's K and V tiles
     q_src, do_src, lse_ptr, delta_ptr, stride_qm, stride_dom,  # pointers at query tile `lo`,
@@ -170,32 +211,11 @@ def dkdv_tiles(
         else:
             lse = tl.load(lse_ptr + rows)
             delta = tl.load(delta_ptr + rows)
-        if SCORES_AS_FORWARD:
-            # q k^T then transposed: the forward's product, bit for bit (the interpreter's matmul
-            # rounds k q^T differently, and scores ~1e3 magnify that in p = exp(s - lse)).
-            qk_t = tl.trans(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION))
-        else:
-            qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-        if SOFTCAP:
-            x_t, t_t = capped_exponent(qk_t, scale, softcap, cap_out, lse[None, :])
-        else:
-            x_t = p_exponent(qk_t, qk_scale, lse[None, :])
-        if MASKED:
-            visible = rows[None, :] < Tq
-            if CAUSAL:
-                visible = visible & (offs_n[:, None] <= rows[None, :] + causal_shift)
-            if WINDOW:
-                visible = visible & window_visible(
-                    rows[None, :], offs_n[:, None], causal_shift, win_left, win_right
-                )
-            x_t = tl.where(visible, x_t, float("-inf"))
-        p_t = tl.exp2(x_t)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-        ds_t = p_t * (dp_t - delta[None, :])
-        if SOFTCAP:
-            ds_t = ds_t * (1.0 - t_t * t_t)
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        dk, dv, ds_t = dkdv_step(
+            dk, dv, k, v, q, do, lse, delta, rows, offs_n, Tq, causal_shift, scale, qk_scale,
+            win_left, win_right, softcap, cap_out,
+            MASKED, CAUSAL, DOT_PRECISION, SCORES_AS_FORWARD, WINDOW, SOFTCAP,
+        )  # fmt: skip
         if not USE_TMA:
             q_src += BLOCK_M * stride_qm
             do_src += BLOCK_M * stride_dom

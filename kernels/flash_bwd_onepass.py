@@ -20,8 +20,8 @@ Variants: WINDOW and SOFTCAP as in flash_bwd.py; sinks need nothing here.
 import triton
 import triton.language as tl
 
-from .flash_bwd import capped_exponent, load_rows, p_exponent, store_rows, window_query_range
-from .flash_fwd import head_base_offset, load_tile, window_visible
+from .flash_bwd import dkdv_step, load_rows, store_rows, window_query_range
+from .flash_fwd import head_base_offset, load_tile
 
 
 @triton.jit
@@ -46,31 +46,11 @@ def onepass_tiles(
         else:
             lse = tl.load(lse_ptr + rows)
             delta = tl.load(delta_ptr + rows)
-        if SCORES_AS_FORWARD:  # the forward's q k^T bit for bit (the interpreter's rounding)
-            qk_t = tl.trans(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION))
-        else:
-            qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-        if SOFTCAP:
-            x_t, t_t = capped_exponent(qk_t, scale, softcap, cap_out, lse[None, :])
-        else:
-            x_t = p_exponent(qk_t, qk_scale, lse[None, :])
-        if MASKED:
-            visible = rows[None, :] < Tq
-            if CAUSAL:
-                visible = visible & (offs_n[:, None] <= rows[None, :] + causal_shift)
-            if WINDOW:
-                visible = visible & window_visible(
-                    rows[None, :], offs_n[:, None], causal_shift, win_left, win_right
-                )
-            x_t = tl.where(visible, x_t, float("-inf"))
-        p_t = tl.exp2(x_t)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-        ds_t = p_t * (dp_t - delta[None, :])
-        if SOFTCAP:
-            ds_t = ds_t * (1.0 - t_t * t_t)
-        ds_t = ds_t.to(q.dtype)
-        dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
+        dk, dv, ds_t = dkdv_step(
+            dk, dv, k, v, q, do, lse, delta, rows, offs_n, Tq, causal_shift, scale, qk_scale,
+            win_left, win_right, softcap, cap_out,
+            MASKED, CAUSAL, DOT_PRECISION, SCORES_AS_FORWARD, WINDOW, SOFTCAP,
+        )  # fmt: skip
         # This program alone owns these dq rows: plain load, add, store (L2, not a stale L1).
         acc_mask = (rows[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
         acc = tl.load(acc_src, mask=acc_mask, other=0.0, cache_modifier=".cg")
