@@ -345,9 +345,8 @@ def attention_backward(
         raise ValueError(
             f"dkdv_split={splits} must divide the GQA group {group} (H={H}, Hkv={Hkv})"
         )
-    capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
     if backward_mode() == "onepass" and onepass_compiles_clean(
-        capability, block_d, common["WINDOW"]
+        torch.cuda.get_device_capability(q.device) if q.is_cuda else None, block_d, common["WINDOW"]
     ):
         args = (grad_out, q, k, v, lse2, delta, dq, dk, dv)
         onepass_backward(*args, scale, qk_scale, strides, buckets, common)
